@@ -1,0 +1,7 @@
+//! The engine: configuration, DAG, cache keys, the store and the runner. It knows nothing about ML.
+
+pub mod params;
+pub mod stage;
+
+pub use params::Params;
+pub use stage::{ExternalInput, JsonMap, Stage, StageContext, StageError, StageOutput, Upstream};

@@ -1,0 +1,12 @@
+//! `pipe`: declarative, cached, resumable ML pipelines.
+//!
+//! - [`engine`]: pipeline config (TOML, layered, strict) → DAG → content-addressed cache keys → an
+//!   atomic store → the runner and its run records. Nothing in it knows about ML.
+//! - [`stages`]: one module per stage kind behind the [`engine::Stage`] trait.
+//! - [`model`]: a differentiable, padding-aware Qwen3 and the reranker head, checkpoint I/O.
+//! - [`metrics`]: ranking and classification metrics as pure functions.
+
+pub mod engine;
+pub mod metrics;
+pub mod model;
+pub mod stages;

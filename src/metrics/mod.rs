@@ -1,0 +1,1 @@
+//! Ranking and classification metrics as pure functions.

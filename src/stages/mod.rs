@@ -1,0 +1,8 @@
+//! Stage kinds. Each is one module behind [`crate::engine::Stage`]; `registry` lists them.
+
+use crate::engine::Stage;
+
+/// Every stage kind this binary knows, in pipeline order.
+pub fn registry() -> Vec<Box<dyn Stage>> {
+    vec![]
+}
