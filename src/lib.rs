@@ -6,6 +6,7 @@
 //! - [`model`]: a differentiable, padding-aware Qwen3 and the reranker head, checkpoint I/O.
 //! - [`metrics`]: ranking and classification metrics as pure functions.
 
+pub mod cli;
 pub mod engine;
 pub mod metrics;
 pub mod model;

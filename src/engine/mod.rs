@@ -5,3 +5,12 @@ pub mod stage;
 
 pub use params::Params;
 pub use stage::{ExternalInput, JsonMap, Stage, StageContext, StageError, StageOutput, Upstream};
+pub mod config;
+pub mod dirty;
+pub mod gc;
+pub mod graph;
+pub mod hashing;
+pub mod key;
+pub mod runner;
+pub mod store;
+pub mod time;

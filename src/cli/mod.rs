@@ -1,0 +1,374 @@
+//! The command line. The only place that uses anyhow and decides exit codes:
+//! 0 ok, 1 a stage (or a check) failed, 2 usage or configuration error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::engine::config::{self, ConfigError, Overrides, Pipeline};
+use crate::engine::graph;
+use crate::engine::runner::{self, Engine, EngineError, RunOptions};
+use crate::engine::store::{read_manifest, verify_dir, Store};
+use crate::engine::Stage;
+
+#[derive(Parser, Debug)]
+#[command(name = "pipe", version, about = "Declarative, cached, resumable ML pipelines", long_about = None)]
+pub struct Cli {
+    /// No progress output on stderr.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PipelineArgs {
+    /// The pipeline file (TOML).
+    pub file: PathBuf,
+    /// Override a parameter: `--set split.seed=7` (repeatable; beats PIPE_* variables and the file).
+    #[arg(long = "set", value_name = "STAGE.PARAM=VALUE")]
+    pub sets: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the stale stages of a pipeline in dependency order.
+    Run {
+        #[command(flatten)]
+        p: PipelineArgs,
+        /// Rerun this stage even if cached (repeatable).
+        #[arg(long, value_name = "STAGE")]
+        force: Vec<String>,
+        /// Run only this stage and what it needs.
+        #[arg(long, value_name = "STAGE")]
+        until: Option<String>,
+        /// Show what would run, run nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print exactly one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Which stages are fresh or stale, and why.
+    Status {
+        #[command(flatten)]
+        p: PipelineArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Why one stage would run.
+    Why {
+        stage: String,
+        #[command(flatten)]
+        p: PipelineArgs,
+    },
+    /// Print the stage graph.
+    Dag {
+        #[command(flatten)]
+        p: PipelineArgs,
+        /// Graphviz output.
+        #[arg(long)]
+        dot: bool,
+    },
+    /// Print the resolved configuration (every default filled in) as TOML.
+    Config {
+        #[command(flatten)]
+        p: PipelineArgs,
+    },
+    /// Print a stage's artifact directory and manifest.
+    Show {
+        stage: String,
+        #[command(flatten)]
+        p: PipelineArgs,
+    },
+    /// Re-hash every artifact in the store and report those that no longer match their manifest.
+    Verify {
+        /// The store (default: ./artifacts, or the pipeline's when --pipeline is given).
+        #[arg(long)]
+        artifacts: Option<PathBuf>,
+        #[arg(long)]
+        pipeline: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove artifacts that no kept run record references.
+    Gc {
+        #[arg(long)]
+        artifacts: Option<PathBuf>,
+        #[arg(long)]
+        pipeline: Option<PathBuf>,
+        /// Keep only the newest N run records per pipeline (default: keep all).
+        #[arg(long, value_name = "N")]
+        keep_runs: Option<usize>,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// An error that carries its exit code.
+#[derive(Debug)]
+pub struct Exit {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl From<ConfigError> for Exit {
+    fn from(e: ConfigError) -> Self {
+        Exit { code: 2, error: e.into() }
+    }
+}
+
+impl From<EngineError> for Exit {
+    fn from(e: EngineError) -> Self {
+        let code = match e {
+            EngineError::Config(_) | EngineError::Usage(_) => 2,
+            EngineError::Store(_) => 1,
+        };
+        Exit { code, error: e.into() }
+    }
+}
+
+fn load(p: &PipelineArgs, registry: &[Box<dyn Stage>]) -> Result<Pipeline, Exit> {
+    Ok(config::load(&p.file, &Overrides::from_env(p.sets.clone()), registry)?)
+}
+
+fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+fn store_for(artifacts: &Option<PathBuf>, pipeline: &Option<PathBuf>, registry: &[Box<dyn Stage>]) -> Result<Store, Exit> {
+    if let Some(a) = artifacts {
+        return Ok(Store::new(a));
+    }
+    if let Some(p) = pipeline {
+        let pl = config::load(p, &Overrides::default(), registry)?;
+        return Ok(Store::new(pl.artifacts));
+    }
+    Ok(Store::new("artifacts"))
+}
+
+pub fn run(cli: Cli, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
+    let quiet = cli.quiet;
+    match cli.command {
+        Command::Run { p, force, until, dry_run, json } => {
+            let pipeline = load(&p, registry)?;
+            let engine = Engine::new(&pipeline, registry)?;
+            install_interrupt_handler();
+            let opts = RunOptions { force, until, dry_run, quiet: quiet || json };
+            let record = engine.run(&opts)?;
+            if json {
+                let stages: Vec<serde_json::Value> = record
+                    .stages
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "id": s.id, "kind": s.kind, "status": s.status, "key": s.key,
+                            "seconds": s.seconds, "dir": s.dir, "reason": s.reason,
+                        })
+                    })
+                    .collect();
+                let out = serde_json::json!({
+                    "pipeline": record.pipeline,
+                    "run_dir": record.run_dir,
+                    "status": record.status,
+                    "stages": stages,
+                });
+                println!("{out}");
+            } else if !quiet {
+                eprintln!("{}", runner::summary(&record));
+            }
+            if record.status == "failed" {
+                let failed = record.stages.iter().find(|s| s.status == runner::Status::Failed);
+                let msg = failed
+                    .map(|s| format!("stage `{}` ({}) failed: {}", s.id, s.kind, s.reason.as_deref().unwrap_or("")))
+                    .unwrap_or_else(|| "a stage failed".into());
+                return Err(Exit { code: 1, error: anyhow::anyhow!(msg) });
+            }
+            Ok(())
+        }
+        Command::Status { p, json } => {
+            let pipeline = load(&p, registry)?;
+            let engine = Engine::new(&pipeline, registry)?;
+            let states = engine.status(&[]);
+            if json {
+                println!("{}", serde_json::json!({ "pipeline": pipeline.name, "stages": states }));
+            } else {
+                let width = states.iter().map(|s| s.id.len()).max().unwrap_or(4);
+                for s in &states {
+                    let key = s.key.as_deref().map(runner::short).unwrap_or("-");
+                    println!("{:<width$}  {:<5}  {key}", s.id, s.state);
+                    for r in &s.reasons {
+                        println!("{:<width$}    - {r}", "");
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Why { stage, p } => {
+            let pipeline = load(&p, registry)?;
+            let engine = Engine::new(&pipeline, registry)?;
+            let states = engine.status(&[]);
+            let Some(s) = states.iter().find(|s| s.id == stage) else {
+                let ids: Vec<&str> = pipeline.stages.iter().map(|s| s.id.as_str()).collect();
+                let hint = config::did_you_mean(&stage, ids.iter().copied()).unwrap_or_default();
+                return Err(Exit { code: 2, error: anyhow::anyhow!("no stage `{stage}` in {} {hint}", p.file.display()) });
+            };
+            if s.reasons.is_empty() {
+                println!("{} is fresh: {}", s.id, s.dir.as_deref().map(|d| d.display().to_string()).unwrap_or_default());
+            } else {
+                println!("{} is stale:", s.id);
+                for r in &s.reasons {
+                    println!("  - {r}");
+                }
+            }
+            Ok(())
+        }
+        Command::Dag { p, dot } => {
+            let pipeline = load(&p, registry)?;
+            let dag = graph::build(&pipeline)?;
+            if dot {
+                print!("{}", graph::render_dot(&pipeline, &dag));
+            } else {
+                print!("{}", graph::render_text(&pipeline, &dag));
+            }
+            Ok(())
+        }
+        Command::Config { p } => {
+            let pipeline = load(&p, registry)?;
+            print!("{}", pipeline.to_toml());
+            Ok(())
+        }
+        Command::Show { stage, p } => {
+            let pipeline = load(&p, registry)?;
+            let engine = Engine::new(&pipeline, registry)?;
+            let states = engine.status(&[]);
+            let Some(s) = states.iter().find(|s| s.id == stage) else {
+                return Err(Exit { code: 2, error: anyhow::anyhow!("no stage `{stage}` in {}", p.file.display()) });
+            };
+            match &s.dir {
+                Some(dir) => {
+                    println!("{}", dir.display());
+                    let m = std::fs::read_to_string(dir.join("manifest.json")).map_err(|e| Exit { code: 1, error: e.into() })?;
+                    println!("{m}");
+                    Ok(())
+                }
+                None => {
+                    let why: Vec<String> = s.reasons.iter().map(|r| r.to_string()).collect();
+                    Err(Exit {
+                        code: 1,
+                        error: anyhow::anyhow!(
+                            "stage `{stage}` has no current artifact ({}); run `pipe run {}` first",
+                            why.join("; "),
+                            p.file.display()
+                        ),
+                    })
+                }
+            }
+        }
+        Command::Verify { artifacts, pipeline, json } => {
+            let store = store_for(&artifacts, &pipeline, registry)?;
+            let mut bad = Vec::new();
+            let mut checked = 0;
+            for (_, dir) in store.artifacts() {
+                match read_manifest(&dir) {
+                    Ok(Some(m)) => {
+                        checked += 1;
+                        let problems = verify_dir(&dir, &m);
+                        if !problems.is_empty() {
+                            bad.push((dir, problems));
+                        }
+                    }
+                    Ok(None) => bad.push((dir, vec!["no manifest: incomplete artifact".into()])),
+                    Err(e) => bad.push((dir, vec![e.to_string()])),
+                }
+            }
+            if json {
+                let list: Vec<serde_json::Value> = bad
+                    .iter()
+                    .map(|(d, p)| serde_json::json!({"dir": d.display().to_string(), "problems": p}))
+                    .collect();
+                println!("{}", serde_json::json!({"checked": checked, "corrupt": list}));
+            } else {
+                for (d, problems) in &bad {
+                    println!("{}", d.display());
+                    for p in problems {
+                        println!("  - {p}");
+                    }
+                }
+                println!("verified {checked} artifact(s): {} ok, {} with problems", checked - bad.len().min(checked), bad.len());
+            }
+            if bad.is_empty() {
+                Ok(())
+            } else {
+                Err(Exit { code: 1, error: anyhow::anyhow!("{} artifact(s) do not match their manifest", bad.len()) })
+            }
+        }
+        Command::Gc { artifacts, pipeline, keep_runs, dry_run, json } => {
+            let store = store_for(&artifacts, &pipeline, registry)?;
+            let report = crate::engine::gc::gc(&store, keep_runs, dry_run);
+            if json {
+                println!("{}", serde_json::to_string(&report).expect("report serializes"));
+            } else {
+                let verb = if dry_run { "would remove" } else { "removed" };
+                for r in &report.runs_removed {
+                    println!("{verb} run record {r}");
+                }
+                for a in &report.artifacts_removed {
+                    println!("{verb} {a}");
+                }
+                println!(
+                    "{verb} {} run record(s) and {} artifact(s), {} freed; {} artifact(s) kept",
+                    report.runs_removed.len(),
+                    report.artifacts_removed.len(),
+                    human_bytes(report.bytes_freed),
+                    report.artifacts_kept
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn install_interrupt_handler() {
+    let _ = ctrlc::set_handler(|| {
+        if let Some(tmp) = runner::cleanup_on_interrupt() {
+            eprintln!("\npipe: interrupted; removed the partial output {}", tmp.display());
+        } else {
+            eprintln!("\npipe: interrupted");
+        }
+        std::process::exit(130);
+    });
+}
+
+/// Entry point used by `main.rs`.
+pub fn main_with(registry: &[Box<dyn Stage>]) -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.quiet);
+    match run(cli, registry) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {:#}", e.error);
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+fn init_tracing(quiet: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PIPE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if quiet { "error" } else { "warn" }));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).without_time().try_init();
+}

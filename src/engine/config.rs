@@ -1,0 +1,541 @@
+//! Pipeline files: parsed strictly, layered, validated against each stage kind's embedded defaults.
+//!
+//! Layers, lowest first: `stages/<kind>.toml` defaults → the pipeline file → `PIPE_<STAGE>__<PARAM>`
+//! environment variables → `--set <stage>.<param>=<value>`. figment merges the layers and remembers
+//! which layer every value came from, so an error can name the file (or variable, or flag) to fix. A
+//! misspelt hyperparameter must never fall back silently to its default: unknown keys are errors.
+
+use std::path::{Path, PathBuf};
+
+use figment::value::{Dict, Map};
+use figment::{Figment, Metadata, Profile, Provider};
+
+use super::params::Params;
+use super::stage::Stage;
+
+/// A configuration mistake. Always names where it is and, when it can, what to write instead.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The file, variable or flag the offending value came from.
+    pub origin: String,
+    /// Dotted key path (`stages.split.seed`); empty for whole-file problems.
+    pub key: String,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.origin, self.message)?;
+        } else {
+            write!(f, "{}: `{}`: {}", self.origin, self.key, self.message)?;
+        }
+        if let Some(h) = &self.hint {
+            write!(f, "\n  hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    fn new(origin: impl Into<String>, key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError { origin: origin.into(), key: key.into(), message: message.into(), hint: None }
+    }
+    fn hint(mut self, hint: Option<String>) -> Self {
+        self.hint = hint;
+        self
+    }
+}
+
+/// One stage as the pipeline declares it, with parameters fully resolved.
+#[derive(Debug, Clone)]
+pub struct StageConfig {
+    pub id: String,
+    pub kind: String,
+    pub needs: Vec<String>,
+    pub params: Params,
+}
+
+/// A resolved pipeline: what the runner executes and what the run record stores.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub name: String,
+    /// The pipeline file as the user named it (for messages).
+    pub file: PathBuf,
+    /// Relative paths in parameters resolve against this directory.
+    pub root: PathBuf,
+    /// The store.
+    pub artifacts: PathBuf,
+    /// In file order.
+    pub stages: Vec<StageConfig>,
+}
+
+impl Pipeline {
+    pub fn stage(&self, id: &str) -> Option<&StageConfig> {
+        self.stages.iter().find(|s| s.id == id)
+    }
+
+    /// The resolved configuration as TOML: every default filled in, every override applied.
+    pub fn to_toml(&self) -> String {
+        let mut pipeline = toml::Table::new();
+        pipeline.insert("name".into(), self.name.clone().into());
+        let mut stages = toml::Table::new();
+        for s in &self.stages {
+            let mut t = toml::Table::new();
+            t.insert("kind".into(), s.kind.clone().into());
+            t.insert(
+                "needs".into(),
+                toml::Value::Array(s.needs.iter().map(|n| n.clone().into()).collect()),
+            );
+            for (k, v) in &s.params.0 {
+                t.insert(k.clone(), v.clone());
+            }
+            stages.insert(s.id.clone(), toml::Value::Table(t));
+        }
+        let mut top = toml::Table::new();
+        top.insert("pipeline".into(), toml::Value::Table(pipeline));
+        top.insert("stages".into(), toml::Value::Table(stages));
+        toml::to_string_pretty(&top).expect("toml tables serialize")
+    }
+}
+
+/// Overrides from outside the pipeline file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--set stage.param=value`, in command-line order.
+    pub sets: Vec<String>,
+    /// `PIPE_*` environment variables (name, value); pass `std::env::vars()` filtered, or a fixed list in tests.
+    pub env: Vec<(String, String)>,
+}
+
+impl Overrides {
+    pub fn from_env(sets: Vec<String>) -> Self {
+        let env = std::env::vars().filter(|(k, _)| k.starts_with("PIPE_") && k.contains("__")).collect();
+        Overrides { sets, env }
+    }
+}
+
+/// A figment layer with a name we choose, so `find_metadata` tells us which file/flag a value came from.
+struct Layer {
+    meta: Metadata,
+    dict: Dict,
+}
+
+impl Layer {
+    fn new(name: String, source: Option<PathBuf>, table: &toml::Table) -> Self {
+        let mut meta = Metadata::named(name);
+        if let Some(p) = source {
+            meta = meta.source(p.as_path());
+        }
+        let dict = match figment::value::Value::serialize(table) {
+            Ok(figment::value::Value::Dict(_, d)) => d,
+            _ => Dict::new(),
+        };
+        Layer { meta, dict }
+    }
+}
+
+impl Provider for Layer {
+    fn metadata(&self) -> Metadata {
+        self.meta.clone()
+    }
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.dict.clone()))
+    }
+}
+
+const PIPELINE_KEYS: &[&str] = &["name", "artifacts", "root", "description"];
+const TOP_KEYS: &[&str] = &["pipeline", "stages"];
+const STAGE_META_KEYS: &[&str] = &["kind", "needs"];
+
+/// The nearest candidate by edit distance, if it is close enough to be a plausible typo.
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::damerau_levenshtein(word, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| format!("did you mean `{c}`?"))
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn type_name(v: &toml::Value) -> &'static str {
+    match v {
+        toml::Value::String(_) => "a string",
+        toml::Value::Integer(_) => "an integer",
+        toml::Value::Float(_) => "a float",
+        toml::Value::Boolean(_) => "a boolean",
+        toml::Value::Datetime(_) => "a datetime",
+        toml::Value::Array(_) => "an array",
+        toml::Value::Table(_) => "a table",
+    }
+}
+
+fn show(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => format!("{s:?}"),
+        other => other.to_string(),
+    }
+}
+
+/// The parse-time view of the pipeline file: enough to know which stage kinds to load defaults for.
+struct Skeleton {
+    name: String,
+    artifacts: String,
+    root: Option<String>,
+    /// (id, kind, needs) in file order.
+    stages: Vec<(String, String, Vec<String>)>,
+    table: toml::Table,
+}
+
+fn parse_skeleton(
+    file: &Path,
+    text: &str,
+    registry: &[Box<dyn Stage>],
+) -> Result<Skeleton, ConfigError> {
+    let origin = file.display().to_string();
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        let msg = e.message().to_string();
+        let (line, col) = e
+            .span()
+            .map(|s| {
+                let before = &text[..s.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+                (line, col)
+            })
+            .unwrap_or((0, 0));
+        let hint = if msg.contains("duplicate key") {
+            Some("each stage id may appear only once in a pipeline".to_string())
+        } else {
+            None
+        };
+        ConfigError::new(format!("{origin}:{line}:{col}"), "", format!("invalid TOML: {msg}")).hint(hint)
+    })?;
+
+    for k in table.keys() {
+        if !TOP_KEYS.contains(&k.as_str()) {
+            let hint = if k == "sweep" {
+                Some("sweeps are not supported by this version of pipe".to_string())
+            } else {
+                did_you_mean(k, TOP_KEYS.iter().copied())
+            };
+            return Err(ConfigError::new(&origin, k, "unknown top-level section; expected `[pipeline]` or `[stages.<id>]`").hint(hint));
+        }
+    }
+    let pipeline = match table.get("pipeline") {
+        Some(toml::Value::Table(t)) => t,
+        Some(v) => return Err(ConfigError::new(&origin, "pipeline", format!("expected a table, found {}", type_name(v)))),
+        None => {
+            return Err(ConfigError::new(&origin, "pipeline", "missing `[pipeline]` section")
+                .hint(Some("add `[pipeline]` with `name = \"...\"`".into())))
+        }
+    };
+    for k in pipeline.keys() {
+        if !PIPELINE_KEYS.contains(&k.as_str()) {
+            return Err(ConfigError::new(&origin, format!("pipeline.{k}"), "unknown key")
+                .hint(did_you_mean(k, PIPELINE_KEYS.iter().copied())));
+        }
+    }
+    let get_str = |key: &str| -> Result<Option<String>, ConfigError> {
+        match pipeline.get(key) {
+            None => Ok(None),
+            Some(toml::Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(ConfigError::new(&origin, format!("pipeline.{key}"), format!("expected a string, found {}", type_name(v)))),
+        }
+    };
+    let name = get_str("name")?.ok_or_else(|| {
+        ConfigError::new(&origin, "pipeline.name", "missing").hint(Some("add `name = \"my-pipeline\"` under `[pipeline]`".into()))
+    })?;
+    if !valid_name(&name) {
+        return Err(ConfigError::new(&origin, "pipeline.name", format!("{name:?} is not a valid name: use letters, digits, `_` and `-`")));
+    }
+    let artifacts = get_str("artifacts")?.unwrap_or_else(|| "artifacts".into());
+    let root = get_str("root")?;
+    get_str("description")?;
+
+    let stages_t = match table.get("stages") {
+        Some(toml::Value::Table(t)) if !t.is_empty() => t,
+        Some(toml::Value::Table(_)) | None => {
+            return Err(ConfigError::new(&origin, "stages", "the pipeline has no stages")
+                .hint(Some("add a stage: `[stages.load]` with `kind = \"load\"`".into())))
+        }
+        Some(v) => return Err(ConfigError::new(&origin, "stages", format!("expected a table of stages, found {}", type_name(v)))),
+    };
+    let kinds: Vec<&str> = registry.iter().map(|s| s.kind()).collect();
+    let mut stages = Vec::new();
+    for (id, v) in stages_t {
+        let key = format!("stages.{id}");
+        if !valid_name(id) {
+            return Err(ConfigError::new(&origin, &key, format!("{id:?} is not a valid stage id: use letters, digits, `_` and `-`")));
+        }
+        let t = v.as_table().ok_or_else(|| {
+            ConfigError::new(&origin, &key, format!("expected a table `[stages.{id}]`, found {}", type_name(v)))
+        })?;
+        let kind = match t.get("kind") {
+            Some(toml::Value::String(k)) => k.clone(),
+            Some(v) => return Err(ConfigError::new(&origin, format!("{key}.kind"), format!("expected a string, found {}", type_name(v)))),
+            None => {
+                return Err(ConfigError::new(&origin, format!("{key}.kind"), "missing")
+                    .hint(Some(format!("known kinds: {}", kinds.join(", ")))))
+            }
+        };
+        if !kinds.contains(&kind.as_str()) {
+            let hint = did_you_mean(&kind, kinds.iter().copied())
+                .or_else(|| Some(format!("known kinds: {}", kinds.join(", "))));
+            return Err(ConfigError::new(&origin, format!("{key}.kind"), format!("unknown stage kind `{kind}`")).hint(hint));
+        }
+        let needs = match t.get("needs") {
+            None => Vec::new(),
+            Some(toml::Value::Array(a)) => a
+                .iter()
+                .map(|n| n.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| ConfigError::new(&origin, format!("{key}.needs"), "expected an array of stage ids (strings)"))?,
+            Some(toml::Value::String(s)) => {
+                return Err(ConfigError::new(&origin, format!("{key}.needs"), "expected an array of stage ids")
+                    .hint(Some(format!("write `needs = [{s:?}]`"))))
+            }
+            Some(v) => return Err(ConfigError::new(&origin, format!("{key}.needs"), format!("expected an array of stage ids, found {}", type_name(v)))),
+        };
+        stages.push((id.clone(), kind, needs));
+    }
+    Ok(Skeleton { name, artifacts, root, stages, table })
+}
+
+/// Parse `stage.param.sub=value`: the value is a TOML value when it parses as one, else a plain string.
+fn parse_assignment(s: &str) -> Option<(Vec<String>, toml::Value)> {
+    let (path, value) = s.split_once('=')?;
+    let path: Vec<String> = path.trim().split('.').map(|p| p.trim().to_string()).collect();
+    if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
+        return None;
+    }
+    Some((path, parse_scalar(value.trim())))
+}
+
+/// `7` → integer, `1e-5` → float, `true` → bool, `[1, 2]` → array, anything else → string.
+pub fn parse_scalar(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+fn nest(path: &[String], value: toml::Value) -> toml::Table {
+    let mut v = value;
+    for p in path.iter().rev() {
+        let mut t = toml::Table::new();
+        t.insert(p.clone(), v);
+        v = toml::Value::Table(t);
+    }
+    match v {
+        toml::Value::Table(t) => t,
+        _ => unreachable!("path is never empty"),
+    }
+}
+
+/// Check `given` against the type of `default`, coercing integers to floats where a float is expected.
+/// Returns the expected-type description on mismatch.
+fn check_value(
+    default: &toml::Value,
+    given: &toml::Value,
+    key: &str,
+    origin_of: &dyn Fn(&str) -> String,
+) -> Result<toml::Value, ConfigError> {
+    use toml::Value as V;
+    let mismatch = || {
+        ConfigError::new(
+            origin_of(key),
+            key,
+            format!("expected {}, found {} ({})", type_name(default), type_name(given), show(given)),
+        )
+    };
+    match (default, given) {
+        (V::Float(_), V::Integer(i)) => Ok(V::Float(*i as f64)),
+        (V::Float(_), V::Float(f)) => {
+            if f.is_finite() {
+                Ok(V::Float(*f))
+            } else {
+                Err(ConfigError::new(origin_of(key), key, format!("expected a finite number, found {f}")))
+            }
+        }
+        (V::Integer(_), V::Integer(_))
+        | (V::String(_), V::String(_))
+        | (V::Boolean(_), V::Boolean(_))
+        | (V::Datetime(_), V::Datetime(_)) => Ok(given.clone()),
+        (V::Array(d), V::Array(g)) => {
+            let mut out = Vec::with_capacity(g.len());
+            for (i, item) in g.iter().enumerate() {
+                let k = format!("{key}[{i}]");
+                out.push(match d.first() {
+                    Some(proto) => check_value(proto, item, &k, origin_of)?,
+                    None => item.clone(),
+                });
+            }
+            Ok(V::Array(out))
+        }
+        (V::Table(d), V::Table(g)) => check_table(d, g, key, origin_of).map(V::Table),
+        _ => Err(mismatch()),
+    }
+}
+
+fn check_table(
+    defaults: &toml::Table,
+    given: &toml::Table,
+    prefix: &str,
+    origin_of: &dyn Fn(&str) -> String,
+) -> Result<toml::Table, ConfigError> {
+    let mut out = toml::Table::new();
+    for (k, v) in given {
+        let key = format!("{prefix}.{k}");
+        match defaults.get(k) {
+            Some(d) => {
+                out.insert(k.clone(), check_value(d, v, &key, origin_of)?);
+            }
+            None => {
+                let hint = did_you_mean(k, defaults.keys().map(String::as_str)).or_else(|| {
+                    let known: Vec<&str> = defaults.keys().map(String::as_str).collect();
+                    Some(format!("known parameters here: {}", known.join(", ")))
+                });
+                return Err(ConfigError::new(origin_of(&key), key, "unknown parameter").hint(hint));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Where the project root is: `[pipeline] root` relative to the file, else the file's directory, or its
+/// parent when that directory is called `pipelines` (so `pipe run pipelines/x.toml` works from anywhere).
+fn project_root(file: &Path, root: Option<&str>) -> PathBuf {
+    let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    match root {
+        Some(r) => {
+            let p = dir.join(r);
+            std::fs::canonicalize(&p).unwrap_or(p)
+        }
+        None if dir.file_name().is_some_and(|n| n == "pipelines") => {
+            dir.parent().map(Path::to_path_buf).unwrap_or(dir)
+        }
+        None => dir,
+    }
+}
+
+/// Read, layer and validate a pipeline file. Touches nothing on disk but the file itself.
+pub fn load(file: &Path, overrides: &Overrides, registry: &[Box<dyn Stage>]) -> Result<Pipeline, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        ConfigError::new(file.display().to_string(), "", format!("cannot read the pipeline file: {e}"))
+    })?;
+    load_str(file, &text, overrides, registry)
+}
+
+/// [`load`] over text already read (tests, and `pipe show --resolved` round trips).
+pub fn load_str(
+    file: &Path,
+    text: &str,
+    overrides: &Overrides,
+    registry: &[Box<dyn Stage>],
+) -> Result<Pipeline, ConfigError> {
+    let origin = file.display().to_string();
+    let sk = parse_skeleton(file, text, registry)?;
+    let stage_of = |kind: &str| registry.iter().find(|s| s.kind() == kind).expect("kind checked");
+
+    // Defaults layer per stage id, named after the embedded file it came from.
+    let mut fig = Figment::new();
+    let mut defaults_by_id = Vec::new();
+    for (id, kind, _) in &sk.stages {
+        let defaults: toml::Table = stage_of(kind).defaults().parse().map_err(|e: toml::de::Error| {
+            ConfigError::new(format!("stages/{kind}.toml"), "", format!("embedded defaults do not parse: {}", e.message()))
+        })?;
+        let mut t = toml::Table::new();
+        t.insert(id.clone(), toml::Value::Table(defaults.clone()));
+        let mut top = toml::Table::new();
+        top.insert("stages".into(), toml::Value::Table(t));
+        fig = fig.merge(Layer::new(format!("stages/{kind}.toml (defaults)"), None, &top));
+        defaults_by_id.push(defaults);
+    }
+    let mut file_layer = sk.table.clone();
+    file_layer.remove("pipeline");
+    if let Some(toml::Value::Table(st)) = file_layer.get_mut("stages") {
+        for (_, v) in st.iter_mut() {
+            if let toml::Value::Table(t) = v {
+                for k in STAGE_META_KEYS {
+                    t.remove(*k);
+                }
+            }
+        }
+    }
+    fig = fig.merge(Layer::new(origin.clone(), Some(file.to_path_buf()), &file_layer));
+
+    let ids: Vec<&str> = sk.stages.iter().map(|(id, _, _)| id.as_str()).collect();
+    let env_id = |id: &str| id.to_ascii_uppercase().replace('-', "_");
+    let mut env = overrides.env.clone();
+    env.sort();
+    for (var, value) in &env {
+        let Some(rest) = var.strip_prefix("PIPE_") else { continue };
+        let Some((stage, param)) = rest.split_once("__") else { continue };
+        let Some(id) = ids.iter().find(|id| env_id(id) == stage) else {
+            let env_ids: Vec<String> = ids.iter().map(|i| env_id(i)).collect();
+            let hint = did_you_mean(stage, env_ids.iter().map(String::as_str))
+                .or_else(|| Some(format!("stages in this pipeline: {}", ids.join(", "))));
+            return Err(ConfigError::new(format!("environment variable {var}"), format!("stages.{}", stage.to_ascii_lowercase()), "no such stage in this pipeline").hint(hint));
+        };
+        let mut path = vec![id.to_string()];
+        path.extend(param.split("__").map(str::to_ascii_lowercase));
+        let mut top = toml::Table::new();
+        top.insert("stages".into(), toml::Value::Table(nest(&path, parse_scalar(value))));
+        fig = fig.merge(Layer::new(format!("environment variable {var}"), None, &top));
+    }
+    for set in &overrides.sets {
+        let Some((path, value)) = parse_assignment(set) else {
+            return Err(ConfigError::new(format!("--set {set}"), "", "expected `<stage>.<param>=<value>`")
+                .hint(Some("for example `--set split.seed=7`".into())));
+        };
+        if !ids.contains(&path[0].as_str()) {
+            let hint = did_you_mean(&path[0], ids.iter().copied())
+                .or_else(|| Some(format!("stages in this pipeline: {}", ids.join(", "))));
+            return Err(ConfigError::new(format!("--set {set}"), format!("stages.{}", path[0]), "no such stage in this pipeline").hint(hint));
+        }
+        let mut top = toml::Table::new();
+        top.insert("stages".into(), toml::Value::Table(nest(&path, value)));
+        fig = fig.merge(Layer::new(format!("--set {set}"), None, &top));
+    }
+
+    let merged: toml::Table = fig.extract().map_err(|e| ConfigError::new(&origin, "", format!("cannot merge configuration layers: {e}")))?;
+    let origin_of = |key: &str| -> String {
+        fig.find_metadata(key).map(|m| m.name.to_string()).unwrap_or_else(|| origin.clone())
+    };
+    let empty = toml::Table::new();
+    let merged_stages = merged.get("stages").and_then(|v| v.as_table()).unwrap_or(&empty);
+
+    let mut stages = Vec::new();
+    for ((id, kind, needs), defaults) in sk.stages.iter().zip(&defaults_by_id) {
+        let given = merged_stages.get(id).and_then(|v| v.as_table()).unwrap_or(&empty);
+        let checked = check_table(defaults, given, &format!("stages.{id}"), &origin_of)?;
+        let mut params = defaults.clone();
+        for (k, v) in checked {
+            params.insert(k, v);
+        }
+        let params = Params(params);
+        if let Err((k, msg)) = stage_of(kind).check(&params) {
+            let key = format!("stages.{id}.{k}");
+            return Err(ConfigError::new(origin_of(&key), key, msg));
+        }
+        for n in needs {
+            if !ids.contains(&n.as_str()) {
+                let hint = did_you_mean(n, ids.iter().copied());
+                return Err(ConfigError::new(&origin, format!("stages.{id}.needs"), format!("unknown stage `{n}`")).hint(hint));
+            }
+        }
+        stages.push(StageConfig { id: id.clone(), kind: kind.clone(), needs: needs.clone(), params });
+    }
+    let root = project_root(file, sk.root.as_deref());
+    let artifacts = root.join(&sk.artifacts);
+    Ok(Pipeline { name: sk.name, file: file.to_path_buf(), root, artifacts, stages })
+}
+

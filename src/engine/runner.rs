@@ -1,0 +1,607 @@
+//! Plan and run: keys in topological order, cached stages skipped, stale ones run into temp dirs and
+//! committed atomically, and a run record written for `pipe compare`. Knows nothing about ML.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::config::{ConfigError, Pipeline};
+use super::dirty::{self, Reason};
+use super::graph::{self, Dag};
+use super::hashing::StatCache;
+use super::key::{dir_name, flatten_params, KeyInputs, UpstreamInput};
+use super::stage::{ExternalInput, JsonMap, Stage, StageContext, StageError, Upstream};
+use super::store::{Manifest, Store, StoreError, MANIFEST_SCHEMA};
+use super::time;
+
+/// Set by the Ctrl-C/SIGTERM handler; stages poll it through their context.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// The temp dir of the stage now running, so the signal handler can remove it before exiting.
+pub static CURRENT_TEMP: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Cached,
+    Ran,
+    Failed,
+    Skipped,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Cached => "cached",
+            Status::Ran => "ran",
+            Status::Failed => "failed",
+            Status::Skipped => "skipped",
+        }
+    }
+}
+
+/// One stage's line in a run report and run record.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageRecord {
+    pub id: String,
+    pub kind: String,
+    pub status: Status,
+    pub key: Option<String>,
+    pub seconds: f64,
+    pub dir: Option<String>,
+    pub reason: Option<String>,
+    pub params: BTreeMap<String, serde_json::Value>,
+    pub metrics: JsonMap,
+}
+
+/// `artifacts/runs/<pipeline>/<run-id>/run.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    pub pipeline: String,
+    pub run_id: String,
+    pub run_dir: String,
+    pub file: String,
+    pub status: String,
+    pub started: String,
+    pub finished: Option<String>,
+    pub tool_version: String,
+    pub stages: Vec<StageRecord>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub force: Vec<String>,
+    pub until: Option<String>,
+    pub dry_run: bool,
+    pub quiet: bool,
+}
+
+/// Fresh or stale, with reasons: what `pipe status` and `pipe why` print.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageState {
+    pub id: String,
+    pub kind: String,
+    pub state: &'static str,
+    pub key: Option<String>,
+    pub reasons: Vec<Reason>,
+    #[serde(skip)]
+    pub dir: Option<PathBuf>,
+}
+
+pub struct Engine<'a> {
+    pub pipeline: &'a Pipeline,
+    registry: &'a [Box<dyn Stage>],
+    pub store: Store,
+    stat: StatCache,
+    pub dag: Dag,
+}
+
+/// A stage that completed in this run (or this status pass): what its dependents hash and read.
+#[derive(Debug, Clone)]
+struct Done {
+    output_hash: String,
+    dir: PathBuf,
+}
+
+/// Last successful key per stage id: the baseline that `status` explains changes against.
+fn state_path(store: &Store, pipeline: &str) -> PathBuf {
+    store.root.join(".state").join(format!("{pipeline}.json"))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+impl<'a> Engine<'a> {
+    pub fn new(pipeline: &'a Pipeline, registry: &'a [Box<dyn Stage>]) -> Result<Self, EngineError> {
+        let dag = graph::build(pipeline)?;
+        let store = Store::new(&pipeline.artifacts);
+        let stat = StatCache::open(&pipeline.artifacts);
+        Ok(Engine { pipeline, registry, store, stat, dag })
+    }
+
+    fn stage_impl(&self, kind: &str) -> &dyn Stage {
+        self.registry.iter().find(|s| s.kind() == kind).map(|b| b.as_ref()).expect("kind validated by config")
+    }
+
+    fn last_keys(&self) -> BTreeMap<String, String> {
+        std::fs::read(state_path(&self.store, &self.pipeline.name))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn remember_key(&self, id: &str, key: &str) {
+        let path = state_path(&self.store, &self.pipeline.name);
+        let name_key = blake3::hash(self.pipeline.name.as_bytes()).to_hex().to_string();
+        let _lock = self.store.lock("state", &name_key, "state");
+        let mut keys = self.last_keys();
+        keys.insert(id.to_string(), key.to_string());
+        let _ = write_atomic(&path, &serde_json::to_vec_pretty(&keys).expect("map serializes"));
+    }
+
+    /// Key inputs for stage `i`, given its upstream stages' output hashes (None if any is unknown).
+    fn key_inputs(&self, i: usize, upstream: &HashMap<usize, Done>) -> Result<KeyInputs, String> {
+        let s = &self.pipeline.stages[i];
+        let imp = self.stage_impl(&s.kind);
+        let mut k = KeyInputs::new(&s.kind, imp.version(), &s.params.0);
+        for n in &s.needs {
+            let j = self.index(n);
+            if let Some(d) = upstream.get(&j) {
+                k.upstream.push(UpstreamInput { kind: self.pipeline.stages[j].kind.clone(), output: d.output_hash.clone() });
+            }
+        }
+        k.upstream.sort();
+        for input in imp.inputs(&s.params) {
+            match input {
+                ExternalInput::Remote(id) => {
+                    k.inputs.insert(id.clone(), id);
+                }
+                ExternalInput::File(p) => {
+                    let abs = if Path::new(&p).is_absolute() { PathBuf::from(&p) } else { self.pipeline.root.join(&p) };
+                    let rel = abs
+                        .strip_prefix(&self.pipeline.root)
+                        .map(|r| r.to_string_lossy().replace('\\', "/"))
+                        .unwrap_or_else(|_| p.clone());
+                    let h = self.stat.hash(&rel, &abs).map_err(|e| format!("input {p}: {e}"))?;
+                    k.inputs.insert(rel, h);
+                }
+            }
+        }
+        Ok(k)
+    }
+
+    fn index(&self, id: &str) -> usize {
+        self.pipeline.stages.iter().position(|s| s.id == id).expect("needs validated")
+    }
+
+    fn upstream_ids_of_kind(&self, i: usize, kind: &str) -> String {
+        let ids: Vec<&str> = self.pipeline.stages[i]
+            .needs
+            .iter()
+            .filter(|n| self.pipeline.stages[self.index(n)].kind == kind)
+            .map(String::as_str)
+            .collect();
+        if ids.is_empty() {
+            kind.to_string()
+        } else {
+            ids.join(", ")
+        }
+    }
+
+    /// Why stage `i` is stale, given its current key inputs (upstream possibly incomplete).
+    fn reasons(&self, i: usize, cur: &KeyInputs, last: &BTreeMap<String, String>, upstream_known: bool) -> Vec<Reason> {
+        let s = &self.pipeline.stages[i];
+        let Some(prev_key) = last.get(&s.id) else { return vec![Reason::NeverRun] };
+        let prev = match self.store.manifest(&s.kind, prev_key) {
+            Ok(Some(m)) => m,
+            _ => {
+                let mut r = vec![Reason::Missing { key: prev_key.clone() }];
+                if !upstream_known {
+                    return r;
+                }
+                if cur.hash() != *prev_key {
+                    r.push(Reason::KeyChanged);
+                }
+                return r;
+            }
+        };
+        let ids = |kind: &str| self.upstream_ids_of_kind(i, kind);
+        let mut r = dirty::diff(&prev.key_inputs, cur, &ids, upstream_known);
+        if r.is_empty() && upstream_known {
+            r.push(Reason::KeyChanged);
+        }
+        r
+    }
+
+    /// Fresh/stale for every stage, with reasons, without running anything.
+    pub fn status(&self, force: &[String]) -> Vec<StageState> {
+        let last = self.last_keys();
+        let mut outputs: HashMap<usize, Done> = HashMap::new();
+        let mut stale: Vec<bool> = vec![false; self.pipeline.stages.len()];
+        let mut states = Vec::new();
+        for &i in &self.dag.order {
+            let s = &self.pipeline.stages[i];
+            let stale_up: Vec<&String> = s.needs.iter().filter(|n| stale[self.index(n)]).collect();
+            let cur = match self.key_inputs(i, &outputs) {
+                Ok(k) => k,
+                Err(e) => {
+                    stale[i] = true;
+                    states.push(StageState {
+                        id: s.id.clone(),
+                        kind: s.kind.clone(),
+                        state: "stale",
+                        key: None,
+                        reasons: vec![Reason::InputChanged { input: e }],
+                        dir: None,
+                    });
+                    continue;
+                }
+            };
+            if !stale_up.is_empty() {
+                let mut reasons: Vec<Reason> =
+                    stale_up.iter().map(|n| Reason::UpstreamStale { stage: n.to_string() }).collect();
+                if last.contains_key(&s.id) {
+                    reasons.extend(self.reasons(i, &cur, &last, false).into_iter().filter(|r| !matches!(r, Reason::Missing { .. })));
+                }
+                stale[i] = true;
+                states.push(StageState { id: s.id.clone(), kind: s.kind.clone(), state: "stale", key: None, reasons, dir: None });
+                continue;
+            }
+            let key = cur.hash();
+            let manifest = self.store.manifest(&s.kind, &key).ok().flatten();
+            let forced = force.contains(&s.id);
+            match manifest {
+                Some(m) if !forced => {
+                    outputs.insert(i, Done { output_hash: m.output_hash, dir: self.store.artifact_dir(&s.kind, &key) });
+                    states.push(StageState {
+                        id: s.id.clone(),
+                        kind: s.kind.clone(),
+                        state: "fresh",
+                        key: Some(key.clone()),
+                        reasons: vec![],
+                        dir: Some(self.store.artifact_dir(&s.kind, &key)),
+                    });
+                }
+                _ => {
+                    stale[i] = true;
+                    let reasons = if forced { vec![Reason::Forced] } else { self.reasons(i, &cur, &last, true) };
+                    states.push(StageState { id: s.id.clone(), kind: s.kind.clone(), state: "stale", key: Some(key), reasons, dir: None });
+                }
+            }
+        }
+        self.stat.save();
+        states
+    }
+
+    /// Run the pipeline. Errors are engine failures (store unwritable); a failing stage is reported in
+    /// the returned record with `status = "failed"`.
+    pub fn run(&self, opts: &RunOptions) -> Result<RunRecord, EngineError> {
+        let p = self.pipeline;
+        for f in opts.force.iter().chain(opts.until.iter()) {
+            if p.stage(f).is_none() {
+                let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
+                let hint = super::config::did_you_mean(f, ids.iter().copied()).unwrap_or_default();
+                return Err(EngineError::Usage(format!("no stage `{f}` in {} {hint}", p.file.display())));
+            }
+        }
+        let wanted: Vec<bool> = match &opts.until {
+            None => vec![true; p.stages.len()],
+            Some(u) => {
+                let mut w = vec![false; p.stages.len()];
+                let mut stack = vec![self.index(u)];
+                while let Some(i) = stack.pop() {
+                    if !w[i] {
+                        w[i] = true;
+                        stack.extend(p.stages[i].needs.iter().map(|n| self.index(n)));
+                    }
+                }
+                w
+            }
+        };
+        if !opts.dry_run {
+            self.store.init()?;
+            let swept = self.store.sweep_temp();
+            if swept > 0 && !opts.quiet {
+                eprintln!("pipe: removed {swept} partial artifact(s) left by an interrupted run");
+            }
+        }
+        let run_id = format!("{}-{}", time::compact_now(), std::process::id());
+        let run_dir = self.store.root.join("runs").join(&p.name).join(&run_id);
+        let mut record = RunRecord {
+            pipeline: p.name.clone(),
+            run_id: run_id.clone(),
+            run_dir: run_dir.display().to_string(),
+            file: p.file.display().to_string(),
+            status: "running".into(),
+            started: time::rfc3339_now(),
+            finished: None,
+            tool_version: env!("CARGO_PKG_VERSION").into(),
+            stages: Vec::new(),
+        };
+        if !opts.dry_run {
+            std::fs::create_dir_all(&run_dir).map_err(|e| StoreError::Io { path: run_dir.clone(), source: e })?;
+            let _ = write_atomic(&run_dir.join("pipeline.toml"), p.to_toml().as_bytes());
+            self.write_record(&run_dir, &record);
+        }
+        if !opts.quiet {
+            eprintln!("pipe: {} ({} stages){}", p.name, p.stages.len(), if opts.dry_run { ", dry run" } else { "" });
+        }
+        let last = self.last_keys();
+        let width = p.stages.iter().map(|s| s.id.len()).max().unwrap_or(4);
+        let mut outputs: HashMap<usize, Done> = HashMap::new();
+        let mut done: HashMap<usize, Status> = HashMap::new();
+        let mut failed = false;
+        for &i in &self.dag.order {
+            let s = &p.stages[i];
+            let mut rec = StageRecord {
+                id: s.id.clone(),
+                kind: s.kind.clone(),
+                status: Status::Skipped,
+                key: None,
+                seconds: 0.0,
+                dir: None,
+                reason: None,
+                params: flatten_params(&s.params.0),
+                metrics: JsonMap::new(),
+            };
+            let blocked = s.needs.iter().find(|n| done.get(&self.index(n)) != Some(&Status::Cached) && done.get(&self.index(n)) != Some(&Status::Ran));
+            if !wanted[i] {
+                rec.reason = Some(format!("after --until {}", opts.until.as_deref().unwrap_or_default()));
+            } else if let Some(b) = blocked {
+                rec.reason = Some(format!("upstream {b} did not complete"));
+            } else {
+                self.run_one(i, opts, &last, &mut outputs, &mut rec);
+            }
+            if rec.status == Status::Failed {
+                failed = true;
+            }
+            if !opts.quiet {
+                let what = match (&rec.status, opts.dry_run) {
+                    (Status::Ran, true) => "would run".to_string(),
+                    (st, _) => st.as_str().to_string(),
+                };
+                let detail = match rec.status {
+                    Status::Ran if opts.dry_run => rec.reason.clone().unwrap_or_default(),
+                    Status::Ran => format!("{:.2}s  {}", rec.seconds, rec.dir.as_deref().unwrap_or("")),
+                    Status::Cached => rec.dir.clone().unwrap_or_default(),
+                    Status::Failed | Status::Skipped => rec.reason.clone().unwrap_or_default(),
+                };
+                eprintln!("  {:<width$}  {:<9}  {}", s.id, what, detail);
+            }
+            done.insert(i, rec.status);
+            record.stages.push(rec);
+            if !opts.dry_run {
+                self.write_record(&run_dir, &record);
+            }
+        }
+        record.status = if failed { "failed" } else { "ok" }.into();
+        record.finished = Some(time::rfc3339_now());
+        if !opts.dry_run {
+            self.write_record(&run_dir, &record);
+        }
+        self.stat.save();
+        Ok(record)
+    }
+
+    fn write_record(&self, run_dir: &Path, record: &RunRecord) {
+        let _ = write_atomic(&run_dir.join("run.json"), &serde_json::to_vec_pretty(record).expect("record serializes"));
+    }
+
+    fn run_one(
+        &self,
+        i: usize,
+        opts: &RunOptions,
+        last: &BTreeMap<String, String>,
+        outputs: &mut HashMap<usize, Done>,
+        rec: &mut StageRecord,
+    ) {
+        let s = &self.pipeline.stages[i];
+        let cur = match self.key_inputs(i, outputs) {
+            Ok(k) => k,
+            Err(e) => {
+                rec.status = Status::Failed;
+                rec.reason = Some(e);
+                return;
+            }
+        };
+        let key = cur.hash();
+        rec.key = Some(key.clone());
+        let dir = self.store.artifact_dir(&s.kind, &key);
+        let forced = opts.force.contains(&s.id);
+        let cached = |rec: &mut StageRecord, outputs: &mut HashMap<usize, Done>, m: Manifest| {
+            rec.status = Status::Cached;
+            rec.dir = Some(dir.display().to_string());
+            rec.metrics = m.metrics;
+            outputs.insert(i, Done { output_hash: m.output_hash, dir: dir.clone() });
+        };
+        if !forced {
+            if let Ok(Some(m)) = self.store.manifest(&s.kind, &key) {
+                cached(rec, outputs, m);
+                if !opts.dry_run {
+                    self.remember_key(&s.id, &key);
+                }
+                return;
+            }
+        }
+        let reasons = if forced { vec![Reason::Forced] } else { self.reasons(i, &cur, last, true) };
+        rec.reason = Some(reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "));
+        if opts.dry_run {
+            rec.status = Status::Ran;
+            return;
+        }
+        let who = format!("stage {} of {}", s.id, self.pipeline.name);
+        let lock = match self.store.try_lock(&s.kind, &key, &who) {
+            Ok(Some(l)) => Ok(l),
+            Ok(None) => {
+                if !opts.quiet {
+                    let holder = self.store.lock_holder(&s.kind, &key);
+                    let (pid, what) = holder.split_once(' ').unwrap_or((holder.as_str(), ""));
+                    eprintln!("  {}: waiting for pid {pid} ({what}), which is computing the same artifact", s.id);
+                }
+                self.store.lock(&s.kind, &key, &who)
+            }
+            Err(e) => Err(e),
+        };
+        let _lock = match lock {
+            Ok(l) => l,
+            Err(e) => {
+                rec.status = Status::Failed;
+                rec.reason = Some(e.to_string());
+                return;
+            }
+        };
+        if !forced {
+            if let Ok(Some(m)) = self.store.manifest(&s.kind, &key) {
+                cached(rec, outputs, m);
+                self.remember_key(&s.id, &key);
+                return;
+            }
+        }
+        match self.execute(i, &key, cur, outputs, opts.quiet) {
+            Ok((m, secs)) => {
+                rec.status = Status::Ran;
+                rec.seconds = secs;
+                rec.dir = Some(dir.display().to_string());
+                rec.metrics = m.metrics;
+                outputs.insert(i, Done { output_hash: m.output_hash, dir: dir.clone() });
+                self.remember_key(&s.id, &key);
+            }
+            Err((e, secs)) => {
+                rec.status = Status::Failed;
+                rec.seconds = secs;
+                rec.reason = Some(e);
+            }
+        }
+    }
+
+    /// Run a stage into a temp dir and commit it. Any failure removes the temp dir.
+    fn execute(
+        &self,
+        i: usize,
+        key: &str,
+        key_inputs: KeyInputs,
+        outputs: &HashMap<usize, Done>,
+        quiet: bool,
+    ) -> Result<(Manifest, f64), (String, f64)> {
+        let s = &self.pipeline.stages[i];
+        let imp = self.stage_impl(&s.kind);
+        let start = Instant::now();
+        let started = time::rfc3339_now();
+        let tmp = self.store.temp_dir(&s.kind, key).map_err(|e| (e.to_string(), 0.0))?;
+        let scratch = self.store.scratch_dir(&s.kind, key);
+        let _ = std::fs::create_dir_all(&scratch);
+        *CURRENT_TEMP.lock().expect("temp lock") = Some(tmp.clone());
+        let upstream: Vec<Upstream> = s
+            .needs
+            .iter()
+            .map(|n| {
+                let j = self.index(n);
+                let u = &self.pipeline.stages[j];
+                Upstream { id: u.id.clone(), kind: u.kind.clone(), dir: outputs[&j].dir.clone() }
+            })
+            .collect();
+        let ctx = StageContext {
+            id: &s.id,
+            params: &s.params,
+            root: &self.pipeline.root,
+            out: &tmp,
+            scratch: &scratch,
+            upstream: &upstream,
+            quiet,
+            cancel: &INTERRUPTED,
+        };
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| imp.run(&ctx)));
+        let secs = start.elapsed().as_secs_f64();
+        let fail = |msg: String| {
+            let _ = std::fs::remove_dir_all(&tmp);
+            *CURRENT_TEMP.lock().expect("temp lock") = None;
+            Err((msg, secs))
+        };
+        let out = match result {
+            Ok(Ok(out)) => out,
+            Ok(Err(StageError::Cancelled)) => return fail("interrupted".into()),
+            Ok(Err(e)) => return fail(e.to_string()),
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                return fail(format!("internal error (panic): {msg}"));
+            }
+        };
+        let manifest = Manifest {
+            schema: MANIFEST_SCHEMA,
+            kind: s.kind.clone(),
+            stage: s.id.clone(),
+            key: key.to_string(),
+            key_inputs,
+            output_hash: String::new(),
+            files: Vec::new(),
+            started,
+            finished: time::rfc3339_now(),
+            seconds: secs,
+            tool_version: env!("CARGO_PKG_VERSION").into(),
+            metrics: out.metrics,
+            stats: out.stats,
+        };
+        match self.store.commit(&tmp, manifest) {
+            Ok(m) => {
+                *CURRENT_TEMP.lock().expect("temp lock") = None;
+                let _ = std::fs::remove_dir_all(&scratch);
+                Ok((m, secs))
+            }
+            Err(e) => fail(format!("cannot store the artifact: {e}")),
+        }
+    }
+}
+
+/// Remove the running stage's temp dir (called from the signal handler).
+pub fn cleanup_on_interrupt() -> Option<PathBuf> {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+    let tmp = CURRENT_TEMP.lock().ok()?.take()?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    Some(tmp)
+}
+
+/// Human summary line of a record, for stderr.
+pub fn summary(record: &RunRecord) -> String {
+    let count = |st: Status| record.stages.iter().filter(|s| s.status == st).count();
+    let mut w = Vec::new();
+    let _ = write!(
+        w,
+        "pipe: {} — {} ran, {} cached, {} failed, {} skipped; run record {}",
+        record.status,
+        count(Status::Ran),
+        count(Status::Cached),
+        count(Status::Failed),
+        count(Status::Skipped),
+        record.run_dir
+    );
+    String::from_utf8(w).expect("utf8")
+}
+
+/// Directory names are short keys; show them relative to the store in messages.
+pub fn short(key: &str) -> &str {
+    dir_name(key)
+}
