@@ -345,10 +345,12 @@ pub fn run(cli: Cli, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
 
 fn install_interrupt_handler() {
     let _ = ctrlc::set_handler(|| {
-        if let Some(tmp) = runner::cleanup_on_interrupt() {
-            eprintln!("\npipe: interrupted; removed the partial output {}", tmp.display());
-        } else {
+        let removed = runner::cleanup_on_interrupt();
+        if removed.is_empty() {
             eprintln!("\npipe: interrupted");
+        }
+        for tmp in removed {
+            eprintln!("\npipe: interrupted; removed the partial output {}", tmp.display());
         }
         std::process::exit(130);
     });

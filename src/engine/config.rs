@@ -69,6 +69,33 @@ pub struct Pipeline {
     pub artifacts: PathBuf,
     /// In file order.
     pub stages: Vec<StageConfig>,
+    /// `[sweep]` from the file plus multi-valued `--set`s; validated against the stages' defaults.
+    pub sweep: Option<SweepSpec>,
+    /// The original file text and the overrides, so sweep points can be resolved like the base.
+    pub source_text: String,
+    pub overrides: Overrides,
+}
+
+/// A parameter sweep: grid axes and/or random draws, each naming `<stage>.<param>`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SweepSpec {
+    /// Axes in file order (then `--set` order): every combination is one point.
+    pub grid: Vec<(String, Vec<toml::Value>)>,
+    pub random: Option<RandomSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RandomSpec {
+    pub n: usize,
+    pub seed: u64,
+    pub params: Vec<(String, Dist)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Dist {
+    LogUniform(f64, f64),
+    Uniform(f64, f64),
+    Choice(Vec<toml::Value>),
 }
 
 impl Pipeline {
@@ -146,7 +173,7 @@ impl Provider for Layer {
 }
 
 const PIPELINE_KEYS: &[&str] = &["name", "artifacts", "root", "description"];
-const TOP_KEYS: &[&str] = &["pipeline", "stages"];
+const TOP_KEYS: &[&str] = &["pipeline", "stages", "sweep"];
 const STAGE_META_KEYS: &[&str] = &["kind", "needs"];
 
 /// The nearest candidate by edit distance, if it is close enough to be a plausible typo.
@@ -219,12 +246,8 @@ fn parse_skeleton(
 
     for k in table.keys() {
         if !TOP_KEYS.contains(&k.as_str()) {
-            let hint = if k == "sweep" {
-                Some("sweeps are not supported by this version of pipe".to_string())
-            } else {
-                did_you_mean(k, TOP_KEYS.iter().copied())
-            };
-            return Err(ConfigError::new(&origin, k, "unknown top-level section; expected `[pipeline]` or `[stages.<id>]`").hint(hint));
+            let hint = did_you_mean(k, TOP_KEYS.iter().copied());
+            return Err(ConfigError::new(&origin, k, "unknown top-level section; expected `[pipeline]`, `[stages.<id>]` or `[sweep]`").hint(hint));
         }
     }
     let pipeline = match table.get("pipeline") {
@@ -461,6 +484,7 @@ pub fn load_str(
     }
     let mut file_layer = sk.table.clone();
     file_layer.remove("pipeline");
+    file_layer.remove("sweep");
     if let Some(toml::Value::Table(st)) = file_layer.get_mut("stages") {
         for (_, v) in st.iter_mut() {
             if let toml::Value::Table(t) = v {
@@ -491,7 +515,12 @@ pub fn load_str(
         top.insert("stages".into(), toml::Value::Table(nest(&path, parse_scalar(value))));
         fig = fig.merge(Layer::new(format!("environment variable {var}"), None, &top));
     }
+    let mut multi: Vec<(String, String, Vec<toml::Value>)> = Vec::new();
     for set in &overrides.sets {
+        if let Some((path, values)) = parse_multi(set) {
+            multi.push((set.clone(), path.join("."), values));
+            continue;
+        }
         let Some((path, value)) = parse_assignment(set) else {
             return Err(ConfigError::new(format!("--set {set}"), "", "expected `<stage>.<param>=<value>`")
                 .hint(Some("for example `--set split.seed=7`".into())));
@@ -534,8 +563,201 @@ pub fn load_str(
         }
         stages.push(StageConfig { id: id.clone(), kind: kind.clone(), needs: needs.clone(), params });
     }
+    let mut sweep = match sk.table.get("sweep") {
+        Some(v) => Some(parse_sweep(&origin, v, &stages, registry)?),
+        None => None,
+    };
+    for (set, path, values) in multi {
+        let spec = sweep.get_or_insert_with(SweepSpec::default);
+        let checked = check_axis(&format!("--set {set}"), &path, &path, &values, &stages, registry)?;
+        spec.grid.retain(|(k, _)| *k != path);
+        spec.grid.push((path, checked));
+    }
     let root = project_root(file, sk.root.as_deref());
     let artifacts = root.join(&sk.artifacts);
-    Ok(Pipeline { name: sk.name, file: file.to_path_buf(), root, artifacts, stages })
+    Ok(Pipeline {
+        name: sk.name,
+        file: file.to_path_buf(),
+        root,
+        artifacts,
+        stages,
+        sweep,
+        source_text: text.to_string(),
+        overrides: overrides.clone(),
+    })
 }
 
+
+/// `stage.param=a,b,c` with two or more values is a grid axis. A value that parses whole as TOML
+/// (`"a,b"` quoted, `[1, 2]`) is one value; so is a string with spaces (an instruction, say).
+fn parse_multi(s: &str) -> Option<(Vec<String>, Vec<toml::Value>)> {
+    let (path, raw) = s.split_once('=')?;
+    let raw = raw.trim();
+    if !raw.contains(',') || raw.parse::<toml::Value>().is_ok() || format!("v = {raw}").parse::<toml::Table>().is_ok() {
+        return None;
+    }
+    let parts: Vec<&str> = raw.split(',').map(str::trim).collect();
+    if parts.iter().any(|p| p.is_empty() || p.contains(char::is_whitespace)) {
+        return None;
+    }
+    let path: Vec<String> = path.trim().split('.').map(|p| p.trim().to_string()).collect();
+    if path.len() < 2 {
+        return None;
+    }
+    Some((path, parts.iter().map(|p| parse_scalar(p)).collect()))
+}
+
+/// The default value at `stage.param[.sub…]`, with errors that name the sweep key.
+fn default_at(
+    origin: &str,
+    key: &str,
+    path: &str,
+    stages: &[StageConfig],
+    registry: &[Box<dyn Stage>],
+) -> Result<toml::Value, ConfigError> {
+    let parts: Vec<&str> = path.split('.').collect();
+    let ids: Vec<&str> = stages.iter().map(|s| s.id.as_str()).collect();
+    if parts.len() < 2 {
+        return Err(ConfigError::new(origin, key, "expected `<stage>.<param>`")
+            .hint(Some("for example `\"train.learning_rate\" = [1e-5, 2e-5]`".into())));
+    }
+    let Some(stage) = stages.iter().find(|s| s.id == parts[0]) else {
+        return Err(ConfigError::new(origin, key, format!("no stage `{}` in this pipeline", parts[0]))
+            .hint(did_you_mean(parts[0], ids.iter().copied())));
+    };
+    let imp = registry.iter().find(|s| s.kind() == stage.kind).expect("kind checked");
+    let defaults: toml::Table = imp.defaults().parse().unwrap_or_default();
+    let mut cur = &defaults;
+    for (i, p) in parts[1..].iter().enumerate() {
+        match cur.get(*p) {
+            Some(toml::Value::Table(t)) if i + 2 < parts.len() => cur = t,
+            Some(v) if i + 2 == parts.len() => return Ok(v.clone()),
+            _ => {
+                return Err(ConfigError::new(origin, key, format!("stage `{}` ({}) has no parameter `{}`", parts[0], stage.kind, parts[1..].join(".")))
+                    .hint(did_you_mean(p, cur.keys().map(String::as_str))));
+            }
+        }
+    }
+    unreachable!("loop returns")
+}
+
+fn check_axis(
+    origin: &str,
+    key: &str,
+    path: &str,
+    values: &[toml::Value],
+    stages: &[StageConfig],
+    registry: &[Box<dyn Stage>],
+) -> Result<Vec<toml::Value>, ConfigError> {
+    let default = default_at(origin, key, path, stages, registry)?;
+    if values.is_empty() {
+        return Err(ConfigError::new(origin, key, "empty list of values").hint(Some("give at least one value".into())));
+    }
+    let o = origin.to_string();
+    let origin_of = move |_: &str| o.clone();
+    values.iter().map(|v| check_value(&default, v, key, &origin_of)).collect()
+}
+
+fn parse_sweep(
+    origin: &str,
+    v: &toml::Value,
+    stages: &[StageConfig],
+    registry: &[Box<dyn Stage>],
+) -> Result<SweepSpec, ConfigError> {
+    let t = v.as_table().ok_or_else(|| ConfigError::new(origin, "sweep", "expected a table: `[sweep.grid]` or `[sweep.random]`"))?;
+    let mut spec = SweepSpec::default();
+    for k in t.keys() {
+        if k != "grid" && k != "random" {
+            return Err(ConfigError::new(origin, format!("sweep.{k}"), "unknown key")
+                .hint(did_you_mean(k, ["grid", "random"])));
+        }
+    }
+    if let Some(g) = t.get("grid") {
+        let g = g.as_table().ok_or_else(|| ConfigError::new(origin, "sweep.grid", "expected a table of `\"<stage>.<param>\" = [values]`"))?;
+        for (path, vals) in g {
+            let key = format!("sweep.grid.{path}");
+            let vals = vals.as_array().ok_or_else(|| {
+                ConfigError::new(origin, &key, format!("expected a list of values, found {}", type_name(vals)))
+                    .hint(Some(format!("write `\"{path}\" = [{}]`", show(vals))))
+            })?;
+            spec.grid.push((path.clone(), check_axis(origin, &key, path, vals, stages, registry)?));
+        }
+    }
+    if let Some(r) = t.get("random") {
+        let r = r.as_table().ok_or_else(|| ConfigError::new(origin, "sweep.random", "expected a table"))?;
+        let n = match r.get("n") {
+            Some(toml::Value::Integer(n)) if *n > 0 => *n as usize,
+            Some(v) => return Err(ConfigError::new(origin, "sweep.random.n", format!("expected a positive integer, found {}", show(v)))),
+            None => return Err(ConfigError::new(origin, "sweep.random.n", "missing: how many points to draw")),
+        };
+        let seed = match r.get("seed") {
+            Some(toml::Value::Integer(s)) if *s >= 0 => *s as u64,
+            Some(v) => return Err(ConfigError::new(origin, "sweep.random.seed", format!("expected an integer >= 0, found {}", show(v)))),
+            None => 0,
+        };
+        let mut params = Vec::new();
+        for (path, d) in r {
+            if path == "n" || path == "seed" {
+                continue;
+            }
+            let key = format!("sweep.random.{path}");
+            let default = default_at(origin, &key, path, stages, registry)?;
+            let dist = parse_dist(origin, &key, d)?;
+            let numeric = matches!(default, toml::Value::Float(_) | toml::Value::Integer(_));
+            match &dist {
+                Dist::Choice(vals) => {
+                    check_axis(origin, &key, path, vals, stages, registry)?;
+                }
+                _ if !numeric => {
+                    return Err(ConfigError::new(origin, &key, format!("a numeric distribution for a parameter that takes {}", type_name(&default)))
+                        .hint(Some("use `{ choice = [...] }`".into())))
+                }
+                _ => {}
+            }
+            params.push((path.clone(), dist));
+        }
+        if params.is_empty() {
+            return Err(ConfigError::new(origin, "sweep.random", "no parameters to draw")
+                .hint(Some("add e.g. `\"train.learning_rate\" = { log_uniform = [1e-6, 1e-4] }`".into())));
+        }
+        spec.random = Some(RandomSpec { n, seed, params });
+    }
+    if spec.grid.is_empty() && spec.random.is_none() {
+        return Err(ConfigError::new(origin, "sweep", "the sweep has no parameters"));
+    }
+    Ok(spec)
+}
+
+fn parse_dist(origin: &str, key: &str, d: &toml::Value) -> Result<Dist, ConfigError> {
+    let kinds = ["log_uniform", "uniform", "choice"];
+    let bad = |msg: String| {
+        ConfigError::new(origin, key, msg).hint(Some(
+            "use `{ log_uniform = [lo, hi] }`, `{ uniform = [lo, hi] }` or `{ choice = [a, b, …] }`".into(),
+        ))
+    };
+    let t = d.as_table().filter(|t| t.len() == 1).ok_or_else(|| bad(format!("expected one distribution, found {}", show(d))))?;
+    let (name, arg) = t.iter().next().expect("len 1");
+    let range = || -> Result<(f64, f64), ConfigError> {
+        let a = arg.as_array().filter(|a| a.len() == 2).ok_or_else(|| bad(format!("`{name}` takes [lo, hi]")))?;
+        let num = |v: &toml::Value| v.as_float().or_else(|| v.as_integer().map(|i| i as f64));
+        match (num(&a[0]), num(&a[1])) {
+            (Some(lo), Some(hi)) if lo < hi && lo.is_finite() && hi.is_finite() => Ok((lo, hi)),
+            _ => Err(bad(format!("`{name}` needs two finite numbers lo < hi, found {}", show(arg)))),
+        }
+    };
+    match name.as_str() {
+        "log_uniform" => {
+            let (lo, hi) = range()?;
+            if lo <= 0.0 {
+                return Err(bad(format!("`log_uniform` needs 0 < lo, found {lo}")));
+            }
+            Ok(Dist::LogUniform(lo, hi))
+        }
+        "uniform" => range().map(|(lo, hi)| Dist::Uniform(lo, hi)),
+        "choice" => match arg.as_array() {
+            Some(a) if !a.is_empty() => Ok(Dist::Choice(a.clone())),
+            _ => Err(bad("`choice` needs a non-empty list".into())),
+        },
+        other => Err(bad(format!("unknown distribution `{other}`")).hint(did_you_mean(other, kinds))),
+    }
+}

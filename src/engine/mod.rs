@@ -14,3 +14,5 @@ pub mod key;
 pub mod runner;
 pub mod store;
 pub mod time;
+pub mod sweep;
+pub mod compare;

@@ -22,7 +22,7 @@ use super::time;
 /// Set by the Ctrl-C/SIGTERM handler; stages poll it through their context.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// The temp dir of the stage now running, so the signal handler can remove it before exiting.
-pub static CURRENT_TEMP: Mutex<Option<PathBuf>> = Mutex::new(None);
+pub static CURRENT_TEMP: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -79,6 +79,9 @@ pub struct RunRecord {
     pub started: String,
     pub finished: Option<String>,
     pub tool_version: String,
+    /// For a sweep point: the sweep id, the point's name and its values.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<serde_json::Value>,
     pub stages: Vec<StageRecord>,
 }
 
@@ -88,6 +91,9 @@ pub struct RunOptions {
     pub until: Option<String>,
     pub dry_run: bool,
     pub quiet: bool,
+    /// Where the run record goes (sweep points); default `runs/<pipeline>/<time>-<pid>`.
+    pub run_dir: Option<PathBuf>,
+    pub sweep: Option<serde_json::Value>,
 }
 
 /// Fresh or stale, with reasons: what `pipe status` and `pipe why` print.
@@ -326,7 +332,7 @@ impl<'a> Engine<'a> {
             }
         }
         let run_id = format!("{}-{}", time::compact_now(), std::process::id());
-        let run_dir = self.store.root.join("runs").join(&p.name).join(&run_id);
+        let run_dir = opts.run_dir.clone().unwrap_or_else(|| self.store.root.join("runs").join(&p.name).join(&run_id));
         let mut record = RunRecord {
             pipeline: p.name.clone(),
             run_id: run_id.clone(),
@@ -336,6 +342,7 @@ impl<'a> Engine<'a> {
             started: time::rfc3339_now(),
             finished: None,
             tool_version: env!("CARGO_PKG_VERSION").into(),
+            sweep: opts.sweep.clone(),
             stages: Vec::new(),
         };
         if !opts.dry_run {
@@ -510,7 +517,8 @@ impl<'a> Engine<'a> {
         let tmp = self.store.temp_dir(&s.kind, key).map_err(|e| (e.to_string(), 0.0))?;
         let scratch = self.store.scratch_dir(&s.kind, key);
         let _ = std::fs::create_dir_all(&scratch);
-        *CURRENT_TEMP.lock().expect("temp lock") = Some(tmp.clone());
+        CURRENT_TEMP.lock().expect("temp lock").push(tmp.clone());
+        let forget = |t: &Path| CURRENT_TEMP.lock().expect("temp lock").retain(|p| p != t);
         let upstream: Vec<Upstream> = s
             .needs
             .iter()
@@ -534,7 +542,7 @@ impl<'a> Engine<'a> {
         let secs = start.elapsed().as_secs_f64();
         let fail = |msg: String| {
             let _ = std::fs::remove_dir_all(&tmp);
-            *CURRENT_TEMP.lock().expect("temp lock") = None;
+            forget(&tmp);
             Err((msg, secs))
         };
         let out = match result {
@@ -567,7 +575,7 @@ impl<'a> Engine<'a> {
         };
         match self.store.commit(&tmp, manifest) {
             Ok(m) => {
-                *CURRENT_TEMP.lock().expect("temp lock") = None;
+                forget(&tmp);
                 let _ = std::fs::remove_dir_all(&scratch);
                 Ok((m, secs))
             }
@@ -576,12 +584,14 @@ impl<'a> Engine<'a> {
     }
 }
 
-/// Remove the running stage's temp dir (called from the signal handler).
-pub fn cleanup_on_interrupt() -> Option<PathBuf> {
+/// Remove the running stages' temp dirs (called from the signal handler).
+pub fn cleanup_on_interrupt() -> Vec<PathBuf> {
     INTERRUPTED.store(true, Ordering::SeqCst);
-    let tmp = CURRENT_TEMP.lock().ok()?.take()?;
-    let _ = std::fs::remove_dir_all(&tmp);
-    Some(tmp)
+    let tmps = CURRENT_TEMP.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default();
+    for t in &tmps {
+        let _ = std::fs::remove_dir_all(t);
+    }
+    tmps
 }
 
 /// Human summary line of a record, for stderr.
