@@ -49,6 +49,49 @@ pub enum Command {
         /// Print exactly one JSON object on stdout.
         #[arg(long)]
         json: bool,
+        /// Run every point of the pipeline's `[sweep]` (implied by multi-valued `--set a.b=1,2`).
+        #[arg(long)]
+        sweep: bool,
+        /// Sweep points to run at once (independent CPU work; one GPU wants 1).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+    },
+    /// Run every point of the pipeline's sweep (same as `pipe run FILE --sweep`).
+    Sweep {
+        #[command(flatten)]
+        p: PipelineArgs,
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put runs side by side: run dirs, sweep dirs, or any directories holding run records.
+    Compare {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Sort rows by this metric (best first).
+        #[arg(long)]
+        sort: Option<String>,
+        /// Metric columns, comma-separated (suffixes of `<stage>.<metric>` names).
+        #[arg(long, value_delimiter = ',')]
+        metrics: Option<Vec<String>>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: CompareFormat,
+    },
+    /// Score a predictions CSV (`query,relevance,score[,label]`) with the ranking and classification metrics.
+    Metrics {
+        file: PathBuf,
+        /// Cutoffs for NDCG@K and P@K.
+        #[arg(long, value_delimiter = ',', default_value = "1,3,5,10")]
+        k: Vec<usize>,
+        /// Decision threshold on the score for accuracy/precision/recall/F1.
+        #[arg(long, default_value_t = 0.5)]
+        threshold: f64,
+        /// Validation predictions: calibrate RMSE and tune the threshold there, report on FILE.
+        #[arg(long)]
+        val: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
     },
     /// Which stages are fresh or stale, and why.
     Status {
@@ -108,6 +151,14 @@ pub enum Command {
     },
 }
 
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum CompareFormat {
+    Table,
+    Markdown,
+    Csv,
+    Json,
+}
+
 /// An error that carries its exit code.
 #[derive(Debug)]
 pub struct Exit {
@@ -164,11 +215,19 @@ fn store_for(artifacts: &Option<PathBuf>, pipeline: &Option<PathBuf>, registry: 
 pub fn run(cli: Cli, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
     let quiet = cli.quiet;
     match cli.command {
-        Command::Run { p, force, until, dry_run, json } => {
+        Command::Sweep { p, jobs, json } => run_sweep(&p, registry, jobs, json, quiet),
+        Command::Run { p, force, until, dry_run, json, sweep, jobs } => {
             let pipeline = load(&p, registry)?;
+            let multi = pipeline.sweep.as_ref().is_some_and(|s| s.grid.iter().any(|(k, _)| p.sets.iter().any(|x| x.starts_with(&format!("{k}=")))));
+            if sweep || multi {
+                return run_sweep(&p, registry, jobs, json, quiet);
+            }
+            if let (Some(_), false) = (&pipeline.sweep, quiet || json) {
+                eprintln!("pipe: {} defines a sweep; this runs its base configuration only (add --sweep for every point)", p.file.display());
+            }
             let engine = Engine::new(&pipeline, registry)?;
             install_interrupt_handler();
-            let opts = RunOptions { force, until, dry_run, quiet: quiet || json };
+            let opts = RunOptions { force, until, dry_run, quiet: quiet || json, ..Default::default() };
             let record = engine.run(&opts)?;
             if json {
                 let stages: Vec<serde_json::Value> = record
@@ -200,6 +259,8 @@ pub fn run(cli: Cli, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
             }
             Ok(())
         }
+        Command::Compare { paths, sort, metrics, format } => compare(&paths, sort.as_deref(), metrics.as_deref(), format),
+        Command::Metrics { file, k, threshold, val, json } => metrics_cmd(&file, k, threshold, val, json),
         Command::Status { p, json } => {
             let pipeline = load(&p, registry)?;
             let engine = Engine::new(&pipeline, registry)?;
@@ -341,6 +402,80 @@ pub fn run(cli: Cli, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
             Ok(())
         }
     }
+}
+
+fn run_sweep(p: &PipelineArgs, registry: &[Box<dyn Stage>], jobs: usize, json: bool, quiet: bool) -> Result<(), Exit> {
+    let pipeline = load(p, registry)?;
+    if pipeline.sweep.is_none() {
+        return Err(Exit {
+            code: 2,
+            error: anyhow::anyhow!(
+                "{}: `sweep`: the pipeline defines no sweep; add `[sweep.grid]` or pass `--set stage.param=a,b`",
+                p.file.display()
+            ),
+        });
+    }
+    install_interrupt_handler();
+    let report = crate::engine::sweep::run_sweep(&pipeline, registry, jobs.max(1), quiet || json)?;
+    if json {
+        println!("{}", serde_json::to_string(&report).expect("report serializes"));
+    } else if !quiet {
+        for pt in &report.points {
+            eprintln!("  {:<7} {}  {}", pt.status, pt.name, pt.error.as_deref().unwrap_or(""));
+        }
+        eprintln!("pipe: sweep {} — compare with `pipe compare {}`", report.status, report.sweep_dir);
+    }
+    if report.status != "ok" {
+        return Err(Exit { code: 1, error: anyhow::anyhow!("sweep {}: some points failed", report.sweep_id) });
+    }
+    Ok(())
+}
+
+fn compare(paths: &[PathBuf], sort: Option<&str>, metrics: Option<&[String]>, format: CompareFormat) -> Result<(), Exit> {
+    use crate::engine::compare;
+    let bad = |e: compare::CompareError| Exit { code: 2, error: e.into() };
+    let runs = compare::find_runs(paths).map_err(bad)?;
+    let c = compare::build(runs, metrics, sort, paths.len()).map_err(bad)?;
+    let f = match format {
+        CompareFormat::Table => compare::Format::Table,
+        CompareFormat::Markdown => compare::Format::Markdown,
+        CompareFormat::Csv => compare::Format::Csv,
+        CompareFormat::Json => compare::Format::Json,
+    };
+    print!("{}", c.render(f));
+    Ok(())
+}
+
+fn metrics_cmd(file: &std::path::Path, k: Vec<usize>, threshold: f64, val: Option<PathBuf>, json: bool) -> Result<(), Exit> {
+    use crate::metrics;
+    let bad = |e: metrics::ReadError| Exit { code: 2, error: e.into() };
+    let invalid = |e: metrics::MetricsError| Exit { code: 2, error: e.into() };
+    let opts = metrics::Options { ks: k, threshold, ..Default::default() };
+    let rows = metrics::read_predictions(file).map_err(bad)?;
+    match val {
+        None => {
+            let m = metrics::compute(&rows, &opts).map_err(invalid)?;
+            if json {
+                println!("{}", serde_json::to_string(&m).expect("metrics serialize"));
+            } else {
+                print!("{}", metrics::render_table(&[(&file.display().to_string(), &m)]));
+                println!("note: rmse is calibrated on these same rows (in-sample); pass --val VAL.csv for a held-out figure");
+            }
+        }
+        Some(v) => {
+            let val_rows = metrics::read_predictions(&v).map_err(bad)?;
+            let s = metrics::evaluate_split(&val_rows, &rows, &opts).map_err(invalid)?;
+            if json {
+                println!("{}", serde_json::to_string(&s.test).expect("metrics serialize"));
+            } else {
+                print!("{}", metrics::render_table(&[("val", &s.val), ("test", &s.test)]));
+                if let Some(t) = &s.tuned {
+                    println!("threshold tuned on val: {:.4} (val F1 {:.4})", t.threshold, t.val_f1);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn install_interrupt_handler() {
