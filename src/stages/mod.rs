@@ -1,8 +1,24 @@
 //! Stage kinds. Each is one module behind [`crate::engine::Stage`]; `registry` lists them.
+//!
+//! The data stages hand each other CSV tables in the format of [`table`]:
+//! `load` (raw files → table) → `normalize` (canonical text) → `split` (train/val/test + labels).
 
 use crate::engine::Stage;
 
+pub mod hub;
+pub mod load;
+pub mod normalize;
+pub mod split;
+pub mod table;
+
+#[cfg(test)]
+mod tests;
+
 /// Every stage kind this binary knows, in pipeline order.
 pub fn registry() -> Vec<Box<dyn Stage>> {
-    vec![]
+    vec![
+        Box::new(load::Load),
+        Box::new(normalize::Normalize),
+        Box::new(split::Split),
+    ]
 }
