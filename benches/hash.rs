@@ -28,5 +28,9 @@ fn main() {
         best = best.min(t.elapsed().as_secs_f64());
     }
     let gb = mb as f64 / 1024.0;
-    println!("hash: {mb} MiB in {best:.3} s = {:.2} GiB/s (best of 3, warm page cache, {} threads)", gb / best, rayon::current_num_threads());
+    println!(
+        "hash: {mb} MiB in {best:.3} s = {:.2} GiB/s (best of 3, warm page cache, {} threads)",
+        gb / best,
+        rayon::current_num_threads()
+    );
 }

@@ -43,7 +43,7 @@ fn changing_split_seed_reruns_split_only() {
     assert_eq!(status_of(&v, "normalize"), "cached");
     assert_eq!(status_of(&v, "split"), "ran");
     let reason = v["stages"][2]["reason"].as_str().unwrap();
-    assert_eq!(reason, "param seed changed 42 → 7");
+    assert_eq!(reason, "param split.seed changed 42 → 7");
     // And back: the seed-42 artifact is still there.
     let back = p.run_json(&["run", "pipelines/p.toml", "--json"]);
     assert!(statuses(&back).iter().all(|(_, s)| s == "cached"), "{back}");
@@ -62,7 +62,10 @@ fn identical_upstream_output_leaves_downstream_cached() {
          16,100005,\"delta vero 1-handle shower\",\"rain shower head\",2.33\n\
          17,100005,\"delta vero 1-handle shower\",\"shower only faucet\",2.67\n",
     );
-    p.write("pipelines/p.toml", &SAMPLE_PIPELINE.replace("descriptions = \"data/product_descriptions.csv\"", "descriptions = \"\""));
+    p.write(
+        "pipelines/p.toml",
+        &SAMPLE_PIPELINE.replace("descriptions = \"data/product_descriptions.csv\"", "descriptions = \"\""),
+    );
     p.run_json(&["run", "pipelines/p.toml", "--json"]);
     let v = p.run_json(&["run", "pipelines/p.toml", "--set", "normalize.lowercase=false", "--json"]);
     assert_eq!(status_of(&v, "load"), "cached");
@@ -121,18 +124,32 @@ fn status_explains_at_parameter_granularity() {
     insta::assert_snapshot!("status_fresh", p.ok(&["status", "pipelines/p.toml"]).masked_keys());
     insta::assert_snapshot!(
         "status_param_changed",
-        p.ok(&["status", "pipelines/p.toml", "--set", "split.seed=7", "--set", "split.train_ratio=0.8", "--set", "split.val_ratio=0.1", "--set", "split.test_ratio=0.1"]).masked_keys()
+        p.ok(&[
+            "status",
+            "pipelines/p.toml",
+            "--set",
+            "split.seed=7",
+            "--set",
+            "split.train_ratio=0.8",
+            "--set",
+            "split.val_ratio=0.1",
+            "--set",
+            "split.test_ratio=0.1"
+        ])
+        .masked_keys()
     );
     insta::assert_snapshot!(
         "status_upstream_stale",
-        p.ok(&["status", "pipelines/p.toml", "--set", "normalize.lowercase=false", "--set", "split.seed=1"]).masked_keys()
+        p.ok(&["status", "pipelines/p.toml", "--set", "normalize.lowercase=false", "--set", "split.seed=1"])
+            .masked_keys()
     );
     let mut train = std::fs::read(p.path("data/train.csv")).unwrap();
     train.extend_from_slice(b"999999,100001,\"Extra\",\"extra query\",2\n");
     std::fs::write(p.path("data/train.csv"), train).unwrap();
     insta::assert_snapshot!("status_input_changed", p.ok(&["status", "pipelines/p.toml"]).masked_keys());
     insta::assert_snapshot!("why_load", p.ok(&["why", "load", "pipelines/p.toml"]).stdout);
-    let json: serde_json::Value = serde_json::from_str(&p.ok(&["status", "pipelines/p.toml", "--json"]).stdout).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&p.ok(&["status", "pipelines/p.toml", "--json"]).stdout).unwrap();
     assert_eq!(json["stages"][0]["state"], "stale");
     assert_eq!(json["stages"][0]["reasons"][0]["reason"], "input_changed");
     assert_eq!(json["stages"][0]["reasons"][0]["input"], "data/train.csv");
@@ -146,9 +163,13 @@ fn env_and_set_layers_override_the_file_in_order() {
     let cfg = p.ok_env(&["config", "pipelines/p.toml", "--set", "split.seed=6"], &[("PIPE_SPLIT__SEED", "5")]).stdout;
     assert!(cfg.contains("seed = 6"), "{cfg}");
     // The resolved config is itself a valid pipeline with the same keys (round trip).
-    p.write("pipelines/resolved.toml", &format!("{cfg}"));
-    let a: serde_json::Value = serde_json::from_str(&p.ok(&["run", "pipelines/p.toml", "--set", "split.seed=6", "--json", "--dry-run"]).stdout).unwrap();
-    let b: serde_json::Value = serde_json::from_str(&p.ok(&["run", "pipelines/resolved.toml", "--json", "--dry-run"]).stdout).unwrap();
+    p.write("pipelines/resolved.toml", &cfg);
+    let a: serde_json::Value = serde_json::from_str(
+        &p.ok(&["run", "pipelines/p.toml", "--set", "split.seed=6", "--json", "--dry-run"]).stdout,
+    )
+    .unwrap();
+    let b: serde_json::Value =
+        serde_json::from_str(&p.ok(&["run", "pipelines/resolved.toml", "--json", "--dry-run"]).stdout).unwrap();
     assert_eq!(a["stages"][0]["key"], b["stages"][0]["key"]);
 }
 
@@ -178,7 +199,8 @@ fn verify_reports_tampered_artifacts() {
     let dir = v["stages"][2]["dir"].as_str().unwrap().to_string();
     let f = std::path::Path::new(&dir).join("test.csv");
     let mut bytes = std::fs::read(&f).unwrap();
-    bytes[bytes.len() / 2] ^= 1;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
     std::fs::write(&f, bytes).unwrap();
     let out = p.pipe(&["verify", "--artifacts", "artifacts"]);
     assert_eq!(out.code, 1, "{out}");
@@ -212,7 +234,7 @@ fn show_and_dag() {
     let p = Project::with_sample();
     let out = p.pipe(&["show", "split", "pipelines/p.toml"]);
     assert_eq!(out.code, 1);
-    assert!(out.stderr.contains("never run"), "{out}");
+    assert!(out.stderr.contains("has no current artifact") && out.stderr.contains("is stale"), "{out}");
     p.run_json(&["run", "pipelines/p.toml", "--json"]);
     let out = p.ok(&["show", "split", "pipelines/p.toml"]);
     assert!(out.stdout.contains("\"kind\": \"split\""), "{out}");
@@ -221,7 +243,7 @@ fn show_and_dag() {
     insta::assert_snapshot!("dag_dot", p.ok(&["dag", "pipelines/p.toml", "--dot"]).stdout);
 }
 
-#[path = "cli/malformed.rs"]
-mod malformed;
 #[path = "cli/crash.rs"]
 mod crash;
+#[path = "cli/malformed.rs"]
+mod malformed;

@@ -201,7 +201,11 @@ fn human_bytes(b: u64) -> String {
     }
 }
 
-fn store_for(artifacts: &Option<PathBuf>, pipeline: &Option<PathBuf>, registry: &[Box<dyn Stage>]) -> Result<Store, Exit> {
+fn store_for(
+    artifacts: &Option<PathBuf>,
+    pipeline: &Option<PathBuf>,
+    registry: &[Box<dyn Stage>],
+) -> Result<Store, Exit> {
     if let Some(a) = artifacts {
         return Ok(Store::new(a));
     }
@@ -218,12 +222,18 @@ pub fn run(cli: Cli, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
         Command::Sweep { p, jobs, json } => run_sweep(&p, registry, jobs, json, quiet),
         Command::Run { p, force, until, dry_run, json, sweep, jobs } => {
             let pipeline = load(&p, registry)?;
-            let multi = pipeline.sweep.as_ref().is_some_and(|s| s.grid.iter().any(|(k, _)| p.sets.iter().any(|x| x.starts_with(&format!("{k}=")))));
+            let multi = pipeline
+                .sweep
+                .as_ref()
+                .is_some_and(|s| s.grid.iter().any(|(k, _)| p.sets.iter().any(|x| x.starts_with(&format!("{k}=")))));
             if sweep || multi {
                 return run_sweep(&p, registry, jobs, json, quiet);
             }
             if let (Some(_), false) = (&pipeline.sweep, quiet || json) {
-                eprintln!("pipe: {} defines a sweep; this runs its base configuration only (add --sweep for every point)", p.file.display());
+                eprintln!(
+                    "pipe: {} defines a sweep; this runs its base configuration only (add --sweep for every point)",
+                    p.file.display()
+                );
             }
             let engine = Engine::new(&pipeline, registry)?;
             install_interrupt_handler();
@@ -259,7 +269,9 @@ pub fn run(cli: Cli, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
             }
             Ok(())
         }
-        Command::Compare { paths, sort, metrics, format } => compare(&paths, sort.as_deref(), metrics.as_deref(), format),
+        Command::Compare { paths, sort, metrics, format } => {
+            compare(&paths, sort.as_deref(), metrics.as_deref(), format)
+        }
         Command::Metrics { file, k, threshold, val, json } => metrics_cmd(&file, k, threshold, val, json),
         Command::Status { p, json } => {
             let pipeline = load(&p, registry)?;
@@ -286,10 +298,17 @@ pub fn run(cli: Cli, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
             let Some(s) = states.iter().find(|s| s.id == stage) else {
                 let ids: Vec<&str> = pipeline.stages.iter().map(|s| s.id.as_str()).collect();
                 let hint = config::did_you_mean(&stage, ids.iter().copied()).unwrap_or_default();
-                return Err(Exit { code: 2, error: anyhow::anyhow!("no stage `{stage}` in {} {hint}", p.file.display()) });
+                return Err(Exit {
+                    code: 2,
+                    error: anyhow::anyhow!("no stage `{stage}` in {} {hint}", p.file.display()),
+                });
             };
             if s.reasons.is_empty() {
-                println!("{} is fresh: {}", s.id, s.dir.as_deref().map(|d| d.display().to_string()).unwrap_or_default());
+                println!(
+                    "{} is fresh: {}",
+                    s.id,
+                    s.dir.as_deref().map(|d| d.display().to_string()).unwrap_or_default()
+                );
             } else {
                 println!("{} is stale:", s.id);
                 for r in &s.reasons {
@@ -323,7 +342,8 @@ pub fn run(cli: Cli, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
             match &s.dir {
                 Some(dir) => {
                     println!("{}", dir.display());
-                    let m = std::fs::read_to_string(dir.join("manifest.json")).map_err(|e| Exit { code: 1, error: e.into() })?;
+                    let m = std::fs::read_to_string(dir.join("manifest.json"))
+                        .map_err(|e| Exit { code: 1, error: e.into() })?;
                     println!("{m}");
                     Ok(())
                 }
@@ -370,7 +390,11 @@ pub fn run(cli: Cli, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
                         println!("  - {p}");
                     }
                 }
-                println!("verified {checked} artifact(s): {} ok, {} with problems", checked - bad.len().min(checked), bad.len());
+                println!(
+                    "verified {checked} artifact(s): {} ok, {} with problems",
+                    checked - bad.len().min(checked),
+                    bad.len()
+                );
             }
             if bad.is_empty() {
                 Ok(())
@@ -431,7 +455,12 @@ fn run_sweep(p: &PipelineArgs, registry: &[Box<dyn Stage>], jobs: usize, json: b
     Ok(())
 }
 
-fn compare(paths: &[PathBuf], sort: Option<&str>, metrics: Option<&[String]>, format: CompareFormat) -> Result<(), Exit> {
+fn compare(
+    paths: &[PathBuf],
+    sort: Option<&str>,
+    metrics: Option<&[String]>,
+    format: CompareFormat,
+) -> Result<(), Exit> {
     use crate::engine::compare;
     let bad = |e: compare::CompareError| Exit { code: 2, error: e.into() };
     let runs = compare::find_runs(paths).map_err(bad)?;
@@ -446,7 +475,13 @@ fn compare(paths: &[PathBuf], sort: Option<&str>, metrics: Option<&[String]>, fo
     Ok(())
 }
 
-fn metrics_cmd(file: &std::path::Path, k: Vec<usize>, threshold: f64, val: Option<PathBuf>, json: bool) -> Result<(), Exit> {
+fn metrics_cmd(
+    file: &std::path::Path,
+    k: Vec<usize>,
+    threshold: f64,
+    val: Option<PathBuf>,
+    json: bool,
+) -> Result<(), Exit> {
     use crate::metrics;
     let bad = |e: metrics::ReadError| Exit { code: 2, error: e.into() };
     let invalid = |e: metrics::MetricsError| Exit { code: 2, error: e.into() };
@@ -459,7 +494,9 @@ fn metrics_cmd(file: &std::path::Path, k: Vec<usize>, threshold: f64, val: Optio
                 println!("{}", serde_json::to_string(&m).expect("metrics serialize"));
             } else {
                 print!("{}", metrics::render_table(&[(&file.display().to_string(), &m)]));
-                println!("note: rmse is calibrated on these same rows (in-sample); pass --val VAL.csv for a held-out figure");
+                println!(
+                    "note: rmse is calibrated on these same rows (in-sample); pass --val VAL.csv for a held-out figure"
+                );
             }
         }
         Some(v) => {

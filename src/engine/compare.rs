@@ -87,7 +87,10 @@ pub fn find_runs(paths: &[PathBuf]) -> Result<Vec<Run>, CompareError> {
                 let v: serde_json::Value = std::fs::read(&rec)
                     .ok()
                     .and_then(|b| serde_json::from_slice(&b).ok())
-                    .ok_or_else(|| CompareError::Bad { path: rec.display().to_string(), message: "not a readable run record".into() })?;
+                    .ok_or_else(|| CompareError::Bad {
+                        path: rec.display().to_string(),
+                        message: "not a readable run record".into(),
+                    })?;
                 found.push((v["started"].as_str().unwrap_or("").to_string(), d.clone(), v));
                 continue;
             }
@@ -105,6 +108,11 @@ pub fn find_runs(paths: &[PathBuf]) -> Result<Vec<Run>, CompareError> {
     }
     Ok(runs)
 }
+
+/// (param, old, new)
+type ParamDiff = (String, String, String);
+/// (metric, old, new, change)
+type MetricDiff = (String, String, String, String);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -134,7 +142,12 @@ fn resolve_metric(all: &[String], want: &str) -> Vec<String> {
     all.iter().filter(|m| m.ends_with(&format!(".{want}")) || m.ends_with(want)).cloned().collect()
 }
 
-pub fn build(mut runs: Vec<Run>, metrics: Option<&[String]>, sort: Option<&str>, roots: usize) -> Result<Comparison, CompareError> {
+pub fn build(
+    mut runs: Vec<Run>,
+    metrics: Option<&[String]>,
+    sort: Option<&str>,
+    roots: usize,
+) -> Result<Comparison, CompareError> {
     let mut all_params: Vec<String> = runs.iter().flat_map(|r| r.params.keys().cloned()).collect();
     all_params.sort();
     all_params.dedup();
@@ -185,7 +198,11 @@ pub fn build(mut runs: Vec<Run>, metrics: Option<&[String]>, sort: Option<&str>,
                 (None, Some(_)) => return std::cmp::Ordering::Greater,
                 (None, None) => std::cmp::Ordering::Equal,
             };
-            if low { ord } else { ord.reverse() }
+            if low {
+                ord
+            } else {
+                ord.reverse()
+            }
         });
     }
     Ok(Comparison { runs, varying, constant, metrics: chosen, show_root: roots > 1 })
@@ -210,13 +227,12 @@ fn num(v: Option<&f64>) -> String {
 impl Comparison {
     fn best(&self, metric: &str) -> Option<usize> {
         let low = lower_is_better(metric);
-        let vals: Vec<(usize, f64)> = self.runs.iter().enumerate().filter_map(|(i, r)| r.metrics.get(metric).map(|v| (i, *v))).collect();
+        let vals: Vec<(usize, f64)> =
+            self.runs.iter().enumerate().filter_map(|(i, r)| r.metrics.get(metric).map(|v| (i, *v))).collect();
         if vals.len() < 2 {
             return None;
         }
-        vals.into_iter()
-            .reduce(|a, b| if (low && b.1 < a.1) || (!low && b.1 > a.1) { b } else { a })
-            .map(|(i, _)| i)
+        vals.into_iter().reduce(|a, b| if (low && b.1 < a.1) || (!low && b.1 > a.1) { b } else { a }).map(|(i, _)| i)
     }
 
     fn header(&self) -> Vec<String> {
@@ -259,7 +275,7 @@ impl Comparison {
     }
 
     /// With exactly two runs: parameter changes and metric deltas, second minus first.
-    fn diff(&self) -> Option<(Vec<(String, String, String)>, Vec<(String, String, String, String)>)> {
+    fn diff(&self) -> Option<(Vec<ParamDiff>, Vec<MetricDiff>)> {
         if self.runs.len() != 2 {
             return None;
         }
@@ -291,7 +307,10 @@ impl Comparison {
                 }
                 if let Some((p, m)) = self.diff() {
                     out.push_str("\nparams diff:\n");
-                    out.push_str(&align(&["param".into(), "old".into(), "new".into()], &p.into_iter().map(|(a, b, c)| vec![a, b, c]).collect::<Vec<_>>()));
+                    out.push_str(&align(
+                        &["param".into(), "old".into(), "new".into()],
+                        &p.into_iter().map(|(a, b, c)| vec![a, b, c]).collect::<Vec<_>>(),
+                    ));
                     out.push_str("\nmetrics diff:\n");
                     out.push_str(&align(
                         &["metric".into(), "old".into(), "new".into(), "change".into()],
@@ -333,7 +352,9 @@ impl Comparison {
                 let best: serde_json::Map<String, serde_json::Value> = self
                     .metrics
                     .iter()
-                    .filter_map(|m| self.best(m).map(|i| (m.clone(), serde_json::Value::String(self.runs[i].name.clone()))))
+                    .filter_map(|m| {
+                        self.best(m).map(|i| (m.clone(), serde_json::Value::String(self.runs[i].name.clone())))
+                    })
                     .collect();
                 let mut v = serde_json::json!({
                     "constant": self.constant.iter().cloned().collect::<serde_json::Map<_, _>>(),

@@ -111,10 +111,7 @@ impl Pipeline {
         for s in &self.stages {
             let mut t = toml::Table::new();
             t.insert("kind".into(), s.kind.clone().into());
-            t.insert(
-                "needs".into(),
-                toml::Value::Array(s.needs.iter().map(|n| n.clone().into()).collect()),
-            );
+            t.insert("needs".into(), toml::Value::Array(s.needs.iter().map(|n| n.clone().into()).collect()));
             for (k, v) in &s.params.0 {
                 t.insert(k.clone(), v.clone());
             }
@@ -219,11 +216,7 @@ struct Skeleton {
     table: toml::Table,
 }
 
-fn parse_skeleton(
-    file: &Path,
-    text: &str,
-    registry: &[Box<dyn Stage>],
-) -> Result<Skeleton, ConfigError> {
+fn parse_skeleton(file: &Path, text: &str, registry: &[Box<dyn Stage>]) -> Result<Skeleton, ConfigError> {
     let origin = file.display().to_string();
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
         let msg = e.message().to_string();
@@ -247,12 +240,19 @@ fn parse_skeleton(
     for k in table.keys() {
         if !TOP_KEYS.contains(&k.as_str()) {
             let hint = did_you_mean(k, TOP_KEYS.iter().copied());
-            return Err(ConfigError::new(&origin, k, "unknown top-level section; expected `[pipeline]`, `[stages.<id>]` or `[sweep]`").hint(hint));
+            return Err(ConfigError::new(
+                &origin,
+                k,
+                "unknown top-level section; expected `[pipeline]`, `[stages.<id>]` or `[sweep]`",
+            )
+            .hint(hint));
         }
     }
     let pipeline = match table.get("pipeline") {
         Some(toml::Value::Table(t)) => t,
-        Some(v) => return Err(ConfigError::new(&origin, "pipeline", format!("expected a table, found {}", type_name(v)))),
+        Some(v) => {
+            return Err(ConfigError::new(&origin, "pipeline", format!("expected a table, found {}", type_name(v))))
+        }
         None => {
             return Err(ConfigError::new(&origin, "pipeline", "missing `[pipeline]` section")
                 .hint(Some("add `[pipeline]` with `name = \"...\"`".into())))
@@ -268,14 +268,23 @@ fn parse_skeleton(
         match pipeline.get(key) {
             None => Ok(None),
             Some(toml::Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(ConfigError::new(&origin, format!("pipeline.{key}"), format!("expected a string, found {}", type_name(v)))),
+            Some(v) => Err(ConfigError::new(
+                &origin,
+                format!("pipeline.{key}"),
+                format!("expected a string, found {}", type_name(v)),
+            )),
         }
     };
     let name = get_str("name")?.ok_or_else(|| {
-        ConfigError::new(&origin, "pipeline.name", "missing").hint(Some("add `name = \"my-pipeline\"` under `[pipeline]`".into()))
+        ConfigError::new(&origin, "pipeline.name", "missing")
+            .hint(Some("add `name = \"my-pipeline\"` under `[pipeline]`".into()))
     })?;
     if !valid_name(&name) {
-        return Err(ConfigError::new(&origin, "pipeline.name", format!("{name:?} is not a valid name: use letters, digits, `_` and `-`")));
+        return Err(ConfigError::new(
+            &origin,
+            "pipeline.name",
+            format!("{name:?} is not a valid name: use letters, digits, `_` and `-`"),
+        ));
     }
     let artifacts = get_str("artifacts")?.unwrap_or_else(|| "artifacts".into());
     let root = get_str("root")?;
@@ -287,21 +296,37 @@ fn parse_skeleton(
             return Err(ConfigError::new(&origin, "stages", "the pipeline has no stages")
                 .hint(Some("add a stage: `[stages.load]` with `kind = \"load\"`".into())))
         }
-        Some(v) => return Err(ConfigError::new(&origin, "stages", format!("expected a table of stages, found {}", type_name(v)))),
+        Some(v) => {
+            return Err(ConfigError::new(
+                &origin,
+                "stages",
+                format!("expected a table of stages, found {}", type_name(v)),
+            ))
+        }
     };
     let kinds: Vec<&str> = registry.iter().map(|s| s.kind()).collect();
     let mut stages = Vec::new();
     for (id, v) in stages_t {
         let key = format!("stages.{id}");
         if !valid_name(id) {
-            return Err(ConfigError::new(&origin, &key, format!("{id:?} is not a valid stage id: use letters, digits, `_` and `-`")));
+            return Err(ConfigError::new(
+                &origin,
+                &key,
+                format!("{id:?} is not a valid stage id: use letters, digits, `_` and `-`"),
+            ));
         }
         let t = v.as_table().ok_or_else(|| {
             ConfigError::new(&origin, &key, format!("expected a table `[stages.{id}]`, found {}", type_name(v)))
         })?;
         let kind = match t.get("kind") {
             Some(toml::Value::String(k)) => k.clone(),
-            Some(v) => return Err(ConfigError::new(&origin, format!("{key}.kind"), format!("expected a string, found {}", type_name(v)))),
+            Some(v) => {
+                return Err(ConfigError::new(
+                    &origin,
+                    format!("{key}.kind"),
+                    format!("expected a string, found {}", type_name(v)),
+                ))
+            }
             None => {
                 return Err(ConfigError::new(&origin, format!("{key}.kind"), "missing")
                     .hint(Some(format!("known kinds: {}", kinds.join(", ")))))
@@ -310,20 +335,28 @@ fn parse_skeleton(
         if !kinds.contains(&kind.as_str()) {
             let hint = did_you_mean(&kind, kinds.iter().copied())
                 .or_else(|| Some(format!("known kinds: {}", kinds.join(", "))));
-            return Err(ConfigError::new(&origin, format!("{key}.kind"), format!("unknown stage kind `{kind}`")).hint(hint));
+            return Err(
+                ConfigError::new(&origin, format!("{key}.kind"), format!("unknown stage kind `{kind}`")).hint(hint)
+            );
         }
         let needs = match t.get("needs") {
             None => Vec::new(),
-            Some(toml::Value::Array(a)) => a
-                .iter()
-                .map(|n| n.as_str().map(str::to_string))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| ConfigError::new(&origin, format!("{key}.needs"), "expected an array of stage ids (strings)"))?,
+            Some(toml::Value::Array(a)) => {
+                a.iter().map(|n| n.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().ok_or_else(|| {
+                    ConfigError::new(&origin, format!("{key}.needs"), "expected an array of stage ids (strings)")
+                })?
+            }
             Some(toml::Value::String(s)) => {
                 return Err(ConfigError::new(&origin, format!("{key}.needs"), "expected an array of stage ids")
                     .hint(Some(format!("write `needs = [{s:?}]`"))))
             }
-            Some(v) => return Err(ConfigError::new(&origin, format!("{key}.needs"), format!("expected an array of stage ids, found {}", type_name(v)))),
+            Some(v) => {
+                return Err(ConfigError::new(
+                    &origin,
+                    format!("{key}.needs"),
+                    format!("expected an array of stage ids, found {}", type_name(v)),
+                ))
+            }
         };
         stages.push((id.clone(), kind, needs));
     }
@@ -442,18 +475,15 @@ fn project_root(file: &Path, root: Option<&str>) -> PathBuf {
             let p = dir.join(r);
             std::fs::canonicalize(&p).unwrap_or(p)
         }
-        None if dir.file_name().is_some_and(|n| n == "pipelines") => {
-            dir.parent().map(Path::to_path_buf).unwrap_or(dir)
-        }
+        None if dir.file_name().is_some_and(|n| n == "pipelines") => dir.parent().map(Path::to_path_buf).unwrap_or(dir),
         None => dir,
     }
 }
 
 /// Read, layer and validate a pipeline file. Touches nothing on disk but the file itself.
 pub fn load(file: &Path, overrides: &Overrides, registry: &[Box<dyn Stage>]) -> Result<Pipeline, ConfigError> {
-    let text = std::fs::read_to_string(file).map_err(|e| {
-        ConfigError::new(file.display().to_string(), "", format!("cannot read the pipeline file: {e}"))
-    })?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| ConfigError::new(file.display().to_string(), "", format!("cannot read the pipeline file: {e}")))?;
     load_str(file, &text, overrides, registry)
 }
 
@@ -473,7 +503,11 @@ pub fn load_str(
     let mut defaults_by_id = Vec::new();
     for (id, kind, _) in &sk.stages {
         let defaults: toml::Table = stage_of(kind).defaults().parse().map_err(|e: toml::de::Error| {
-            ConfigError::new(format!("stages/{kind}.toml"), "", format!("embedded defaults do not parse: {}", e.message()))
+            ConfigError::new(
+                format!("stages/{kind}.toml"),
+                "",
+                format!("embedded defaults do not parse: {}", e.message()),
+            )
         })?;
         let mut t = toml::Table::new();
         t.insert(id.clone(), toml::Value::Table(defaults.clone()));
@@ -507,7 +541,12 @@ pub fn load_str(
             let env_ids: Vec<String> = ids.iter().map(|i| env_id(i)).collect();
             let hint = did_you_mean(stage, env_ids.iter().map(String::as_str))
                 .or_else(|| Some(format!("stages in this pipeline: {}", ids.join(", "))));
-            return Err(ConfigError::new(format!("environment variable {var}"), format!("stages.{}", stage.to_ascii_lowercase()), "no such stage in this pipeline").hint(hint));
+            return Err(ConfigError::new(
+                format!("environment variable {var}"),
+                format!("stages.{}", stage.to_ascii_lowercase()),
+                "no such stage in this pipeline",
+            )
+            .hint(hint));
         };
         let mut path = vec![id.to_string()];
         path.extend(param.split("__").map(str::to_ascii_lowercase));
@@ -528,17 +567,22 @@ pub fn load_str(
         if !ids.contains(&path[0].as_str()) {
             let hint = did_you_mean(&path[0], ids.iter().copied())
                 .or_else(|| Some(format!("stages in this pipeline: {}", ids.join(", "))));
-            return Err(ConfigError::new(format!("--set {set}"), format!("stages.{}", path[0]), "no such stage in this pipeline").hint(hint));
+            return Err(ConfigError::new(
+                format!("--set {set}"),
+                format!("stages.{}", path[0]),
+                "no such stage in this pipeline",
+            )
+            .hint(hint));
         }
         let mut top = toml::Table::new();
         top.insert("stages".into(), toml::Value::Table(nest(&path, value)));
         fig = fig.merge(Layer::new(format!("--set {set}"), None, &top));
     }
 
-    let merged: toml::Table = fig.extract().map_err(|e| ConfigError::new(&origin, "", format!("cannot merge configuration layers: {e}")))?;
-    let origin_of = |key: &str| -> String {
-        fig.find_metadata(key).map(|m| m.name.to_string()).unwrap_or_else(|| origin.clone())
-    };
+    let merged: toml::Table =
+        fig.extract().map_err(|e| ConfigError::new(&origin, "", format!("cannot merge configuration layers: {e}")))?;
+    let origin_of =
+        |key: &str| -> String { fig.find_metadata(key).map(|m| m.name.to_string()).unwrap_or_else(|| origin.clone()) };
     let empty = toml::Table::new();
     let merged_stages = merged.get("stages").and_then(|v| v.as_table()).unwrap_or(&empty);
 
@@ -558,7 +602,9 @@ pub fn load_str(
         for n in needs {
             if !ids.contains(&n.as_str()) {
                 let hint = did_you_mean(n, ids.iter().copied());
-                return Err(ConfigError::new(&origin, format!("stages.{id}.needs"), format!("unknown stage `{n}`")).hint(hint));
+                return Err(
+                    ConfigError::new(&origin, format!("stages.{id}.needs"), format!("unknown stage `{n}`")).hint(hint)
+                );
             }
         }
         stages.push(StageConfig { id: id.clone(), kind: kind.clone(), needs: needs.clone(), params });
@@ -586,7 +632,6 @@ pub fn load_str(
         overrides: overrides.clone(),
     })
 }
-
 
 /// `stage.param=a,b,c` with two or more values is a grid axis. A value that parses whole as TOML
 /// (`"a,b"` quoted, `[1, 2]`) is one value; so is a string with spaces (an instruction, say).
@@ -633,8 +678,12 @@ fn default_at(
             Some(toml::Value::Table(t)) if i + 2 < parts.len() => cur = t,
             Some(v) if i + 2 == parts.len() => return Ok(v.clone()),
             _ => {
-                return Err(ConfigError::new(origin, key, format!("stage `{}` ({}) has no parameter `{}`", parts[0], stage.kind, parts[1..].join(".")))
-                    .hint(did_you_mean(p, cur.keys().map(String::as_str))));
+                return Err(ConfigError::new(
+                    origin,
+                    key,
+                    format!("stage `{}` ({}) has no parameter `{}`", parts[0], stage.kind, parts[1..].join(".")),
+                )
+                .hint(did_you_mean(p, cur.keys().map(String::as_str))));
             }
         }
     }
@@ -664,16 +713,21 @@ fn parse_sweep(
     stages: &[StageConfig],
     registry: &[Box<dyn Stage>],
 ) -> Result<SweepSpec, ConfigError> {
-    let t = v.as_table().ok_or_else(|| ConfigError::new(origin, "sweep", "expected a table: `[sweep.grid]` or `[sweep.random]`"))?;
+    let t = v
+        .as_table()
+        .ok_or_else(|| ConfigError::new(origin, "sweep", "expected a table: `[sweep.grid]` or `[sweep.random]`"))?;
     let mut spec = SweepSpec::default();
     for k in t.keys() {
         if k != "grid" && k != "random" {
-            return Err(ConfigError::new(origin, format!("sweep.{k}"), "unknown key")
-                .hint(did_you_mean(k, ["grid", "random"])));
+            return Err(
+                ConfigError::new(origin, format!("sweep.{k}"), "unknown key").hint(did_you_mean(k, ["grid", "random"]))
+            );
         }
     }
     if let Some(g) = t.get("grid") {
-        let g = g.as_table().ok_or_else(|| ConfigError::new(origin, "sweep.grid", "expected a table of `\"<stage>.<param>\" = [values]`"))?;
+        let g = g.as_table().ok_or_else(|| {
+            ConfigError::new(origin, "sweep.grid", "expected a table of `\"<stage>.<param>\" = [values]`")
+        })?;
         for (path, vals) in g {
             let key = format!("sweep.grid.{path}");
             let vals = vals.as_array().ok_or_else(|| {
@@ -687,12 +741,24 @@ fn parse_sweep(
         let r = r.as_table().ok_or_else(|| ConfigError::new(origin, "sweep.random", "expected a table"))?;
         let n = match r.get("n") {
             Some(toml::Value::Integer(n)) if *n > 0 => *n as usize,
-            Some(v) => return Err(ConfigError::new(origin, "sweep.random.n", format!("expected a positive integer, found {}", show(v)))),
+            Some(v) => {
+                return Err(ConfigError::new(
+                    origin,
+                    "sweep.random.n",
+                    format!("expected a positive integer, found {}", show(v)),
+                ))
+            }
             None => return Err(ConfigError::new(origin, "sweep.random.n", "missing: how many points to draw")),
         };
         let seed = match r.get("seed") {
             Some(toml::Value::Integer(s)) if *s >= 0 => *s as u64,
-            Some(v) => return Err(ConfigError::new(origin, "sweep.random.seed", format!("expected an integer >= 0, found {}", show(v)))),
+            Some(v) => {
+                return Err(ConfigError::new(
+                    origin,
+                    "sweep.random.seed",
+                    format!("expected an integer >= 0, found {}", show(v)),
+                ))
+            }
             None => 0,
         };
         let mut params = Vec::new();
@@ -709,8 +775,12 @@ fn parse_sweep(
                     check_axis(origin, &key, path, vals, stages, registry)?;
                 }
                 _ if !numeric => {
-                    return Err(ConfigError::new(origin, &key, format!("a numeric distribution for a parameter that takes {}", type_name(&default)))
-                        .hint(Some("use `{ choice = [...] }`".into())))
+                    return Err(ConfigError::new(
+                        origin,
+                        &key,
+                        format!("a numeric distribution for a parameter that takes {}", type_name(&default)),
+                    )
+                    .hint(Some("use `{ choice = [...] }`".into())))
                 }
                 _ => {}
             }
@@ -731,11 +801,13 @@ fn parse_sweep(
 fn parse_dist(origin: &str, key: &str, d: &toml::Value) -> Result<Dist, ConfigError> {
     let kinds = ["log_uniform", "uniform", "choice"];
     let bad = |msg: String| {
-        ConfigError::new(origin, key, msg).hint(Some(
-            "use `{ log_uniform = [lo, hi] }`, `{ uniform = [lo, hi] }` or `{ choice = [a, b, …] }`".into(),
-        ))
+        ConfigError::new(origin, key, msg)
+            .hint(Some("use `{ log_uniform = [lo, hi] }`, `{ uniform = [lo, hi] }` or `{ choice = [a, b, …] }`".into()))
     };
-    let t = d.as_table().filter(|t| t.len() == 1).ok_or_else(|| bad(format!("expected one distribution, found {}", show(d))))?;
+    let t = d
+        .as_table()
+        .filter(|t| t.len() == 1)
+        .ok_or_else(|| bad(format!("expected one distribution, found {}", show(d))))?;
     let (name, arg) = t.iter().next().expect("len 1");
     let range = || -> Result<(f64, f64), ConfigError> {
         let a = arg.as_array().filter(|a| a.len() == 2).ok_or_else(|| bad(format!("`{name}` takes [lo, hi]")))?;

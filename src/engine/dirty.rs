@@ -12,18 +12,46 @@ use super::key::KeyInputs;
 pub enum Reason {
     NeverRun,
     Forced,
-    ParamChanged { param: String, old: String, new: String },
-    ParamAdded { param: String, new: String },
-    ParamRemoved { param: String, old: String },
-    InputChanged { input: String },
-    InputAdded { input: String },
-    InputRemoved { input: String },
-    UpstreamChanged { stage: String },
-    UpstreamStale { stage: String },
-    Version { old: u32, new: u32 },
-    Schema { old: u32, new: u32 },
+    ParamChanged {
+        param: String,
+        old: String,
+        new: String,
+    },
+    ParamAdded {
+        param: String,
+        new: String,
+    },
+    ParamRemoved {
+        param: String,
+        old: String,
+    },
+    InputChanged {
+        input: String,
+    },
+    InputAdded {
+        input: String,
+    },
+    InputRemoved {
+        input: String,
+    },
+    UpstreamChanged {
+        stage: String,
+    },
+    UpstreamStale {
+        stage: String,
+    },
+    Version {
+        old: u32,
+        new: u32,
+    },
+    Schema {
+        old: u32,
+        new: u32,
+    },
     /// The previous artifact for this stage was removed (gc, or by hand) and must be rebuilt.
-    Missing { key: String },
+    Missing {
+        key: String,
+    },
     /// The key changed in a way the recorded inputs cannot explain (an older store layout).
     KeyChanged,
 }
@@ -59,6 +87,7 @@ fn show(v: &serde_json::Value) -> String {
 /// kind to the stage ids (in this pipeline) of that kind, for readable lines. When `include_upstream`
 /// is false (upstream not yet known), upstream differences are left to the caller.
 pub fn diff(
+    stage: &str,
     prev: &KeyInputs,
     cur: &KeyInputs,
     upstream_ids: &dyn Fn(&str) -> String,
@@ -73,16 +102,16 @@ pub fn diff(
     }
     for (k, new) in &cur.params {
         match prev.params.get(k) {
-            None => out.push(Reason::ParamAdded { param: k.clone(), new: show(new) }),
+            None => out.push(Reason::ParamAdded { param: format!("{stage}.{k}"), new: show(new) }),
             Some(old) if old != new => {
-                out.push(Reason::ParamChanged { param: k.clone(), old: show(old), new: show(new) })
+                out.push(Reason::ParamChanged { param: format!("{stage}.{k}"), old: show(old), new: show(new) })
             }
             _ => {}
         }
     }
     for (k, old) in &prev.params {
         if !cur.params.contains_key(k) {
-            out.push(Reason::ParamRemoved { param: k.clone(), old: show(old) });
+            out.push(Reason::ParamRemoved { param: format!("{stage}.{k}"), old: show(old) });
         }
     }
     for (k, h) in &cur.inputs {

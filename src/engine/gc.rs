@@ -64,7 +64,9 @@ pub fn gc(store: &Store, keep_runs: Option<usize>, dry_run: bool) -> GcReport {
     let mut referenced: BTreeSet<(String, String)> = BTreeSet::new();
     for (_, _, v) in kept {
         for s in v.get("stages").and_then(|s| s.as_array()).into_iter().flatten() {
-            if let (Some(kind), Some(key)) = (s.get("kind").and_then(|k| k.as_str()), s.get("key").and_then(|k| k.as_str())) {
+            if let (Some(kind), Some(key)) =
+                (s.get("kind").and_then(|k| k.as_str()), s.get("key").and_then(|k| k.as_str()))
+            {
                 referenced.insert((kind.to_string(), dir_name(key).to_string()));
             }
         }

@@ -43,8 +43,7 @@ pub fn build(p: &Pipeline) -> Result<Dag, ConfigError> {
     // Kahn's algorithm with a min-heap on file position.
     let mut indeg: Vec<usize> =
         nodes.iter().map(|n| graph.neighbors_directed(*n, petgraph::Incoming).count()).collect();
-    let mut ready: BinaryHeap<Reverse<usize>> =
-        (0..nodes.len()).filter(|i| indeg[*i] == 0).map(Reverse).collect();
+    let mut ready: BinaryHeap<Reverse<usize>> = (0..nodes.len()).filter(|i| indeg[*i] == 0).map(Reverse).collect();
     let mut order = Vec::with_capacity(nodes.len());
     while let Some(Reverse(i)) = ready.pop() {
         order.push(i);

@@ -41,11 +41,7 @@ pub struct StatCache {
 
 fn stat(path: &Path) -> std::io::Result<(u64, i128, u64)> {
     let m = std::fs::metadata(path)?;
-    let mtime = m
-        .modified()?
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i128)
-        .unwrap_or(0);
+    let mtime = m.modified()?.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
     #[cfg(unix)]
     let inode = std::os::unix::fs::MetadataExt::ino(&m);
     #[cfg(not(unix))]
@@ -56,10 +52,7 @@ fn stat(path: &Path) -> std::io::Result<(u64, i128, u64)> {
 impl StatCache {
     pub fn open(store: &Path) -> Self {
         let path = store.join(".cache").join("files.json");
-        let entries = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let entries = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
         StatCache { path, entries: Mutex::new((entries, false)) }
     }
 

@@ -5,6 +5,7 @@ pub mod stage;
 
 pub use params::Params;
 pub use stage::{ExternalInput, JsonMap, Stage, StageContext, StageError, StageOutput, Upstream};
+pub mod compare;
 pub mod config;
 pub mod dirty;
 pub mod gc;
@@ -13,6 +14,5 @@ pub mod hashing;
 pub mod key;
 pub mod runner;
 pub mod store;
-pub mod time;
 pub mod sweep;
-pub mod compare;
+pub mod time;

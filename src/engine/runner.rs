@@ -173,7 +173,8 @@ impl<'a> Engine<'a> {
         for n in &s.needs {
             let j = self.index(n);
             if let Some(d) = upstream.get(&j) {
-                k.upstream.push(UpstreamInput { kind: self.pipeline.stages[j].kind.clone(), output: d.output_hash.clone() });
+                k.upstream
+                    .push(UpstreamInput { kind: self.pipeline.stages[j].kind.clone(), output: d.output_hash.clone() });
             }
         }
         k.upstream.sort();
@@ -232,7 +233,7 @@ impl<'a> Engine<'a> {
             }
         };
         let ids = |kind: &str| self.upstream_ids_of_kind(i, kind);
-        let mut r = dirty::diff(&prev.key_inputs, cur, &ids, upstream_known);
+        let mut r = dirty::diff(&s.id, &prev.key_inputs, cur, &ids, upstream_known);
         if r.is_empty() && upstream_known {
             r.push(Reason::KeyChanged);
         }
@@ -266,11 +267,24 @@ impl<'a> Engine<'a> {
             if !stale_up.is_empty() {
                 let mut reasons: Vec<Reason> =
                     stale_up.iter().map(|n| Reason::UpstreamStale { stage: n.to_string() }).collect();
-                if last.contains_key(&s.id) {
-                    reasons.extend(self.reasons(i, &cur, &last, false).into_iter().filter(|r| !matches!(r, Reason::Missing { .. })));
+                if !last.contains_key(&s.id) {
+                    reasons.push(Reason::NeverRun);
+                } else {
+                    reasons.extend(
+                        self.reasons(i, &cur, &last, false)
+                            .into_iter()
+                            .filter(|r| !matches!(r, Reason::Missing { .. })),
+                    );
                 }
                 stale[i] = true;
-                states.push(StageState { id: s.id.clone(), kind: s.kind.clone(), state: "stale", key: None, reasons, dir: None });
+                states.push(StageState {
+                    id: s.id.clone(),
+                    kind: s.kind.clone(),
+                    state: "stale",
+                    key: None,
+                    reasons,
+                    dir: None,
+                });
                 continue;
             }
             let key = cur.hash();
@@ -291,7 +305,14 @@ impl<'a> Engine<'a> {
                 _ => {
                     stale[i] = true;
                     let reasons = if forced { vec![Reason::Forced] } else { self.reasons(i, &cur, &last, true) };
-                    states.push(StageState { id: s.id.clone(), kind: s.kind.clone(), state: "stale", key: Some(key), reasons, dir: None });
+                    states.push(StageState {
+                        id: s.id.clone(),
+                        kind: s.kind.clone(),
+                        state: "stale",
+                        key: Some(key),
+                        reasons,
+                        dir: None,
+                    });
                 }
             }
         }
@@ -371,7 +392,9 @@ impl<'a> Engine<'a> {
                 params: flatten_params(&s.params.0),
                 metrics: JsonMap::new(),
             };
-            let blocked = s.needs.iter().find(|n| done.get(&self.index(n)) != Some(&Status::Cached) && done.get(&self.index(n)) != Some(&Status::Ran));
+            let blocked = s.needs.iter().find(|n| {
+                done.get(&self.index(n)) != Some(&Status::Cached) && done.get(&self.index(n)) != Some(&Status::Ran)
+            });
             if !wanted[i] {
                 rec.reason = Some(format!("after --until {}", opts.until.as_deref().unwrap_or_default()));
             } else if let Some(b) = blocked {

@@ -136,11 +136,9 @@ impl StageContext<'_> {
         }
         let bar = ProgressBar::new(len);
         bar.set_style(
-            ProgressStyle::with_template(
-                "  {prefix:.bold} {msg} [{bar:30.cyan/blue}] {pos}/{len} {per_sec} eta {eta}",
-            )
-            .expect("static template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("  {prefix:.bold} {msg} [{bar:30.cyan/blue}] {pos}/{len} {per_sec} eta {eta}")
+                .expect("static template")
+                .progress_chars("=> "),
         );
         bar.set_prefix(self.id.to_string());
         bar.set_message(what.to_string());

@@ -203,11 +203,8 @@ impl Store {
         std::fs::create_dir_all(parent).map_err(io(parent))?;
         if dest.exists() {
             // A forced rerun, or junk without a manifest: move the old one aside, then replace.
-            let trash = self.root.join(".tmp").join(format!(
-                "trash-{}-{}",
-                dir_name(&manifest.key),
-                std::process::id()
-            ));
+            let trash =
+                self.root.join(".tmp").join(format!("trash-{}-{}", dir_name(&manifest.key), std::process::id()));
             std::fs::rename(&dest, &trash).map_err(io(&dest))?;
             std::fs::rename(tmp, &dest).map_err(io(&dest))?;
             let _ = std::fs::remove_dir_all(&trash);
@@ -243,9 +240,9 @@ impl Store {
 pub fn read_manifest(dir: &Path) -> Result<Option<Manifest>, StoreError> {
     let path = dir.join(MANIFEST);
     match std::fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|e| StoreError::Manifest { path, message: e.to_string() }),
+        Ok(b) => {
+            serde_json::from_slice(&b).map(Some).map_err(|e| StoreError::Manifest { path, message: e.to_string() })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(StoreError::Io { path, source: e }),
     }

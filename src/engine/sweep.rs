@@ -124,13 +124,18 @@ pub fn points(spec: &SweepSpec, is_int: &dyn Fn(&str) -> bool) -> Vec<Point> {
     let short = |k: &str| -> String {
         let param = k.split_once('.').map(|(_, p)| p).unwrap_or(k);
         let clash = keys.iter().filter(|o| o.split_once('.').map(|(_, p)| p) == Some(param)).count() > 1;
-        if clash { k.to_string() } else { param.to_string() }
+        if clash {
+            k.to_string()
+        } else {
+            param.to_string()
+        }
     };
     let mut seen = std::collections::HashSet::new();
     combos
         .into_iter()
         .map(|values| {
-            let name = values.iter().map(|(k, v)| format!("{}={}", short(k), fmt_value(v))).collect::<Vec<_>>().join(",");
+            let name =
+                values.iter().map(|(k, v)| format!("{}={}", short(k), fmt_value(v))).collect::<Vec<_>>().join(",");
             Point { name, values }
         })
         .filter(|p| seen.insert(p.name.clone()))
@@ -167,8 +172,14 @@ fn finished(run_dir: &Path) -> bool {
 
 /// Run every point of the base pipeline's sweep. `jobs` > 1 runs points on parallel threads; shared
 /// stages are still computed once (the per-key store lock makes the others wait, then hit the cache).
-pub fn run_sweep(base: &Pipeline, registry: &[Box<dyn Stage>], jobs: usize, quiet: bool) -> Result<SweepReport, EngineError> {
-    let spec = base.sweep.clone().ok_or_else(|| EngineError::Usage(format!("{} defines no sweep", base.file.display())))?;
+pub fn run_sweep(
+    base: &Pipeline,
+    registry: &[Box<dyn Stage>],
+    jobs: usize,
+    quiet: bool,
+) -> Result<SweepReport, EngineError> {
+    let spec =
+        base.sweep.clone().ok_or_else(|| EngineError::Usage(format!("{} defines no sweep", base.file.display())))?;
     let is_int = |k: &str| -> bool {
         let (id, param) = k.split_once('.').unwrap_or((k, ""));
         base.stage(id).and_then(|s| s.params.get(param)).is_some_and(|v| v.is_integer())
@@ -183,7 +194,8 @@ pub fn run_sweep(base: &Pipeline, registry: &[Box<dyn Stage>], jobs: usize, quie
     let mut pipelines = Vec::new();
     for pt in &pts {
         let mut ov = base.overrides.clone();
-        ov.sets.retain(|s| !spec.grid.iter().any(|(k, _)| s.split_once('=').map(|(p, _)| p.trim()) == Some(k.as_str())));
+        ov.sets
+            .retain(|s| !spec.grid.iter().any(|(k, _)| s.split_once('=').map(|(p, _)| p.trim()) == Some(k.as_str())));
         ov.sets.extend(pt.values.iter().map(|(k, v)| format!("{k}={}", toml_inline(v))));
         let mut p = config::load_str(&base.file, &base.source_text, &ov, registry)?;
         p.sweep = None;
@@ -198,8 +210,15 @@ pub fn run_sweep(base: &Pipeline, registry: &[Box<dyn Stage>], jobs: usize, quie
         }
         let pt = &pts[i];
         let run_dir = sweep_dir.join(&pt.name);
-        let values: serde_json::Map<String, serde_json::Value> = pt.values.iter().map(|(k, v)| (k.clone(), value_json(v))).collect();
-        let mut res = PointResult { name: pt.name.clone(), values: values.clone(), status: "done".into(), run_dir: run_dir.display().to_string(), error: None };
+        let values: serde_json::Map<String, serde_json::Value> =
+            pt.values.iter().map(|(k, v)| (k.clone(), value_json(v))).collect();
+        let mut res = PointResult {
+            name: pt.name.clone(),
+            values: values.clone(),
+            status: "done".into(),
+            run_dir: run_dir.display().to_string(),
+            error: None,
+        };
         if finished(&run_dir) {
             if !quiet {
                 eprintln!("pipe: point {}/{} {} already finished", i + 1, pts.len(), pt.name);
@@ -218,7 +237,11 @@ pub fn run_sweep(base: &Pipeline, registry: &[Box<dyn Stage>], jobs: usize, quie
                 Ok(r) => {
                     res.status = if r.status == "ok" { "ok".into() } else { "failed".into() };
                     if r.status != "ok" {
-                        res.error = r.stages.iter().find(|s| s.reason.is_some() && s.status == super::runner::Status::Failed).and_then(|s| s.reason.clone());
+                        res.error = r
+                            .stages
+                            .iter()
+                            .find(|s| s.reason.is_some() && s.status == super::runner::Status::Failed)
+                            .and_then(|s| s.reason.clone());
                     }
                 }
                 Err(e) => {
@@ -269,7 +292,15 @@ mod tests {
         };
         let pts = points(&spec, &|_| false);
         let names: Vec<&str> = pts.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["learning_rate=5e-06,r=8", "learning_rate=5e-06,r=16", "learning_rate=1e-05,r=8", "learning_rate=1e-05,r=16"]);
+        assert_eq!(
+            names,
+            [
+                "learning_rate=5e-06,r=8",
+                "learning_rate=5e-06,r=16",
+                "learning_rate=1e-05,r=8",
+                "learning_rate=1e-05,r=16"
+            ]
+        );
     }
 
     #[test]
@@ -302,7 +333,10 @@ mod tests {
     #[test]
     fn clashing_param_names_keep_the_stage() {
         let spec = SweepSpec {
-            grid: vec![("a.seed".into(), vec![toml::Value::Integer(1)]), ("b.seed".into(), vec![toml::Value::Integer(2)])],
+            grid: vec![
+                ("a.seed".into(), vec![toml::Value::Integer(1)]),
+                ("b.seed".into(), vec![toml::Value::Integer(2)]),
+            ],
             random: None,
         };
         assert_eq!(points(&spec, &|_| true)[0].name, "a.seed=1,b.seed=2");

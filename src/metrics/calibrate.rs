@@ -24,17 +24,10 @@ pub struct Isotonic {
 impl Isotonic {
     /// Fit on parallel `scores` and `targets`; `None` when empty or when a value is not finite.
     pub fn fit(scores: &[f64], targets: &[f64]) -> Option<Isotonic> {
-        if scores.is_empty()
-            || scores.len() != targets.len()
-            || scores.iter().chain(targets).any(|v| !v.is_finite())
-        {
+        if scores.is_empty() || scores.len() != targets.len() || scores.iter().chain(targets).any(|v| !v.is_finite()) {
             return None;
         }
-        let mut pairs: Vec<(f64, f64)> = scores
-            .iter()
-            .copied()
-            .zip(targets.iter().copied())
-            .collect();
+        let mut pairs: Vec<(f64, f64)> = scores.iter().copied().zip(targets.iter().copied()).collect();
         pairs.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
 
         // Distinct scores with the mean target and the count behind it.
@@ -61,18 +54,11 @@ impl Isotonic {
                 }
                 blocks.pop();
                 let w = prev_w + block.1;
-                block = (
-                    (prev_mean * prev_w + block.0 * block.1) / w,
-                    w,
-                    prev_n + block.2,
-                );
+                block = ((prev_mean * prev_w + block.0 * block.1) / w, w, prev_n + block.2);
             }
             blocks.push(block);
         }
-        let y: Vec<f64> = blocks
-            .iter()
-            .flat_map(|&(mean, _, n)| std::iter::repeat_n(mean, n))
-            .collect();
+        let y: Vec<f64> = blocks.iter().flat_map(|&(mean, _, n)| std::iter::repeat_n(mean, n)).collect();
         Some(Isotonic { x, y })
     }
 
@@ -80,20 +66,9 @@ impl Isotonic {
     pub fn fit_predictions(rows: &[Prediction]) -> Result<Isotonic, MetricsError> {
         let scores: Vec<f64> = rows.iter().map(|r| r.score).collect();
         let targets: Vec<f64> = rows.iter().map(|r| r.relevance).collect();
-        if let Some(bad) = rows
-            .iter()
-            .find(|r| !r.score.is_finite() || !r.relevance.is_finite())
-        {
-            let (what, value) = if bad.score.is_finite() {
-                ("relevance", bad.relevance)
-            } else {
-                ("score", bad.score)
-            };
-            return Err(MetricsError::NonFinite {
-                query: bad.query.clone(),
-                what,
-                value,
-            });
+        if let Some(bad) = rows.iter().find(|r| !r.score.is_finite() || !r.relevance.is_finite()) {
+            let (what, value) = if bad.score.is_finite() { ("relevance", bad.relevance) } else { ("score", bad.score) };
+            return Err(MetricsError::NonFinite { query: bad.query.clone(), what, value });
         }
         Isotonic::fit(&scores, &targets).ok_or(MetricsError::Empty)
     }

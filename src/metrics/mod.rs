@@ -110,12 +110,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options {
-            ks: vec![1, 3, 5, 10],
-            threshold: 0.5,
-            gain: Gain::Linear,
-            positive_relevance: 2.33,
-        }
+        Options { ks: vec![1, 3, 5, 10], threshold: 0.5, gain: Gain::Linear, positive_relevance: 2.33 }
     }
 }
 
@@ -131,14 +126,8 @@ pub enum MetricsError {
     #[error("{what} {value} is not a finite number")]
     BadOption { what: &'static str, value: f64 },
     #[error("query `{query}`: {what} is {value}, expected a finite number")]
-    NonFinite {
-        query: String,
-        what: &'static str,
-        value: f64,
-    },
-    #[error(
-        "query `{query}`: relevance {relevance} gives a negative gain; relevance must be at least 1"
-    )]
+    NonFinite { query: String, what: &'static str, value: f64 },
+    #[error("query `{query}`: relevance {relevance} gives a negative gain; relevance must be at least 1")]
     NegativeGain { query: String, relevance: f64 },
 }
 
@@ -189,11 +178,7 @@ impl Metrics {
         out.extend(self.ndcg.iter().map(|&(k, v)| (format!("ndcg@{k}"), v)));
         out.push(("map".into(), self.map));
         out.push(("mrr".into(), self.mrr));
-        out.extend(
-            self.precision_at
-                .iter()
-                .map(|&(k, v)| (format!("p@{k}"), v)),
-        );
+        out.extend(self.precision_at.iter().map(|&(k, v)| (format!("p@{k}"), v)));
         out.push(("accuracy".into(), Some(self.accuracy)));
         out.push(("precision".into(), Some(self.precision)));
         out.push(("recall".into(), Some(self.recall)));
@@ -206,10 +191,7 @@ impl Metrics {
 
     /// One metric by its JSON key (`"ndcg@10"`, `"auc"`, …); `None` when absent or undefined.
     pub fn get(&self, key: &str) -> Option<f64> {
-        self.entries()
-            .into_iter()
-            .find(|(k, _)| k == key)
-            .and_then(|(_, v)| v)
+        self.entries().into_iter().find(|(k, _)| k == key).and_then(|(_, v)| v)
     }
 }
 
@@ -285,10 +267,7 @@ fn check_options(opts: &Options) -> Result<Vec<usize>, MetricsError> {
     if opts.ks.contains(&0) {
         return Err(MetricsError::ZeroCutoff);
     }
-    for (what, value) in [
-        ("threshold", opts.threshold),
-        ("positive_relevance", opts.positive_relevance),
-    ] {
+    for (what, value) in [("threshold", opts.threshold), ("positive_relevance", opts.positive_relevance)] {
         if !value.is_finite() {
             return Err(MetricsError::BadOption { what, value });
         }
@@ -308,30 +287,15 @@ fn prepare<'a>(rows: &'a [Prediction], opts: &Options) -> Result<Prepared<'a>, M
     for r in rows {
         for (what, value) in [("score", r.score), ("relevance", r.relevance)] {
             if !value.is_finite() {
-                return Err(MetricsError::NonFinite {
-                    query: r.query.clone(),
-                    what,
-                    value,
-                });
+                return Err(MetricsError::NonFinite { query: r.query.clone(), what, value });
             }
         }
         let gain = opts.gain.of(r.relevance);
         if gain < 0.0 {
-            return Err(MetricsError::NegativeGain {
-                query: r.query.clone(),
-                relevance: r.relevance,
-            });
+            return Err(MetricsError::NegativeGain { query: r.query.clone(), relevance: r.relevance });
         }
         let label = r.label.unwrap_or(r.relevance >= opts.positive_relevance);
-        order.push((
-            &r.query,
-            Item {
-                score: r.score,
-                relevance: r.relevance,
-                gain,
-                label,
-            },
-        ));
+        order.push((&r.query, Item { score: r.score, relevance: r.relevance, gain, label }));
     }
     order.sort_by(|(qa, a), (qb, b)| {
         qa.cmp(qb)
@@ -346,10 +310,7 @@ fn prepare<'a>(rows: &'a [Prediction], opts: &Options) -> Result<Prepared<'a>, M
             _ => queries.push((q, i..i + 1)),
         }
     }
-    Ok(Prepared {
-        items: order.into_iter().map(|(_, it)| it).collect(),
-        queries,
-    })
+    Ok(Prepared { items: order.into_iter().map(|(_, it)| it).collect(), queries })
 }
 
 /// Mean of the defined values; `None` when there are none.
@@ -367,16 +328,10 @@ fn query_metrics(name: &str, items: &[Item], ks: &[usize]) -> QueryMetrics {
     QueryMetrics {
         query: name.to_string(),
         candidates: items.len(),
-        ndcg: ks
-            .iter()
-            .map(|&k| (k, ranking::ndcg(items, &ties, k)))
-            .collect(),
+        ndcg: ks.iter().map(|&k| (k, ranking::ndcg(items, &ties, k))).collect(),
         average_precision: ranking::average_precision(items, &ties),
         reciprocal_rank: ranking::reciprocal_rank(items, &ties),
-        precision_at: ks
-            .iter()
-            .map(|&k| (k, ranking::precision_at(items, &ties, k)))
-            .collect(),
+        precision_at: ks.iter().map(|&k| (k, ranking::precision_at(items, &ties, k))).collect(),
         spearman: ranking::spearman(items, &ties),
     }
 }
@@ -385,11 +340,7 @@ fn query_metrics(name: &str, items: &[Item], ks: &[usize]) -> QueryMetrics {
 pub fn per_query(rows: &[Prediction], opts: &Options) -> Result<Vec<QueryMetrics>, MetricsError> {
     let ks = check_options(opts)?;
     let prep = prepare(rows, opts)?;
-    Ok(prep
-        .queries
-        .iter()
-        .map(|(q, range)| query_metrics(q, &prep.items[range.clone()], &ks))
-        .collect())
+    Ok(prep.queries.iter().map(|(q, range)| query_metrics(q, &prep.items[range.clone()], &ks)).collect())
 }
 
 /// All metrics, with the relevance calibration fitted on these same rows.
@@ -411,11 +362,8 @@ pub fn compute_calibrated(
 ) -> Result<Metrics, MetricsError> {
     let ks = check_options(opts)?;
     let prep = prepare(rows, opts)?;
-    let per: Vec<QueryMetrics> = prep
-        .queries
-        .iter()
-        .map(|(q, range)| query_metrics(q, &prep.items[range.clone()], &ks))
-        .collect();
+    let per: Vec<QueryMetrics> =
+        prep.queries.iter().map(|(q, range)| query_metrics(q, &prep.items[range.clone()], &ks)).collect();
 
     let at_k = |pick: fn(&QueryMetrics) -> &AtK| -> (Vec<_>, usize) {
         let mut n = 0;
@@ -439,11 +387,7 @@ pub fn compute_calibrated(
     let scores: Vec<f64> = prep.items.iter().map(|it| it.score).collect();
     let labels: Vec<bool> = prep.items.iter().map(|it| it.label).collect();
     let class = classify(&scores, &labels, opts.threshold);
-    let sq: f64 = prep
-        .items
-        .iter()
-        .map(|it| (calibration.predict(it.score) - it.relevance).powi(2))
-        .sum();
+    let sq: f64 = prep.items.iter().map(|it| (calibration.predict(it.score) - it.relevance).powi(2)).sum();
 
     Ok(Metrics {
         ndcg,
@@ -459,22 +403,14 @@ pub fn compute_calibrated(
         rmse: (sq / prep.items.len() as f64).sqrt(),
         queries: prep.queries.len(),
         pairs: prep.items.len(),
-        coverage: Coverage {
-            ndcg: ndcg_n,
-            binary: binary_n,
-            spearman: spearman_n,
-        },
+        coverage: Coverage { ndcg: ndcg_n, binary: binary_n, spearman: spearman_n },
         threshold: opts.threshold,
     })
 }
 
 /// Validation and test metrics the way the evaluate stage reports them: the calibration for test's
 /// RMSE and the F1-maximising threshold are both fitted on validation, never on test.
-pub fn evaluate_split(
-    val: &[Prediction],
-    test: &[Prediction],
-    opts: &Options,
-) -> Result<SplitMetrics, MetricsError> {
+pub fn evaluate_split(val: &[Prediction], test: &[Prediction], opts: &Options) -> Result<SplitMetrics, MetricsError> {
     check_options(opts)?;
     let calibration = Isotonic::fit_predictions(val)?;
     let val_metrics = compute_calibrated(val, opts, &calibration)?;
@@ -489,9 +425,5 @@ pub fn evaluate_split(
         val_f1: t.f1,
         test: classify(&test_scores, &test_labels, t.threshold),
     });
-    Ok(SplitMetrics {
-        val: val_metrics,
-        test: test_metrics,
-        tuned,
-    })
+    Ok(SplitMetrics { val: val_metrics, test: test_metrics, tuned })
 }

@@ -47,12 +47,7 @@ pub(super) fn ndcg(items: &[Item], ties: &[Range<usize>], k: usize) -> Option<f6
     }
     let mut ideal: Vec<f64> = items.iter().map(|it| it.gain).collect();
     ideal.sort_unstable_by(|a, b| b.total_cmp(a));
-    let idcg: f64 = ideal
-        .iter()
-        .take(cut)
-        .enumerate()
-        .map(|(i, g)| g * discount(i))
-        .sum();
+    let idcg: f64 = ideal.iter().take(cut).enumerate().map(|(i, g)| g * discount(i)).sum();
     Some(dcg / idcg)
 }
 
@@ -80,9 +75,7 @@ pub(super) fn reciprocal_rank(items: &[Item], ties: &[Range<usize>]) -> Option<f
     if positives == 0 || positives == items.len() {
         return None;
     }
-    let g = ties
-        .iter()
-        .find(|g| items[g.start..g.end].iter().any(|it| it.label))?;
+    let g = ties.iter().find(|g| items[g.start..g.end].iter().any(|it| it.label))?;
     let (m, p) = (g.len(), count_labels(&items[g.clone()]));
     // P(first relevant is the r-th of the group) = C(m-r, p-1) / C(m, p), stepped by its ratio.
     let mut prob = p as f64 / m as f64;

@@ -35,28 +35,14 @@ pub fn render_table(columns: &[(&str, &Metrics)]) -> String {
         ("threshold", |m| format!("{}", m.threshold)),
     ];
     for (name, cell) in counts {
-        rows.push((
-            name.to_string(),
-            columns.iter().map(|(_, m)| cell(m)).collect(),
-        ));
+        rows.push((name.to_string(), columns.iter().map(|(_, m)| cell(m)).collect()));
     }
 
-    let key_width = rows
-        .iter()
-        .map(|(k, _)| k.len())
-        .max()
-        .unwrap_or(0)
-        .max("metric".len());
+    let key_width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0).max("metric".len());
     let widths: Vec<usize> = columns
         .iter()
         .enumerate()
-        .map(|(i, (name, _))| {
-            rows.iter()
-                .map(|(_, cells)| cells[i].len())
-                .chain([name.len()])
-                .max()
-                .unwrap_or(0)
-        })
+        .map(|(i, (name, _))| rows.iter().map(|(_, cells)| cells[i].len()).chain([name.len()]).max().unwrap_or(0))
         .collect();
 
     let mut out = format!("{:<key_width$}", "metric");

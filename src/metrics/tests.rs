@@ -9,28 +9,16 @@ use serde_json::Value;
 use super::*;
 
 fn pred(query: &str, relevance: f64, score: f64) -> Prediction {
-    Prediction {
-        query: query.to_string(),
-        relevance,
-        score,
-        label: None,
-    }
+    Prediction { query: query.to_string(), relevance, score, label: None }
 }
 
 fn labelled(query: &str, relevance: f64, score: f64, label: bool) -> Prediction {
-    Prediction {
-        label: Some(label),
-        ..pred(query, relevance, score)
-    }
+    Prediction { label: Some(label), ..pred(query, relevance, score) }
 }
 
 /// One query from raw gains (relevance = gain + 1 under the linear gain).
 fn query_from_gains(gains: &[f64], scores: &[f64]) -> Vec<Prediction> {
-    gains
-        .iter()
-        .zip(scores)
-        .map(|(g, s)| pred("q", g + 1.0, *s))
-        .collect()
+    gains.iter().zip(scores).map(|(g, s)| pred("q", g + 1.0, *s)).collect()
 }
 
 fn one_query(rows: &[Prediction], opts: &Options) -> QueryMetrics {
@@ -56,13 +44,8 @@ fn ndcg_matches_the_scikit_learn_docstring() {
         (&[1.0, 0.0, 0.0, 0.0, 1.0], 1, 0.75),
     ];
     for (scores, k, want) in cases {
-        let opts = Options {
-            ks: vec![k],
-            ..Options::default()
-        };
-        let got = one_query(&query_from_gains(&gains, scores), &opts).ndcg[0]
-            .1
-            .unwrap();
+        let opts = Options { ks: vec![k], ..Options::default() };
+        let got = one_query(&query_from_gains(&gains, scores), &opts).ndcg[0].1.unwrap();
         assert!(close(got, want), "scores {scores:?} k={k}: {got} vs {want}");
     }
 }
@@ -71,11 +54,7 @@ fn ndcg_matches_the_scikit_learn_docstring() {
 fn average_precision_and_auc_match_scikit_learn_docstrings() {
     let scores = [0.1, 0.4, 0.35, 0.8];
     let labels = [false, false, true, true];
-    let rows: Vec<_> = scores
-        .iter()
-        .zip(labels)
-        .map(|(&s, l)| labelled("q", 2.0, s, l))
-        .collect();
+    let rows: Vec<_> = scores.iter().zip(labels).map(|(&s, l)| labelled("q", 2.0, s, l)).collect();
     let q = one_query(&rows, &Options::default());
     assert!(close(q.average_precision.unwrap(), 0.8333333333333333));
     assert!(close(roc_auc(&scores, &labels).unwrap(), 0.75));
@@ -93,11 +72,8 @@ fn average_precision_and_auc_match_scikit_learn_docstrings() {
 
 #[test]
 fn spearman_matches_the_scipy_docstring() {
-    let rows: Vec<_> = [5.0, 6.0, 7.0, 8.0, 7.0]
-        .iter()
-        .zip([1.0, 2.0, 3.0, 4.0, 5.0])
-        .map(|(&rel, s)| pred("q", rel, s))
-        .collect();
+    let rows: Vec<_> =
+        [5.0, 6.0, 7.0, 8.0, 7.0].iter().zip([1.0, 2.0, 3.0, 4.0, 5.0]).map(|(&rel, s)| pred("q", rel, s)).collect();
     let q = one_query(&rows, &Options::default());
     assert!(close(q.spearman.unwrap(), 0.8207826816681233));
 }
@@ -128,22 +104,12 @@ fn degenerate_queries_are_left_out_of_the_means() {
         pred("real", 3.0, 0.1),
         pred("real", 1.0, 0.9),
     ];
-    let opts = Options {
-        ks: vec![1],
-        ..Options::default()
-    };
+    let opts = Options { ks: vec![1], ..Options::default() };
     let m = compute(&rows, &opts).unwrap();
     assert_eq!(m.queries, 4);
     assert_eq!(m.pairs, 7);
     // `all relevant` has unequal gains, so NDCG counts it; its labels are all equal, so MAP does not.
-    assert_eq!(
-        m.coverage,
-        Coverage {
-            ndcg: 2,
-            binary: 1,
-            spearman: 2
-        }
-    );
+    assert_eq!(m.coverage, Coverage { ndcg: 2, binary: 1, spearman: 2 });
     let real = 0.0;
     let all_relevant = 1.5 / 2.0; // gains 2 and 1.5, the lower one ranked first
     assert!(close(m.ndcg[0].1.unwrap(), (real + all_relevant) / 2.0));
@@ -204,23 +170,15 @@ fn isotonic_pools_violators_and_interpolates() {
 
 #[test]
 fn json_has_exactly_the_published_keys_in_order() {
-    let rows = [
-        pred("q", 3.0, 0.9),
-        pred("q", 1.0, 0.2),
-        pred("r", 2.0, 0.4),
-    ];
+    let rows = [pred("q", 3.0, 0.9), pred("q", 1.0, 0.2), pred("r", 2.0, 0.4)];
     let keys = |opts: &Options| -> Vec<String> {
         let v = serde_json::to_value(compute(&rows, opts).unwrap()).unwrap();
         v.as_object().unwrap().keys().cloned().collect()
     };
-    let want =
-        "ndcg@1 ndcg@3 ndcg@5 ndcg@10 map mrr p@1 p@3 p@5 p@10 accuracy precision recall f1 \
+    let want = "ndcg@1 ndcg@3 ndcg@5 ndcg@10 map mrr p@1 p@3 p@5 p@10 accuracy precision recall f1 \
                 auc spearman rmse queries pairs";
     assert_eq!(keys(&Options::default()).join(" "), want);
-    let custom = Options {
-        ks: vec![20, 2, 20],
-        ..Options::default()
-    };
+    let custom = Options { ks: vec![20, 2, 20], ..Options::default() };
     assert_eq!(
         keys(&custom).join(" "),
         "ndcg@2 ndcg@20 map mrr p@2 p@20 accuracy precision recall f1 auc spearman rmse queries pairs"
@@ -242,30 +200,15 @@ fn options_deserialise_with_defaults_and_reject_unknown_keys() {
 #[test]
 fn bad_input_is_a_typed_error() {
     let rows = [pred("q", 2.0, 0.5)];
-    let opts = |ks: Vec<usize>| Options {
-        ks,
-        ..Options::default()
-    };
+    let opts = |ks: Vec<usize>| Options { ks, ..Options::default() };
     assert_eq!(compute(&[], &Options::default()), Err(MetricsError::Empty));
     assert_eq!(compute(&rows, &opts(vec![])), Err(MetricsError::NoCutoffs));
-    assert_eq!(
-        compute(&rows, &opts(vec![3, 0])),
-        Err(MetricsError::ZeroCutoff)
-    );
+    assert_eq!(compute(&rows, &opts(vec![3, 0])), Err(MetricsError::ZeroCutoff));
     let nan = [pred("q", 2.0, f64::NAN)];
-    assert!(matches!(
-        compute(&nan, &Options::default()),
-        Err(MetricsError::NonFinite { what: "score", .. })
-    ));
+    assert!(matches!(compute(&nan, &Options::default()), Err(MetricsError::NonFinite { what: "score", .. })));
     let low = [pred("q", 0.5, 0.1)];
     let err = compute(&low, &Options::default()).unwrap_err();
-    assert_eq!(
-        err,
-        MetricsError::NegativeGain {
-            query: "q".into(),
-            relevance: 0.5
-        }
-    );
+    assert_eq!(err, MetricsError::NegativeGain { query: "q".into(), relevance: 0.5 });
     assert!(err.to_string().contains("query `q`"));
 }
 
@@ -296,46 +239,27 @@ fn reader_finds_columns_by_name_and_ignores_the_rest() {
 fn reader_errors_name_the_file_line_and_expectation() {
     let msg = |text: &str| parse(text).unwrap_err().to_string();
     let m = msg("query,relevance\nq,2\n");
-    assert!(
-        m.starts_with("preds.csv:1:") && m.contains("`score` is missing"),
-        "{m}"
-    );
+    assert!(m.starts_with("preds.csv:1:") && m.contains("`score` is missing"), "{m}");
     let m = msg("query,relevance,score\nq,2,0.5\nq,abc,0.1\n");
-    assert_eq!(
-        m,
-        "preds.csv:3: column `relevance`: expected a finite number, found `abc`"
-    );
+    assert_eq!(m, "preds.csv:3: column `relevance`: expected a finite number, found `abc`");
     let m = msg("query,relevance,score\nq,2,NaN\n");
     assert!(m.starts_with("preds.csv:2: column `score`"), "{m}");
     let m = msg("query,relevance,score,label\nq,2,0.5,yes\n");
-    assert!(
-        m.starts_with("preds.csv:2: column `label`: expected 0 or 1"),
-        "{m}"
-    );
+    assert!(m.starts_with("preds.csv:2: column `label`: expected 0 or 1"), "{m}");
     let m = msg("query,relevance,score\nq,2,0.5\nq,2\n");
     assert!(m.starts_with("preds.csv:3: expected 3 fields"), "{m}");
     let m = msg("query,score,relevance,score\nq,1,2,3\n");
     assert!(m.contains("`score` appears more than once"), "{m}");
-    assert!(matches!(
-        parse("query,relevance,score\n"),
-        Err(ReadError::Empty { .. })
-    ));
+    assert!(matches!(parse("query,relevance,score\n"), Err(ReadError::Empty { .. })));
     let missing = read_predictions(Path::new("no/such/predictions.csv")).unwrap_err();
-    assert!(
-        missing.to_string().starts_with("no/such/predictions.csv: "),
-        "{missing}"
-    );
+    assert!(missing.to_string().starts_with("no/such/predictions.csv: "), "{missing}");
 }
 
 // ---- table -----------------------------------------------------------------------------------
 
 #[test]
 fn table_aligns_columns_and_marks_undefined_values() {
-    let a = compute(
-        &[pred("q", 3.0, 0.9), pred("q", 1.0, 0.2)],
-        &Options::default(),
-    )
-    .unwrap();
+    let a = compute(&[pred("q", 3.0, 0.9), pred("q", 1.0, 0.2)], &Options::default()).unwrap();
     let b = compute(&[pred("only", 3.0, 0.9)], &Options::default()).unwrap();
     let text = render_table(&[("val", &a), ("single", &b)]);
     let lines: Vec<&str> = text.lines().collect();
@@ -343,13 +267,8 @@ fn table_aligns_columns_and_marks_undefined_values() {
     assert!(table[0].starts_with("metric") && table[0].ends_with("single"));
     assert!(table.iter().all(|l| l.len() == table[0].len()), "{text}");
     let ndcg10 = table.iter().find(|l| l.starts_with("ndcg@10 ")).unwrap();
-    assert!(
-        ndcg10.contains("1.0000") && ndcg10.ends_with("n/a"),
-        "{ndcg10}"
-    );
-    assert!(table
-        .iter()
-        .any(|l| l.starts_with("queries in map/mrr/p@k")));
+    assert!(ndcg10.contains("1.0000") && ndcg10.ends_with("n/a"), "{ndcg10}");
+    assert!(table.iter().any(|l| l.starts_with("queries in map/mrr/p@k")));
     assert_eq!(render_table(&[]), "");
 }
 
@@ -364,10 +283,7 @@ fn assert_close_json(what: &str, got: &Value, want: &Value) {
         (Value::Null, Value::Null) => {}
         (Value::Number(g), Value::Number(w)) => {
             let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
-            assert!(
-                (g - w).abs() <= 1e-9,
-                "{what}: pipe {g} vs scikit-learn {w}"
-            );
+            assert!((g - w).abs() <= 1e-9, "{what}: pipe {g} vs scikit-learn {w}");
         }
         _ => panic!("{what}: pipe {got} vs scikit-learn {want}"),
     }
@@ -376,11 +292,7 @@ fn assert_close_json(what: &str, got: &Value, want: &Value) {
 fn assert_metrics(what: &str, got: &Metrics, want: &Value) {
     let got = serde_json::to_value(got).unwrap();
     let (g, w) = (got.as_object().unwrap(), want.as_object().unwrap());
-    assert_eq!(
-        g.keys().collect::<Vec<_>>(),
-        w.keys().collect::<Vec<_>>(),
-        "{what}: keys"
-    );
+    assert_eq!(g.keys().collect::<Vec<_>>(), w.keys().collect::<Vec<_>>(), "{what}: keys");
     for (key, want) in w {
         assert_close_json(&format!("{what} {key}"), &g[key], want);
     }
@@ -425,11 +337,7 @@ fn check_fixture(case: &str, expected: &Value) {
         let what = |m: &str| format!("{case} query `{}` {m}", q.query);
         let num = |v: Option<f64>| serde_json::to_value(v).unwrap();
         for &(k, v) in &q.ndcg {
-            assert_close_json(
-                &what(&format!("ndcg@{k}")),
-                &num(v),
-                &want[format!("ndcg@{k}")],
-            );
+            assert_close_json(&what(&format!("ndcg@{k}")), &num(v), &want[format!("ndcg@{k}")]);
         }
         for &(k, v) in &q.precision_at {
             assert_close_json(&what(&format!("p@{k}")), &num(v), &want[format!("p@{k}")]);
@@ -452,10 +360,7 @@ fn every_metric_equals_scikit_learn_on_the_committed_fixtures() {
         }
     }
     cases.sort();
-    assert_eq!(
-        cases,
-        ["cutoffs", "degenerate", "random", "singles", "ties"]
-    );
+    assert_eq!(cases, ["cutoffs", "degenerate", "random", "singles", "ties"]);
 }
 
 // ---- brute force over tie orders -------------------------------------------------------------
@@ -483,10 +388,7 @@ fn brute_force(rows: &[Prediction], k: usize) -> (f64, f64, f64) {
     let mut ideal = gains.clone();
     ideal.sort_by(|a, b| b.total_cmp(a));
     let dcg = |g: &mut dyn Iterator<Item = f64>| -> f64 {
-        g.take(k)
-            .enumerate()
-            .map(|(i, g)| g / ((i + 2) as f64).log2())
-            .sum()
+        g.take(k).enumerate().map(|(i, g)| g / ((i + 2) as f64).log2()).sum()
     };
     let idcg = dcg(&mut ideal.iter().copied());
     let cut = k.min(rows.len());
@@ -497,10 +399,7 @@ fn brute_force(rows: &[Prediction], k: usize) -> (f64, f64, f64) {
         }
         n += 1.0;
         ndcg += dcg(&mut perm.iter().map(|&i| gains[i])) / idcg;
-        rr += perm
-            .iter()
-            .position(|&i| labels[i])
-            .map_or(0.0, |r| 1.0 / (r + 1) as f64);
+        rr += perm.iter().position(|&i| labels[i]).map_or(0.0, |r| 1.0 / (r + 1) as f64);
         p += perm[..cut].iter().filter(|&&i| labels[i]).count() as f64 / cut as f64;
     }
     (ndcg / n, rr / n, p / n)
@@ -508,9 +407,7 @@ fn brute_force(rows: &[Prediction], k: usize) -> (f64, f64, f64) {
 
 // ---- properties ------------------------------------------------------------------------------
 
-const LEVELS: [f64; 13] = [
-    1.0, 1.25, 1.33, 1.5, 1.67, 1.75, 2.0, 2.25, 2.33, 2.5, 2.67, 2.75, 3.0,
-];
+const LEVELS: [f64; 13] = [1.0, 1.25, 1.33, 1.5, 1.67, 1.75, 2.0, 2.25, 2.33, 2.5, 2.67, 2.75, 3.0];
 
 /// Integer scores force ties; continuous ones exercise the general case.
 fn score() -> impl Strategy<Value = f64> {
@@ -518,20 +415,10 @@ fn score() -> impl Strategy<Value = f64> {
 }
 
 fn rows(max: usize) -> impl Strategy<Value = Vec<Prediction>> {
-    let row = (
-        0..6usize,
-        0..LEVELS.len(),
-        score(),
-        proptest::option::of(any::<bool>()),
-    );
+    let row = (0..6usize, 0..LEVELS.len(), score(), proptest::option::of(any::<bool>()));
     proptest::collection::vec(row, 1..max).prop_map(|v| {
         v.into_iter()
-            .map(|(q, l, score, label)| Prediction {
-                query: format!("q{q}"),
-                relevance: LEVELS[l],
-                score,
-                label,
-            })
+            .map(|(q, l, score, label)| Prediction { query: format!("q{q}"), relevance: LEVELS[l], score, label })
             .collect()
     })
 }
@@ -539,10 +426,7 @@ fn rows(max: usize) -> impl Strategy<Value = Vec<Prediction>> {
 /// Integer scores in -20..=20, where the transforms below are exact and keep distinct scores apart.
 fn integer_rows() -> impl Strategy<Value = Vec<Prediction>> {
     rows(60).prop_map(|rows| {
-        let int = |r: Prediction| Prediction {
-            score: r.score.round().clamp(-20.0, 20.0),
-            ..r
-        };
+        let int = |r: Prediction| Prediction { score: r.score.round().clamp(-20.0, 20.0), ..r };
         rows.into_iter().map(int).collect()
     })
 }
@@ -554,23 +438,13 @@ fn with_shuffle(max: usize) -> impl Strategy<Value = (Vec<Prediction>, Vec<Predi
 
 fn tuned_f1(rows: &[Prediction]) -> Option<f64> {
     let scores: Vec<f64> = rows.iter().map(|r| r.score).collect();
-    let labels: Vec<bool> = rows
-        .iter()
-        .map(|r| r.label.unwrap_or(r.relevance >= 2.33))
-        .collect();
+    let labels: Vec<bool> = rows.iter().map(|r| r.label.unwrap_or(r.relevance >= 2.33)).collect();
     tune_threshold(&scores, &labels).map(|t| t.f1)
 }
 
 fn opts_strategy() -> impl Strategy<Value = Options> {
-    (
-        proptest::collection::vec(1usize..12, 1..4),
-        prop_oneof![Just(Gain::Linear), Just(Gain::Exp)],
-    )
-        .prop_map(|(ks, gain)| Options {
-            ks,
-            gain,
-            ..Options::default()
-        })
+    (proptest::collection::vec(1usize..12, 1..4), prop_oneof![Just(Gain::Linear), Just(Gain::Exp)])
+        .prop_map(|(ks, gain)| Options { ks, gain, ..Options::default() })
 }
 
 fn ranking_values(m: &Metrics) -> Vec<Option<f64>> {

@@ -29,20 +29,13 @@ pub fn parse(spec: &str) -> Option<Result<HfPath, String>> {
     let rest = spec.strip_prefix(PREFIX)?;
     let shape = "expected hf://datasets/<owner>/<repo>/<file>";
     let Some(rest) = rest.strip_prefix("datasets/") else {
-        return Some(Err(format!(
-            "`{spec}`: only dataset repositories are supported; {shape}"
-        )));
+        return Some(Err(format!("`{spec}`: only dataset repositories are supported; {shape}")));
     };
     let mut parts = rest.splitn(3, '/');
     let (owner, repo, file) = (parts.next(), parts.next(), parts.next());
     Some(match (owner, repo, file) {
-        (Some(o), Some(r), Some(f))
-            if !o.is_empty() && !r.is_empty() && !f.is_empty() && !f.ends_with('/') =>
-        {
-            Ok(HfPath {
-                repo: format!("{o}/{r}"),
-                file: f.to_string(),
-            })
+        (Some(o), Some(r), Some(f)) if !o.is_empty() && !r.is_empty() && !f.is_empty() && !f.ends_with('/') => {
+            Ok(HfPath { repo: format!("{o}/{r}"), file: f.to_string() })
         }
         _ => Err(format!("`{spec}`: {shape}")),
     })
@@ -60,25 +53,15 @@ pub struct HubSettings {
 impl HubSettings {
     /// The settings the environment asks for (`HF_HUB_CACHE`, `HF_HOME`, `HF_HUB_OFFLINE`).
     pub fn from_env(progress: bool) -> Self {
-        let cache_dir = cache_dir_from(
-            std::env::var_os("HF_HUB_CACHE"),
-            std::env::var_os("HF_HOME"),
-            std::env::var_os("HOME"),
-        );
+        let cache_dir =
+            cache_dir_from(std::env::var_os("HF_HUB_CACHE"), std::env::var_os("HF_HOME"), std::env::var_os("HOME"));
         let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| truthy(&v));
-        HubSettings {
-            cache_dir,
-            offline,
-            progress,
-        }
+        HubSettings { cache_dir, offline, progress }
     }
 }
 
 fn truthy(v: &str) -> bool {
-    matches!(
-        v.trim().to_ascii_lowercase().as_str(),
-        "1" | "true" | "yes" | "on"
-    )
+    matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
 }
 
 /// The hub cache directory by the Hugging Face precedence rules.
@@ -98,13 +81,10 @@ pub fn cache_dir_from(
 pub fn cached(path: &HfPath, revision: &str, cache_dir: &Path) -> Option<PathBuf> {
     let repo = Repo::with_revision(path.repo.clone(), RepoType::Dataset, revision.to_string());
     let folder = cache_dir.join(repo.folder_name());
-    Cache::new(cache_dir.to_path_buf())
-        .repo(repo)
-        .get(&path.file)
-        .or_else(|| {
-            let direct = folder.join("snapshots").join(revision).join(&path.file);
-            direct.is_file().then_some(direct)
-        })
+    Cache::new(cache_dir.to_path_buf()).repo(repo).get(&path.file).or_else(|| {
+        let direct = folder.join("snapshots").join(revision).join(&path.file);
+        direct.is_file().then_some(direct)
+    })
 }
 
 /// A local file for `spec`: from the cache, else downloaded (unless offline).
@@ -143,8 +123,8 @@ pub fn resolve(
         });
     }
     let download = || -> Result<PathBuf, hf_hub::api::sync::ApiError> {
-        let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(Cache::new(cache_dir.clone()))
-            .with_progress(settings.progress);
+        let mut builder =
+            hf_hub::api::sync::ApiBuilder::from_cache(Cache::new(cache_dir.clone())).with_progress(settings.progress);
         if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
             builder = builder.with_endpoint(endpoint);
         }
@@ -166,16 +146,9 @@ mod tests {
         assert_eq!(parse("data/train.csv"), None);
         assert_eq!(
             parse("hf://datasets/bstds/home_depot/data/train-00000.parquet"),
-            Some(Ok(HfPath {
-                repo: "bstds/home_depot".into(),
-                file: "data/train-00000.parquet".into()
-            }))
+            Some(Ok(HfPath { repo: "bstds/home_depot".into(), file: "data/train-00000.parquet".into() }))
         );
-        for bad in [
-            "hf://bstds/home_depot/x.parquet",
-            "hf://datasets/bstds/home_depot",
-            "hf://datasets//r/f",
-        ] {
+        for bad in ["hf://bstds/home_depot/x.parquet", "hf://datasets/bstds/home_depot", "hf://datasets//r/f"] {
             assert!(matches!(parse(bad), Some(Err(_))), "{bad}");
         }
     }
@@ -183,18 +156,9 @@ mod tests {
     #[test]
     fn cache_dir_follows_hugging_face_precedence() {
         let s = |v: &str| Some(OsString::from(v));
-        assert_eq!(
-            cache_dir_from(s("/c"), s("/h"), s("/u")),
-            Some(PathBuf::from("/c"))
-        );
-        assert_eq!(
-            cache_dir_from(None, s("/h"), s("/u")),
-            Some(PathBuf::from("/h/hub"))
-        );
-        assert_eq!(
-            cache_dir_from(s(""), None, s("/u")),
-            Some(PathBuf::from("/u/.cache/huggingface/hub"))
-        );
+        assert_eq!(cache_dir_from(s("/c"), s("/h"), s("/u")), Some(PathBuf::from("/c")));
+        assert_eq!(cache_dir_from(None, s("/h"), s("/u")), Some(PathBuf::from("/h/hub")));
+        assert_eq!(cache_dir_from(s(""), None, s("/u")), Some(PathBuf::from("/u/.cache/huggingface/hub")));
         assert_eq!(cache_dir_from(None, None, None), None);
     }
 
@@ -208,33 +172,16 @@ mod tests {
         let snap = repo.join("snapshots").join(commit).join("data");
         std::fs::create_dir_all(&snap).unwrap();
         std::fs::write(snap.join("x.jsonl"), "{}").unwrap();
-        let p = parse("hf://datasets/bstds/home_depot/data/x.jsonl")
-            .unwrap()
-            .unwrap();
+        let p = parse("hf://datasets/bstds/home_depot/data/x.jsonl").unwrap().unwrap();
         assert_eq!(cached(&p, "main", dir.path()), Some(snap.join("x.jsonl")));
         assert_eq!(cached(&p, commit, dir.path()), Some(snap.join("x.jsonl")));
         assert_eq!(cached(&p, "dev", dir.path()), None);
 
-        let settings = HubSettings {
-            cache_dir: Some(dir.path().into()),
-            offline: true,
-            progress: false,
-        };
-        let missing = parse("hf://datasets/bstds/home_depot/data/y.parquet")
-            .unwrap()
-            .unwrap();
-        let e = resolve(
-            "hf://datasets/bstds/home_depot/data/y.parquet",
-            &missing,
-            "main",
-            "path",
-            &settings,
-        )
-        .unwrap_err();
+        let settings = HubSettings { cache_dir: Some(dir.path().into()), offline: true, progress: false };
+        let missing = parse("hf://datasets/bstds/home_depot/data/y.parquet").unwrap().unwrap();
+        let e =
+            resolve("hf://datasets/bstds/home_depot/data/y.parquet", &missing, "main", "path", &settings).unwrap_err();
         let msg = e.to_string();
-        assert!(
-            msg.contains("HF_HUB_OFFLINE") && msg.contains("`path = \"data/y.parquet\"`"),
-            "{msg}"
-        );
+        assert!(msg.contains("HF_HUB_OFFLINE") && msg.contains("`path = \"data/y.parquet\"`"), "{msg}");
     }
 }

@@ -111,10 +111,9 @@ impl Encoding {
         match s {
             "latin-1" => Ok(Encoding::Latin1),
             "utf-8" => Ok(Encoding::Utf8),
-            other => Err((
-                "encoding".to_string(),
-                format!("unknown encoding `{other}`; expected \"latin-1\" or \"utf-8\""),
-            )),
+            other => {
+                Err(("encoding".to_string(), format!("unknown encoding `{other}`; expected \"latin-1\" or \"utf-8\"")))
+            }
         }
     }
 }
@@ -122,16 +121,10 @@ impl Encoding {
 impl LoadParams {
     fn validate(&self) -> Result<(Format, Encoding), (String, String)> {
         if self.path.trim().is_empty() {
-            return Err((
-                "path".into(),
-                "must name a file or an hf://datasets/… path".into(),
-            ));
+            return Err(("path".into(), "must name a file or an hf://datasets/… path".into()));
         }
         if self.revision.trim().is_empty() {
-            return Err((
-                "revision".into(),
-                "must not be empty; the default is \"main\"".into(),
-            ));
+            return Err(("revision".into(), "must not be empty; the default is \"main\"".into()));
         }
         for (key, value) in [("path", &self.path), ("descriptions", &self.descriptions)] {
             if let Some(Err(message)) = hub::parse(value) {
@@ -144,8 +137,7 @@ impl LoadParams {
 
     /// Descriptions only apply to the Kaggle CSV layout; the record layouts carry their own.
     fn descriptions_for(&self, format: Format) -> Option<&str> {
-        (format == Format::Csv && !self.descriptions.is_empty())
-            .then_some(self.descriptions.as_str())
+        (format == Format::Csv && !self.descriptions.is_empty()).then_some(self.descriptions.as_str())
     }
 
     fn input(&self, spec: &str) -> ExternalInput {
@@ -169,9 +161,7 @@ impl Stage for Load {
     }
 
     fn check(&self, params: &Params) -> Result<(), (String, String)> {
-        let p: LoadParams = params
-            .decode()
-            .map_err(|e| (String::new(), e.to_string()))?;
+        let p: LoadParams = params.decode().map_err(|e| (String::new(), e.to_string()))?;
         p.validate().map(drop)
     }
 
@@ -194,10 +184,7 @@ impl Stage for Load {
         let hub = HubSettings::from_env(!ctx.quiet);
         let loaded = load(&p, ctx.root, &hub, ctx.cancel)?;
         table::write_table(&ctx.out.join(table::TABLE_FILE), &loaded.records)?;
-        Ok(StageOutput {
-            stats: loaded.stats(&p),
-            ..Default::default()
-        })
+        Ok(StageOutput { stats: loaded.stats(&p), ..Default::default() })
     }
 }
 
@@ -212,11 +199,7 @@ impl Loaded {
     fn stats(&self, p: &LoadParams) -> crate::engine::JsonMap {
         let queries: HashSet<&str> = self.records.iter().map(|r| r.query.as_str()).collect();
         let products: HashSet<&str> = self.records.iter().map(|r| r.product_id.as_str()).collect();
-        let described = self
-            .records
-            .iter()
-            .filter(|r| !r.description.is_empty())
-            .count();
+        let described = self.records.iter().filter(|r| !r.description.is_empty()).count();
         let mut s = crate::engine::JsonMap::new();
         s.insert("source".into(), p.path.clone().into());
         s.insert("format".into(), self.format.name().into());
@@ -229,15 +212,8 @@ impl Loaded {
 }
 
 /// Read and validate the input `p` describes; relative paths resolve against `root`.
-pub fn load(
-    p: &LoadParams,
-    root: &Path,
-    hub: &HubSettings,
-    cancel: &AtomicBool,
-) -> Result<Loaded, StageError> {
-    let (format, encoding) = p
-        .validate()
-        .map_err(|(key, message)| StageError::Param { key, message })?;
+pub fn load(p: &LoadParams, root: &Path, hub: &HubSettings, cancel: &AtomicBool) -> Result<Loaded, StageError> {
+    let (format, encoding) = p.validate().map_err(|(key, message)| StageError::Param { key, message })?;
     let main = locate(&p.path, "path", &p.revision, root, hub)?;
     let mut records = match format {
         Format::Csv => parse_kaggle(&read_bytes(&main)?, &p.path, encoding, cancel)?,
@@ -245,11 +221,7 @@ pub fn load(
         Format::Parquet => parse_parquet(&main, &p.path, cancel)?,
     };
     if records.is_empty() {
-        return Err(StageError::Data {
-            file: p.path.clone(),
-            line: 1,
-            message: "no records".into(),
-        });
+        return Err(StageError::Data { file: p.path.clone(), line: 1, message: "no records".into() });
     }
     if let Some(spec) = p.descriptions_for(format) {
         let file = locate(spec, "descriptions", &p.revision, root, hub)?;
@@ -265,25 +237,12 @@ pub fn load(
 }
 
 /// A local file for a `path`-like parameter: the file itself, or the hub file it names.
-fn locate(
-    spec: &str,
-    key: &str,
-    revision: &str,
-    root: &Path,
-    hub: &HubSettings,
-) -> Result<PathBuf, StageError> {
+fn locate(spec: &str, key: &str, revision: &str, root: &Path, hub: &HubSettings) -> Result<PathBuf, StageError> {
     if let Some(parsed) = hub::parse(spec) {
-        let parsed = parsed.map_err(|message| StageError::Param {
-            key: key.into(),
-            message,
-        })?;
+        let parsed = parsed.map_err(|message| StageError::Param { key: key.into(), message })?;
         return hub::resolve(spec, &parsed, revision, key, hub);
     }
-    let path = if Path::new(spec).is_absolute() {
-        PathBuf::from(spec)
-    } else {
-        root.join(spec)
-    };
+    let path = if Path::new(spec).is_absolute() { PathBuf::from(spec) } else { root.join(spec) };
     if !path.is_file() {
         return Err(StageError::Param {
             key: key.into(),
@@ -299,9 +258,7 @@ fn read_bytes(path: &Path) -> Result<Vec<u8>, StageError> {
     let raw = std::fs::read(path).map_err(|e| StageError::io(path, e))?;
     if raw.starts_with(&GZIP_MAGIC) {
         let mut out = Vec::with_capacity(raw.len() * 4);
-        flate2::read::MultiGzDecoder::new(raw.as_slice())
-            .read_to_end(&mut out)
-            .map_err(|e| StageError::io(path, e))?;
+        flate2::read::MultiGzDecoder::new(raw.as_slice()).read_to_end(&mut out).map_err(|e| StageError::io(path, e))?;
         Ok(out)
     } else {
         Ok(raw)
@@ -309,11 +266,7 @@ fn read_bytes(path: &Path) -> Result<Vec<u8>, StageError> {
 }
 
 fn data(file: &str, line: u64, message: impl Into<String>) -> StageError {
-    StageError::Data {
-        file: file.to_string(),
-        line,
-        message: message.into(),
-    }
+    StageError::Data { file: file.to_string(), line, message: message.into() }
 }
 
 fn poll(cancel: &AtomicBool, n: usize) -> Result<(), StageError> {
@@ -344,41 +297,17 @@ struct CsvFile<'a> {
 }
 
 impl<'a> CsvFile<'a> {
-    fn open(
-        bytes: &'a [u8],
-        name: &'a str,
-        encoding: Encoding,
-        expected: &[&str],
-    ) -> Result<Self, StageError> {
+    fn open(bytes: &'a [u8], name: &'a str, encoding: Encoding, expected: &[&str]) -> Result<Self, StageError> {
         let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
         if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(data(
-                name,
-                1,
-                format!(
-                    "empty file; expected a header line `{}`",
-                    expected.join(",")
-                ),
-            ));
+            return Err(data(name, 1, format!("empty file; expected a header line `{}`", expected.join(","))));
         }
-        let rdr = csv::ReaderBuilder::new()
-            .has_headers(false)
-            .flexible(true)
-            .from_reader(bytes);
-        let mut f = CsvFile {
-            name,
-            bytes,
-            encoding,
-            rdr,
-            rec: csv::ByteRecord::new(),
-            header: Vec::new(),
-        };
+        let rdr = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(bytes);
+        let mut f = CsvFile { name, bytes, encoding, rdr, rec: csv::ByteRecord::new(), header: Vec::new() };
         if !f.next()? {
             return Err(data(name, 1, "empty file"));
         }
-        f.header = (0..f.rec.len())
-            .map(|i| f.text(i, 1).map(|s| s.trim().to_string()))
-            .collect::<Result<_, _>>()?;
+        f.header = (0..f.rec.len()).map(|i| f.text(i, 1).map(|s| s.trim().to_string())).collect::<Result<_, _>>()?;
         Ok(f)
     }
 
@@ -391,12 +320,13 @@ impl<'a> CsvFile<'a> {
                 let line = self.line();
                 let begin = self.rec.position().map_or(start.byte(), |p| p.byte()) as usize;
                 let end = self.rdr.position().byte() as usize;
-                let quotes = self.bytes[begin..end]
-                    .iter()
-                    .filter(|&&b| b == b'"')
-                    .count();
+                let quotes = self.bytes[begin..end].iter().filter(|&&b| b == b'"').count();
                 if quotes % 2 == 1 {
-                    return Err(data(self.name, line, "unbalanced `\"`: a quoted field is not closed (or a stray quote in an unquoted field)"));
+                    return Err(data(
+                        self.name,
+                        line,
+                        "unbalanced `\"`: a quoted field is not closed (or a stray quote in an unquoted field)",
+                    ));
                 }
                 if !self.header.is_empty() && self.rec.len() != self.header.len() {
                     return Err(data(
@@ -460,13 +390,7 @@ impl<'a> CsvFile<'a> {
     }
 }
 
-const KAGGLE_COLUMNS: [&str; 5] = [
-    "id",
-    "product_uid",
-    "product_title",
-    "search_term",
-    "relevance",
-];
+const KAGGLE_COLUMNS: [&str; 5] = ["id", "product_uid", "product_title", "search_term", "relevance"];
 
 /// The Kaggle `train.csv` layout.
 pub fn parse_kaggle(
@@ -486,9 +410,7 @@ pub fn parse_kaggle(
         let relevance = rel_text
             .trim()
             .parse::<f64>()
-            .map_err(|_| {
-                format!("relevance `{rel_text}` is not a number; expected a number in [1, 3]")
-            })
+            .map_err(|_| format!("relevance `{rel_text}` is not a number; expected a number in [1, 3]"))
             .and_then(|v| check_relevance(v, &rel_text))
             .map_err(|m| data(name, line, m))?;
         let record = Record {
@@ -508,12 +430,7 @@ pub fn parse_kaggle(
     Ok(records)
 }
 
-fn check_ids(
-    r: &Record,
-    seen: &mut HashMap<String, u64>,
-    name: &str,
-    line: u64,
-) -> Result<(), StageError> {
+fn check_ids(r: &Record, seen: &mut HashMap<String, u64>, name: &str, line: u64) -> Result<(), StageError> {
     if r.id.trim().is_empty() {
         return Err(data(name, line, "empty id"));
     }
@@ -521,11 +438,7 @@ fn check_ids(
         return Err(data(name, line, "empty product id"));
     }
     if let Some(first) = seen.insert(r.id.clone(), line) {
-        return Err(data(
-            name,
-            line,
-            format!("duplicate id `{}` (first on line {first})", r.id),
-        ));
+        return Err(data(name, line, format!("duplicate id `{}` (first on line {first})", r.id)));
     }
     Ok(())
 }
@@ -546,11 +459,7 @@ fn parse_descriptions(
         let line = csv.line();
         let id = csv.text(uid, line)?;
         if let Some(first) = seen.insert(id.clone(), line) {
-            return Err(data(
-                name,
-                line,
-                format!("duplicate product_uid `{id}` (first on line {first})"),
-            ));
+            return Err(data(name, line, format!("duplicate product_uid `{id}` (first on line {first})")));
         }
         if wanted.contains(id.as_str()) {
             let d = csv.text(desc, line)?;
@@ -576,9 +485,7 @@ impl Cell {
             None => Cell::Missing,
             Some(Value::Null) => Cell::Null,
             Some(Value::String(s)) => Cell::Str(s.clone()),
-            Some(Value::Number(n)) => n
-                .as_i64()
-                .map_or_else(|| Cell::Float(n.as_f64().unwrap_or(f64::NAN)), Cell::Int),
+            Some(Value::Number(n)) => n.as_i64().map_or_else(|| Cell::Float(n.as_f64().unwrap_or(f64::NAN)), Cell::Int),
             Some(Value::Bool(_)) => Cell::Other("a boolean"),
             Some(Value::Array(_)) => Cell::Other("an array"),
             Some(Value::Object(_)) => Cell::Other("an object"),
@@ -602,10 +509,9 @@ impl Cell {
             Some(F::Float(v)) => Cell::Float((*v).into()),
             Some(F::Double(v)) => Cell::Float(*v),
             Some(F::Float16(v)) => Cell::Float(v.to_f64()),
-            Some(F::Bytes(b)) => std::str::from_utf8(b.data())
-                .map_or(Cell::Other("binary (not UTF-8)"), |s| {
-                    Cell::Str(s.to_string())
-                }),
+            Some(F::Bytes(b)) => {
+                std::str::from_utf8(b.data()).map_or(Cell::Other("binary (not UTF-8)"), |s| Cell::Str(s.to_string()))
+            }
             Some(_) => Cell::Other("a non-scalar value"),
         }
     }
@@ -616,15 +522,9 @@ impl Cell {
             Cell::Str(s) if !s.trim().is_empty() => Ok(s),
             Cell::Int(i) => Ok(i.to_string()),
             Cell::Missing => Err(format!("missing field `{field}`")),
-            Cell::Str(_) | Cell::Null => Err(format!(
-                "field `{field}` is empty; expected a string or an integer"
-            )),
-            Cell::Float(f) => Err(format!(
-                "field `{field}` is {f}; expected a string or an integer"
-            )),
-            Cell::Other(what) => Err(format!(
-                "field `{field}` is {what}; expected a string or an integer"
-            )),
+            Cell::Str(_) | Cell::Null => Err(format!("field `{field}` is empty; expected a string or an integer")),
+            Cell::Float(f) => Err(format!("field `{field}` is {f}; expected a string or an integer")),
+            Cell::Other(what) => Err(format!("field `{field}` is {what}; expected a string or an integer")),
         }
     }
 
@@ -634,12 +534,8 @@ impl Cell {
             Cell::Missing | Cell::Null if !required => Ok(String::new()),
             Cell::Missing => Err(format!("missing field `{field}`")),
             Cell::Null => Err(format!("field `{field}` is null; expected a string")),
-            Cell::Int(i) => Err(format!(
-                "field `{field}` is the number {i}; expected a string"
-            )),
-            Cell::Float(f) => Err(format!(
-                "field `{field}` is the number {f}; expected a string"
-            )),
+            Cell::Int(i) => Err(format!("field `{field}` is the number {i}; expected a string")),
+            Cell::Float(f) => Err(format!("field `{field}` is the number {f}; expected a string")),
             Cell::Other(what) => Err(format!("field `{field}` is {what}; expected a string")),
         }
     }
@@ -650,9 +546,7 @@ impl Cell {
             Cell::Float(f) => check_relevance(f, &f.to_string()),
             Cell::Str(s) => match s.trim().parse::<f64>() {
                 Ok(v) => check_relevance(v, &s),
-                Err(_) => Err(format!(
-                    "relevance `{s}` is not a number; expected a number in [1, 3]"
-                )),
+                Err(_) => Err(format!("relevance `{s}` is not a number; expected a number in [1, 3]")),
             },
             Cell::Missing => Err("missing field `relevance`".into()),
             Cell::Null => Err("relevance is null; expected a number in [1, 3]".into()),
@@ -662,14 +556,7 @@ impl Cell {
 }
 
 /// The fields of a `bstds/home_depot` record.
-const RECORD_FIELDS: [&str; 6] = [
-    "id",
-    "entity_id",
-    "name",
-    "query",
-    "relevance",
-    "description",
-];
+const RECORD_FIELDS: [&str; 6] = ["id", "entity_id", "name", "query", "relevance", "description"];
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
@@ -686,20 +573,11 @@ fn record_of(mut get: impl FnMut(&str) -> Cell) -> Result<Record, String> {
 }
 
 /// JSON Lines, or a JSON array of records (a `.json` file that starts with `{` is read as lines).
-pub fn parse_json(
-    bytes: &[u8],
-    name: &str,
-    format: Format,
-    cancel: &AtomicBool,
-) -> Result<Vec<Record>, StageError> {
+pub fn parse_json(bytes: &[u8], name: &str, format: Format, cancel: &AtomicBool) -> Result<Vec<Record>, StageError> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
         let at = e.valid_up_to();
         let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count() as u64;
-        data(
-            name,
-            line,
-            format!("invalid UTF-8 ({e}); JSON input must be UTF-8"),
-        )
+        data(name, line, format!("invalid UTF-8 ({e}); JSON input must be UTF-8"))
     })?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let first = text.trim_start().chars().next();
@@ -735,25 +613,13 @@ pub fn parse_json(
                     continue;
                 }
                 let n = i as u64 + 1;
-                let value: Value = serde_json::from_str(line)
-                    .map_err(|e| data(name, n, format!("invalid JSON: {e}")))?;
+                let value: Value =
+                    serde_json::from_str(line).map_err(|e| data(name, n, format!("invalid JSON: {e}")))?;
                 push(n, value, &mut records)?;
             }
         }
-        (Format::Jsonl, _) => {
-            return Err(data(
-                name,
-                1,
-                "expected one JSON object per line (JSON Lines)",
-            ))
-        }
-        _ => {
-            return Err(data(
-                name,
-                1,
-                "expected a JSON array of records or JSON Lines",
-            ))
-        }
+        (Format::Jsonl, _) => return Err(data(name, 1, "expected one JSON object per line (JSON Lines)")),
+        _ => return Err(data(name, 1, "expected a JSON array of records or JSON Lines")),
     }
     Ok(records)
 }
@@ -771,14 +637,7 @@ struct JsonArray<'a> {
 
 impl<'a> JsonArray<'a> {
     fn new(text: &'a str, name: &'a str) -> Result<Self, StageError> {
-        let mut a = JsonArray {
-            text,
-            name,
-            pos: 0,
-            line: 1,
-            counted: 0,
-            done: false,
-        };
+        let mut a = JsonArray { text, name, pos: 0, line: 1, counted: 0, done: false };
         a.skip_ws();
         debug_assert_eq!(a.peek(), Some(b'['));
         a.pos += 1;
@@ -814,35 +673,20 @@ impl<'a> JsonArray<'a> {
         self.skip_ws();
         if self.pos < self.text.len() {
             let line = self.line_here();
-            return Err(data(
-                self.name,
-                line,
-                "unexpected text after the closing `]`",
-            ));
+            return Err(data(self.name, line, "unexpected text after the closing `]`"));
         }
         Ok(())
     }
 
     fn item(&mut self) -> Result<(u64, Value), StageError> {
         let line = self.line_here();
-        let mut stream =
-            serde_json::Deserializer::from_str(&self.text[self.pos..]).into_iter::<Value>();
+        let mut stream = serde_json::Deserializer::from_str(&self.text[self.pos..]).into_iter::<Value>();
         let value = match stream.next() {
             Some(Ok(v)) => v,
             Some(Err(e)) => {
-                return Err(data(
-                    self.name,
-                    line + e.line() as u64 - 1,
-                    format!("invalid JSON: {e}"),
-                ));
+                return Err(data(self.name, line + e.line() as u64 - 1, format!("invalid JSON: {e}")));
             }
-            None => {
-                return Err(data(
-                    self.name,
-                    line,
-                    "unexpected end of file; the array is not closed",
-                ))
-            }
+            None => return Err(data(self.name, line, "unexpected end of file; the array is not closed")),
         };
         self.pos += stream.byte_offset();
         self.skip_ws();
@@ -880,11 +724,7 @@ impl Iterator for JsonArray<'_> {
 }
 
 /// Records stored as Parquet. `line` in errors is the 1-based row number.
-pub fn parse_parquet(
-    path: &Path,
-    name: &str,
-    cancel: &AtomicBool,
-) -> Result<Vec<Record>, StageError> {
+pub fn parse_parquet(path: &Path, name: &str, cancel: &AtomicBool) -> Result<Vec<Record>, StageError> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
 
     let open = || File::open(path).map_err(|e| StageError::io(path, e));
@@ -899,15 +739,10 @@ pub fn parse_parquet(
     } else {
         open()?
     };
-    let reader = SerializedFileReader::new(file)
-        .map_err(|e| data(name, 1, format!("not a readable Parquet file: {e}")))?;
+    let reader =
+        SerializedFileReader::new(file).map_err(|e| data(name, 1, format!("not a readable Parquet file: {e}")))?;
     let schema = reader.metadata().file_metadata().schema_descr_ptr();
-    let names: Vec<String> = schema
-        .root_schema()
-        .get_fields()
-        .iter()
-        .map(|f| f.name().to_string())
-        .collect();
+    let names: Vec<String> = schema.root_schema().get_fields().iter().map(|f| f.name().to_string()).collect();
     // Where each of RECORD_FIELDS sits in a row; only `description` may be absent.
     let mut index = [None; RECORD_FIELDS.len()];
     for (slot, field) in index.iter_mut().zip(RECORD_FIELDS) {
@@ -924,9 +759,7 @@ pub fn parse_parquet(
             ));
         }
     }
-    let rows = reader
-        .get_row_iter(None)
-        .map_err(|e| data(name, 1, format!("unreadable Parquet: {e}")))?;
+    let rows = reader.get_row_iter(None).map_err(|e| data(name, 1, format!("unreadable Parquet: {e}")))?;
     let mut records = Vec::new();
     let mut seen = HashMap::new();
     for (i, row) in rows.enumerate() {
@@ -935,10 +768,7 @@ pub fn parse_parquet(
         let row = row.map_err(|e| data(name, line, format!("unreadable Parquet row: {e}")))?;
         let fields = row.into_columns();
         let record = record_of(|k| {
-            let at = RECORD_FIELDS
-                .iter()
-                .position(|f| *f == k)
-                .and_then(|i| index[i]);
+            let at = RECORD_FIELDS.iter().position(|f| *f == k).and_then(|i| index[i]);
             Cell::of_parquet(at.and_then(|j| fields.get(j)).map(|(_, f)| f))
         })
         .map_err(|m| data(name, line, m))?;

@@ -16,9 +16,5 @@ mod tests;
 
 /// Every stage kind this binary knows, in pipeline order.
 pub fn registry() -> Vec<Box<dyn Stage>> {
-    vec![
-        Box::new(load::Load),
-        Box::new(normalize::Normalize),
-        Box::new(split::Split),
-    ]
+    vec![Box::new(load::Load), Box::new(normalize::Normalize), Box::new(split::Split)]
 }

@@ -40,9 +40,7 @@ impl Form {
             "none" => Ok(Form::None),
             other => Err((
                 "unicode".to_string(),
-                format!(
-                    "unknown normalization form `{other}`; expected \"nfc\", \"nfkc\" or \"none\""
-                ),
+                format!("unknown normalization form `{other}`; expected \"nfc\", \"nfkc\" or \"none\""),
             )),
         }
     }
@@ -57,10 +55,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options {
-            lowercase: true,
-            form: Form::Nfc,
-        }
+        Options { lowercase: true, form: Form::Nfc }
     }
 }
 
@@ -129,20 +124,14 @@ impl Stage for Normalize {
     }
 
     fn check(&self, params: &Params) -> Result<(), (String, String)> {
-        let p: NormalizeParams = params
-            .decode()
-            .map_err(|e| (String::new(), e.to_string()))?;
+        let p: NormalizeParams = params.decode().map_err(|e| (String::new(), e.to_string()))?;
         Form::parse(&p.unicode).map(drop)
     }
 
     fn run(&self, ctx: &StageContext) -> Result<StageOutput, StageError> {
         let p: NormalizeParams = ctx.params()?;
-        let form =
-            Form::parse(&p.unicode).map_err(|(key, message)| StageError::Param { key, message })?;
-        let opts = Options {
-            lowercase: p.lowercase,
-            form,
-        };
+        let form = Form::parse(&p.unicode).map_err(|(key, message)| StageError::Param { key, message })?;
+        let opts = Options { lowercase: p.lowercase, form };
         let input = ctx.upstream_of("load")?.dir.join(table::TABLE_FILE);
         let reader = TableReader::open(&input)?;
         let mut writer = TableWriter::create(&ctx.out.join(table::TABLE_FILE), false)?;
@@ -153,11 +142,9 @@ impl Stage for Normalize {
                 ctx.check_cancel()?;
             }
             rows += 1;
-            for (field, count) in [
-                (&mut r.query, &mut query),
-                (&mut r.title, &mut title),
-                (&mut r.description, &mut description),
-            ] {
+            for (field, count) in
+                [(&mut r.query, &mut query), (&mut r.title, &mut title), (&mut r.description, &mut description)]
+            {
                 if let Cow::Owned(s) = normalize_text(field, &opts) {
                     *field = s;
                     *count += 1;
@@ -173,10 +160,7 @@ impl Stage for Normalize {
         let mut stats = JsonMap::new();
         stats.insert("rows".into(), rows.into());
         stats.insert("changed_rows".into(), changed.into());
-        Ok(StageOutput {
-            stats,
-            ..Default::default()
-        })
+        Ok(StageOutput { stats, ..Default::default() })
     }
 }
 
@@ -192,11 +176,7 @@ mod tests {
     #[test]
     fn examples() {
         assert_eq!(norm("  Angle   Bracket\t\n"), "angle bracket");
-        assert_eq!(
-            norm("a\u{a0}\u{2003}b"),
-            "a b",
-            "no-break and em spaces are whitespace"
-        );
+        assert_eq!(norm("a\u{a0}\u{2003}b"), "a b", "no-break and em spaces are whitespace");
         // NFD input (e + combining acute) becomes the composed character.
         assert_eq!(norm("Cafe\u{301} Table"), "caf\u{e9} table");
         assert_eq!(norm("\u{c5}ngstr\u{f6}m"), "\u{e5}ngstr\u{f6}m");
@@ -205,43 +185,19 @@ mod tests {
             norm("Grip-Rite #8 x 3 in. 16\u{e5}\u{a1} Nails (5 lb.-Pack) 1/2 in. x 10 ft. $9.99 & 50%"),
             "grip-rite #8 x 3 in. 16\u{e5}\u{a1} nails (5 lb.-pack) 1/2 in. x 10 ft. $9.99 & 50%"
         );
-        let keep_case = Options {
-            lowercase: false,
-            form: Form::Nfc,
-        };
-        assert_eq!(
-            normalize_text(" 1/2 In. X 10 Ft. ", &keep_case),
-            "1/2 In. X 10 Ft."
-        );
-        let nfkc = Options {
-            lowercase: true,
-            form: Form::Nfkc,
-        };
-        assert_eq!(
-            normalize_text("\u{bd} In. \u{fb01}ber \u{210c}", &nfkc),
-            "1\u{2044}2 in. fiber h"
-        );
-        let none = Options {
-            lowercase: false,
-            form: Form::None,
-        };
+        let keep_case = Options { lowercase: false, form: Form::Nfc };
+        assert_eq!(normalize_text(" 1/2 In. X 10 Ft. ", &keep_case), "1/2 In. X 10 Ft.");
+        let nfkc = Options { lowercase: true, form: Form::Nfkc };
+        assert_eq!(normalize_text("\u{bd} In. \u{fb01}ber \u{210c}", &nfkc), "1\u{2044}2 in. fiber h");
+        let none = Options { lowercase: false, form: Form::None };
         assert_eq!(normalize_text("e\u{301}", &none), "e\u{301}");
         // Unchanged text is not copied: the changed-row counts rely on this.
-        assert!(matches!(
-            normalize_text("angle bracket", &Options::default()),
-            Cow::Borrowed(_)
-        ));
-        assert!(matches!(
-            normalize_text("", &Options::default()),
-            Cow::Borrowed(_)
-        ));
+        assert!(matches!(normalize_text("angle bracket", &Options::default()), Cow::Borrowed(_)));
+        assert!(matches!(normalize_text("", &Options::default()), Cow::Borrowed(_)));
     }
 
     fn options() -> impl Strategy<Value = Options> {
-        (
-            any::<bool>(),
-            prop_oneof![Just(Form::Nfc), Just(Form::Nfkc), Just(Form::None)],
-        )
+        (any::<bool>(), prop_oneof![Just(Form::Nfc), Just(Form::Nfkc), Just(Form::None)])
             .prop_map(|(lowercase, form)| Options { lowercase, form })
     }
 

@@ -37,11 +37,9 @@ pub struct SplitParams {
 
 impl SplitParams {
     pub fn validate(&self) -> Result<(), (String, String)> {
-        for (key, v) in [
-            ("train_ratio", self.train_ratio),
-            ("val_ratio", self.val_ratio),
-            ("test_ratio", self.test_ratio),
-        ] {
+        for (key, v) in
+            [("train_ratio", self.train_ratio), ("val_ratio", self.val_ratio), ("test_ratio", self.test_ratio)]
+        {
             if !(v > 0.0 && v < 1.0) {
                 return Err((key.into(), format!("{v} is not in (0, 1)")));
             }
@@ -57,18 +55,12 @@ impl SplitParams {
             ));
         }
         if self.seed < 0 {
-            return Err((
-                "seed".into(),
-                format!("{} is negative; expected an integer >= 0", self.seed),
-            ));
+            return Err(("seed".into(), format!("{} is negative; expected an integer >= 0", self.seed)));
         }
         if !(1.0..=3.0).contains(&self.relevance_threshold) {
             return Err((
                 "relevance_threshold".into(),
-                format!(
-                    "{} is outside [1, 3], the range of relevance grades",
-                    self.relevance_threshold
-                ),
+                format!("{} is outside [1, 3], the range of relevance grades", self.relevance_threshold),
             ));
         }
         Ok(())
@@ -117,10 +109,7 @@ impl SplitMix64 {
 /// The stratification bin of a query's mean relevance. The tiny slack keeps a mean that is 1.67 in
 /// decimal but 1.6699999999999998 after summing floats in the 1.67 bin.
 pub fn bin_of(mean: f64) -> usize {
-    BIN_EDGES
-        .iter()
-        .take_while(|&&edge| mean + 1e-9 >= edge)
-        .count()
+    BIN_EDGES.iter().take_while(|&&edge| mean + 1e-9 >= edge).count()
 }
 
 /// Which split (index into [`SPLITS`]) each record goes to.
@@ -136,10 +125,7 @@ pub fn assign(records: &[Record], p: &SplitParams) -> Vec<usize> {
         g.0 += r.relevance;
         g.1 += 1;
     }
-    let mut queries: Vec<(&str, f64, usize)> = groups
-        .into_iter()
-        .map(|(q, (sum, n))| (q, sum / n as f64, n))
-        .collect();
+    let mut queries: Vec<(&str, f64, usize)> = groups.into_iter().map(|(q, (sum, n))| (q, sum / n as f64, n)).collect();
     queries.sort_unstable_by(|a, b| a.0.cmp(b.0));
     let mut bins: [Vec<(&str, usize)>; 4] = Default::default();
     for (q, mean, n) in queries {
@@ -186,38 +172,23 @@ impl<'a> Tally<'a> {
         g.0 += r.relevance;
         g.1 += 1;
         // Grades are multiples of 1/12 at most; keying by thousandths sorts them numerically.
-        *self
-            .histogram
-            .entry((r.relevance * 1000.0).round() as i64)
-            .or_default() += 1;
+        *self.histogram.entry((r.relevance * 1000.0).round() as i64).or_default() += 1;
     }
 
     fn json(&self, total_pairs: usize) -> serde_json::Value {
         let mut m = JsonMap::new();
         m.insert("pairs".into(), self.pairs.into());
         m.insert("queries".into(), self.queries.len().into());
-        m.insert(
-            "share_of_pairs".into(),
-            ratio(self.pairs, total_pairs).into(),
-        );
+        m.insert("share_of_pairs".into(), ratio(self.pairs, total_pairs).into());
         m.insert("positives".into(), self.positives.into());
-        m.insert(
-            "positive_rate".into(),
-            ratio(self.positives, self.pairs).into(),
-        );
+        m.insert("positive_rate".into(), ratio(self.positives, self.pairs).into());
         let mut bins = [0usize; 4];
         for (sum, n) in self.queries.values() {
             bins[bin_of(sum / *n as f64)] += 1;
         }
-        m.insert(
-            "queries_per_relevance_bin".into(),
-            serde_json::Value::from(bins.to_vec()),
-        );
-        let hist: JsonMap = self
-            .histogram
-            .iter()
-            .map(|(k, v)| (format!("{}", *k as f64 / 1000.0), (*v).into()))
-            .collect();
+        m.insert("queries_per_relevance_bin".into(), serde_json::Value::from(bins.to_vec()));
+        let hist: JsonMap =
+            self.histogram.iter().map(|(k, v)| (format!("{}", *k as f64 / 1000.0), (*v).into())).collect();
         m.insert("relevance_histogram".into(), hist.into());
         m.into()
     }
@@ -243,26 +214,20 @@ impl Stage for Split {
     }
 
     fn check(&self, params: &Params) -> Result<(), (String, String)> {
-        let p: SplitParams = params
-            .decode()
-            .map_err(|e| (String::new(), e.to_string()))?;
+        let p: SplitParams = params.decode().map_err(|e| (String::new(), e.to_string()))?;
         p.validate()
     }
 
     fn run(&self, ctx: &StageContext) -> Result<StageOutput, StageError> {
         let p: SplitParams = ctx.params()?;
-        p.validate()
-            .map_err(|(key, message)| StageError::Param { key, message })?;
+        p.validate().map_err(|(key, message)| StageError::Param { key, message })?;
         let input = input_table(ctx)?;
         let records = table::read_table(&input)?;
         ctx.check_cancel()?;
         let parts = assign(&records, &p);
         let mut writers = Vec::new();
         for name in SPLITS {
-            writers.push(TableWriter::create(
-                &ctx.out.join(format!("{name}.csv")),
-                true,
-            )?);
+            writers.push(TableWriter::create(&ctx.out.join(format!("{name}.csv")), true)?);
         }
         let mut tallies: [Tally; 3] = Default::default();
         for (r, &s) in records.iter().zip(&parts) {
@@ -292,19 +257,13 @@ impl Stage for Split {
         for (name, t) in SPLITS.iter().zip(&tallies) {
             stats.insert((*name).into(), t.json(records.len()));
         }
-        Ok(StageOutput {
-            stats,
-            ..Default::default()
-        })
+        Ok(StageOutput { stats, ..Default::default() })
     }
 }
 
 /// The table to split: the `normalize` output, or `load`'s when the pipeline skips normalizing.
 fn input_table(ctx: &StageContext) -> Result<PathBuf, StageError> {
-    let mut found = ctx
-        .upstream
-        .iter()
-        .filter(|u| u.kind == "normalize" || u.kind == "load");
+    let mut found = ctx.upstream.iter().filter(|u| u.kind == "normalize" || u.kind == "load");
     match (found.next(), found.next()) {
         (Some(u), None) => Ok(u.dir.join(table::TABLE_FILE)),
         (None, _) => Err(StageError::Upstream(format!(

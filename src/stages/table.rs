@@ -13,14 +13,7 @@ use std::path::Path;
 use crate::engine::StageError;
 
 /// The columns every table has, in file order.
-pub const COLUMNS: [&str; 6] = [
-    "id",
-    "product_id",
-    "query",
-    "title",
-    "description",
-    "relevance",
-];
+pub const COLUMNS: [&str; 6] = ["id", "product_id", "query", "title", "description", "relevance"];
 /// The extra column of split outputs.
 pub const LABEL: &str = "label";
 /// The file name `load` and `normalize` write their table under.
@@ -68,12 +61,7 @@ impl<W: Write> TableWriter<W> {
             .quote_style(csv::QuoteStyle::Necessary)
             .terminator(csv::Terminator::Any(b'\n'))
             .from_writer(inner);
-        let mut w = TableWriter {
-            csv,
-            labeled,
-            name,
-            buf: String::new(),
-        };
+        let mut w = TableWriter { csv, labeled, name, buf: String::new() };
         let mut header: Vec<&str> = COLUMNS.to_vec();
         if labeled {
             header.push(LABEL);
@@ -95,40 +83,24 @@ impl<W: Write> TableWriter<W> {
         self.buf.clear();
         use std::fmt::Write as _;
         write!(self.buf, "{}", r.relevance).expect("writing to a String");
-        let fields = [
-            &r.id,
-            &r.product_id,
-            &r.query,
-            &r.title,
-            &r.description,
-            &self.buf,
-        ];
+        let fields = [&r.id, &r.product_id, &r.query, &r.title, &r.description, &self.buf];
         for f in fields {
-            self.csv
-                .write_field(f.as_bytes())
-                .map_err(|e| err(&self.name, e))?;
+            self.csv.write_field(f.as_bytes()).map_err(|e| err(&self.name, e))?;
         }
         if let Some(l) = label {
-            self.csv
-                .write_field(if l { "1" } else { "0" })
-                .map_err(|e| err(&self.name, e))?;
+            self.csv.write_field(if l { "1" } else { "0" }).map_err(|e| err(&self.name, e))?;
         }
-        self.csv
-            .write_record(None::<&[u8]>)
-            .map_err(|e| err(&self.name, e))
+        self.csv.write_record(None::<&[u8]>).map_err(|e| err(&self.name, e))
     }
 
     /// Flush and hand back the inner writer (durability is the store's job: it fsyncs on commit).
     pub fn finish(self) -> Result<W, StageError> {
         let name = self.name;
-        let mut inner = self.csv.into_inner().map_err(|e| StageError::Io {
-            path: name.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        inner.flush().map_err(|e| StageError::Io {
-            path: name,
-            source: e,
-        })?;
+        let mut inner = self
+            .csv
+            .into_inner()
+            .map_err(|e| StageError::Io { path: name.clone(), source: std::io::Error::other(e.to_string()) })?;
+        inner.flush().map_err(|e| StageError::Io { path: name, source: e })?;
         Ok(inner)
     }
 
@@ -142,10 +114,7 @@ fn err(name: &str, e: csv::Error) -> StageError {
         csv::ErrorKind::Io(io) => io,
         other => std::io::Error::other(format!("{other:?}")),
     };
-    StageError::Io {
-        path: name.to_string(),
-        source,
-    }
+    StageError::Io { path: name.to_string(), source }
 }
 
 /// Write an unlabeled table.
@@ -179,9 +148,7 @@ impl TableReader {
     pub fn open(path: &Path) -> Result<Self, StageError> {
         let name = path.display().to_string();
         let file = File::open(path).map_err(|e| StageError::io(path, e))?;
-        let mut csv = csv::ReaderBuilder::new()
-            .has_headers(true)
-            .from_reader(BufReader::new(file));
+        let mut csv = csv::ReaderBuilder::new().has_headers(true).from_reader(BufReader::new(file));
         let header = csv.headers().map_err(|e| data_err(&name, e))?.clone();
         let labeled = if header.iter().eq(COLUMNS) {
             false
@@ -198,12 +165,7 @@ impl TableReader {
                 ),
             });
         };
-        Ok(TableReader {
-            csv,
-            labeled,
-            name,
-            row: csv::StringRecord::new(),
-        })
+        Ok(TableReader { csv, labeled, name, row: csv::StringRecord::new() })
     }
 
     /// Whether the table has a `label` column (split outputs do).
@@ -212,23 +174,13 @@ impl TableReader {
     }
 
     fn next_row(&mut self) -> Result<Option<(Record, Option<bool>)>, StageError> {
-        if !self
-            .csv
-            .read_record(&mut self.row)
-            .map_err(|e| data_err(&self.name, e))?
-        {
+        if !self.csv.read_record(&mut self.row).map_err(|e| data_err(&self.name, e))? {
             return Ok(None);
         }
         let line = self.row.position().map_or(0, |p| p.line());
-        let bad = |message: String| StageError::Data {
-            file: self.name.clone(),
-            line,
-            message,
-        };
+        let bad = |message: String| StageError::Data { file: self.name.clone(), line, message };
         let f = &self.row;
-        let relevance: f64 = f[5]
-            .parse()
-            .map_err(|_| bad(format!("relevance `{}` is not a number", &f[5])))?;
+        let relevance: f64 = f[5].parse().map_err(|_| bad(format!("relevance `{}` is not a number", &f[5])))?;
         let label = if self.labeled {
             match &f[6] {
                 "0" => Some(false),
@@ -261,17 +213,12 @@ impl Iterator for TableReader {
 fn data_err(name: &str, e: csv::Error) -> StageError {
     let line = e.position().map_or(1, |p| p.line());
     match e.into_kind() {
-        csv::ErrorKind::Io(source) => StageError::Io {
-            path: name.to_string(),
-            source,
-        },
+        csv::ErrorKind::Io(source) => StageError::Io { path: name.to_string(), source },
         kind => StageError::Data {
             file: name.to_string(),
             line,
             message: match kind {
-                csv::ErrorKind::UnequalLengths {
-                    expected_len, len, ..
-                } => {
+                csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
                     format!("expected {expected_len} fields, found {len}")
                 }
                 csv::ErrorKind::Utf8 { err, .. } => format!("invalid UTF-8: {err}"),
@@ -283,9 +230,7 @@ fn data_err(name: &str, e: csv::Error) -> StageError {
 
 /// Every record of a table (a `label` column, if present, is ignored).
 pub fn read_table(path: &Path) -> Result<Vec<Record>, StageError> {
-    TableReader::open(path)?
-        .map(|r| r.map(|(rec, _)| rec))
-        .collect()
+    TableReader::open(path)?.map(|r| r.map(|(rec, _)| rec)).collect()
 }
 
 /// Every row of a split output; an error if the table has no `label` column.
@@ -298,14 +243,7 @@ pub fn read_labeled(path: &Path) -> Result<Vec<Labeled>, StageError> {
             message: format!("expected a `{LABEL}` column: this is not a split output"),
         });
     }
-    reader
-        .map(|r| {
-            r.map(|(record, label)| Labeled {
-                record,
-                label: label.unwrap_or(false),
-            })
-        })
-        .collect()
+    reader.map(|r| r.map(|(record, label)| Labeled { record, label: label.unwrap_or(false) })).collect()
 }
 
 #[cfg(test)]
@@ -327,14 +265,8 @@ mod tests {
     fn round_trips_records_and_labels_with_deterministic_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let rows = vec![
-            Labeled {
-                record: rec("1", "angle bracket", 3.0),
-                label: true,
-            },
-            Labeled {
-                record: rec("2", " l bracket ", 2.33),
-                label: false,
-            },
+            Labeled { record: rec("1", "angle bracket", 3.0), label: true },
+            Labeled { record: rec("2", " l bracket ", 2.33), label: false },
         ];
         let a = dir.path().join("a.csv");
         let b = dir.path().join("b.csv");
@@ -353,10 +285,7 @@ mod tests {
         let plain = dir.path().join("plain.csv");
         write_table(&plain, &[rows[0].record.clone()]).unwrap();
         assert!(!TableReader::open(&plain).unwrap().has_labels());
-        assert!(matches!(
-            read_labeled(&plain),
-            Err(StageError::Data { line: 1, .. })
-        ));
+        assert!(matches!(read_labeled(&plain), Err(StageError::Data { line: 1, .. })));
     }
 
     #[test]
@@ -365,14 +294,8 @@ mod tests {
         let p = dir.path().join("t.csv");
         std::fs::write(&p, "id,query\n1,a\n").unwrap();
         let e = read_table(&p).unwrap_err();
-        assert!(
-            matches!(&e, StageError::Data { line: 1, message, .. } if message.contains("expected the header"))
-        );
-        std::fs::write(
-            &p,
-            "id,product_id,query,title,description,relevance\n1,2,q,t,d,3\n2,2,q,t,d,x\n",
-        )
-        .unwrap();
+        assert!(matches!(&e, StageError::Data { line: 1, message, .. } if message.contains("expected the header")));
+        std::fs::write(&p, "id,product_id,query,title,description,relevance\n1,2,q,t,d,3\n2,2,q,t,d,x\n").unwrap();
         let e = read_table(&p).unwrap_err();
         assert!(matches!(&e, StageError::Data { line: 3, .. }), "{e}");
     }

@@ -30,45 +30,26 @@ fn kaggle(h: &Harness) {
 }
 
 fn load_params(path: &str, descriptions: &str) -> crate::engine::Params {
-    params(
-        &Load,
-        &[("path", s(path)), ("descriptions", s(descriptions))],
-    )
+    params(&Load, &[("path", s(path)), ("descriptions", s(descriptions))])
 }
 
 #[test]
 fn kaggle_csv_is_decoded_as_latin1_and_joined_with_descriptions() {
     let h = Harness::new();
     kaggle(&h);
-    let (res, out) = h.run(
-        &Load,
-        "load",
-        &load_params("in/train.csv", "in/product_descriptions.csv"),
-        &[],
-    );
+    let (res, out) = h.run(&Load, "load", &load_params("in/train.csv", "in/product_descriptions.csv"), &[]);
     let output = res.unwrap();
     let rows = table::read_table(&out.join("table.csv")).unwrap();
     assert_eq!(rows.len(), 4);
     // 0xE5 0xA1 are the latin-1 characters å and ¡ (the Kaggle mojibake for a degree sign).
-    assert_eq!(
-        rows[2].title,
-        "Paslode 3 in. x 0.120-Gauge 30å¡ Galvanized Nails"
-    );
+    assert_eq!(rows[2].title, "Paslode 3 in. x 0.120-Gauge 30å¡ Galvanized Nails");
     assert_eq!(rows[2].description, "Bosså¡ deck coating");
-    assert_eq!(
-        rows[3].title,
-        "Delta Vero 1-Handle Shower Faucet \"Trim\" Kit"
-    );
+    assert_eq!(rows[3].title, "Delta Vero 1-Handle Shower Faucet \"Trim\" Kit");
     assert!(rows[0].description.starts_with("Not only do angles"));
     assert_eq!(rows[0].description, rows[1].description);
     assert_eq!(rows[3].description, "", "product 100005 has no description");
     assert_eq!(
-        (
-            rows[1].id.as_str(),
-            rows[1].product_id.as_str(),
-            rows[1].query.as_str(),
-            rows[1].relevance
-        ),
+        (rows[1].id.as_str(), rows[1].product_id.as_str(), rows[1].query.as_str(), rows[1].relevance),
         ("3", "100001", "l bracket", 2.5)
     );
     let st = &output.stats;
@@ -84,10 +65,7 @@ fn kaggle_csv_is_decoded_as_latin1_and_joined_with_descriptions() {
     // Without descriptions every description is empty.
     let (res, out) = h.run(&Load, "load", &load_params("in/train.csv", ""), &[]);
     assert_eq!(res.unwrap().stats["rows_with_description"], 0);
-    assert!(table::read_table(&out.join("table.csv"))
-        .unwrap()
-        .iter()
-        .all(|r| r.description.is_empty()));
+    assert!(table::read_table(&out.join("table.csv")).unwrap().iter().all(|r| r.description.is_empty()));
 }
 
 #[test]
@@ -97,18 +75,8 @@ fn gzip_inputs_give_the_same_table_bytes() {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     std::io::Write::write_all(&mut gz, TRAIN).unwrap();
     h.write("in/train.csv.gz", gz.finish().unwrap());
-    let (a, out_a) = h.run(
-        &Load,
-        "a",
-        &load_params("in/train.csv", "in/product_descriptions.csv"),
-        &[],
-    );
-    let (b, out_b) = h.run(
-        &Load,
-        "b",
-        &load_params("in/train.csv.gz", "in/product_descriptions.csv"),
-        &[],
-    );
+    let (a, out_a) = h.run(&Load, "a", &load_params("in/train.csv", "in/product_descriptions.csv"), &[]);
+    let (b, out_b) = h.run(&Load, "b", &load_params("in/train.csv.gz", "in/product_descriptions.csv"), &[]);
     a.unwrap();
     b.unwrap();
     let bytes_a = std::fs::read(out_a.join("table.csv")).unwrap();
@@ -118,24 +86,11 @@ fn gzip_inputs_give_the_same_table_bytes() {
 #[test]
 fn utf8_encoding_reads_utf8_csv() {
     let h = Harness::new();
-    h.write(
-        "t.csv",
-        "id,product_uid,product_title,search_term,relevance\n1,7,Café ½ in.,café,2\n",
-    );
-    let p = params(
-        &Load,
-        &[
-            ("path", s("t.csv")),
-            ("descriptions", s("")),
-            ("encoding", s("utf-8")),
-        ],
-    );
+    h.write("t.csv", "id,product_uid,product_title,search_term,relevance\n1,7,Café ½ in.,café,2\n");
+    let p = params(&Load, &[("path", s("t.csv")), ("descriptions", s("")), ("encoding", s("utf-8"))]);
     let (res, out) = h.run(&Load, "load", &p, &[]);
     res.unwrap();
-    assert_eq!(
-        table::read_table(&out.join("table.csv")).unwrap()[0].title,
-        "Café ½ in."
-    );
+    assert_eq!(table::read_table(&out.join("table.csv")).unwrap()[0].title, "Café ½ in.");
 }
 
 /// The `bstds/home_depot` layout as JSON Lines, JSON array and Parquet.
@@ -147,41 +102,19 @@ const JSONL: &str = r#"{"id": 2, "entity_id": 100001, "name": "Simpson Strong-Ti
 "#;
 
 fn expected_records() -> Vec<Record> {
-    let r =
-        |id: &str, pid: &str, title: &str, query: &str, relevance: f64, description: &str| Record {
-            id: id.into(),
-            product_id: pid.into(),
-            query: query.into(),
-            title: title.into(),
-            description: description.into(),
-            relevance,
-        };
+    let r = |id: &str, pid: &str, title: &str, query: &str, relevance: f64, description: &str| Record {
+        id: id.into(),
+        product_id: pid.into(),
+        query: query.into(),
+        title: title.into(),
+        description: description.into(),
+        relevance,
+    };
     let angle = "Not only do angles make joints stronger";
     vec![
-        r(
-            "2",
-            "100001",
-            "Simpson Strong-Tie 12-Gauge Angle",
-            "angle bracket",
-            3.0,
-            angle,
-        ),
-        r(
-            "3",
-            "100001",
-            "Simpson Strong-Tie 12-Gauge Angle",
-            "l bracket",
-            2.5,
-            angle,
-        ),
-        r(
-            "9",
-            "100002",
-            "BEHR Premium Textured DeckOver",
-            "deck over",
-            2.33,
-            "",
-        ),
+        r("2", "100001", "Simpson Strong-Tie 12-Gauge Angle", "angle bracket", 3.0, angle),
+        r("3", "100001", "Simpson Strong-Tie 12-Gauge Angle", "l bracket", 2.5, angle),
+        r("9", "100002", "BEHR Premium Textured DeckOver", "deck over", 2.33, ""),
         r("16", "100005", "Café ½ in.", "rain shower head", 2.0, ""),
     ]
 }
@@ -212,66 +145,35 @@ fn write_parquet(path: &Path, rows: &[Record]) {
         .unwrap(),
     );
     let file = std::fs::File::create(path).unwrap();
-    let mut w =
-        SerializedFileWriter::new(file, schema, Arc::new(WriterProperties::builder().build()))
-            .unwrap();
+    let mut w = SerializedFileWriter::new(file, schema, Arc::new(WriterProperties::builder().build())).unwrap();
     let mut g = w.next_row_group().unwrap();
-    let ints = |f: fn(&Record) -> &String| {
-        rows.iter()
-            .map(|r| f(r).parse::<i64>().unwrap())
-            .collect::<Vec<_>>()
-    };
-    let strs = |f: fn(&Record) -> &String| {
-        rows.iter()
-            .map(|r| ByteArray::from(f(r).as_str()))
-            .collect::<Vec<_>>()
-    };
+    let ints = |f: fn(&Record) -> &String| rows.iter().map(|r| f(r).parse::<i64>().unwrap()).collect::<Vec<_>>();
+    let strs = |f: fn(&Record) -> &String| rows.iter().map(|r| ByteArray::from(f(r).as_str())).collect::<Vec<_>>();
     let mut col = g.next_column().unwrap().unwrap();
-    col.typed::<Int64Type>()
-        .write_batch(&ints(|r| &r.id), None, None)
-        .unwrap();
+    col.typed::<Int64Type>().write_batch(&ints(|r| &r.id), None, None).unwrap();
     col.close().unwrap();
     let mut col = g.next_column().unwrap().unwrap();
-    col.typed::<Int64Type>()
-        .write_batch(&ints(|r| &r.product_id), None, None)
-        .unwrap();
+    col.typed::<Int64Type>().write_batch(&ints(|r| &r.product_id), None, None).unwrap();
     col.close().unwrap();
-    for f in [
-        (|r: &Record| &r.title) as fn(&Record) -> &String,
-        |r: &Record| &r.query,
-    ] {
+    for f in [(|r: &Record| &r.title) as fn(&Record) -> &String, |r: &Record| &r.query] {
         let mut col = g.next_column().unwrap().unwrap();
-        col.typed::<ByteArrayType>()
-            .write_batch(&strs(f), None, None)
-            .unwrap();
+        col.typed::<ByteArrayType>().write_batch(&strs(f), None, None).unwrap();
         col.close().unwrap();
     }
     let mut col = g.next_column().unwrap().unwrap();
     let rel: Vec<f64> = rows.iter().map(|r| r.relevance).collect();
-    col.typed::<DoubleType>()
-        .write_batch(&rel, None, None)
-        .unwrap();
+    col.typed::<DoubleType>().write_batch(&rel, None, None).unwrap();
     col.close().unwrap();
     // Empty descriptions are stored as nulls, as pandas would.
     let mut col = g.next_column().unwrap().unwrap();
-    let defs: Vec<i16> = rows
-        .iter()
-        .map(|r| i16::from(!r.description.is_empty()))
-        .collect();
-    let present: Vec<ByteArray> = rows
-        .iter()
-        .filter(|r| !r.description.is_empty())
-        .map(|r| ByteArray::from(r.description.as_str()))
-        .collect();
-    col.typed::<ByteArrayType>()
-        .write_batch(&present, Some(&defs), None)
-        .unwrap();
+    let defs: Vec<i16> = rows.iter().map(|r| i16::from(!r.description.is_empty())).collect();
+    let present: Vec<ByteArray> =
+        rows.iter().filter(|r| !r.description.is_empty()).map(|r| ByteArray::from(r.description.as_str())).collect();
+    col.typed::<ByteArrayType>().write_batch(&present, Some(&defs), None).unwrap();
     col.close().unwrap();
     let mut col = g.next_column().unwrap().unwrap();
     let idx: Vec<i64> = (0..rows.len() as i64).collect();
-    col.typed::<Int64Type>()
-        .write_batch(&idx, Some(&vec![1; rows.len()]), None)
-        .unwrap();
+    col.typed::<Int64Type>().write_batch(&idx, Some(&vec![1; rows.len()]), None).unwrap();
     col.close().unwrap();
     g.close().unwrap();
     w.close().unwrap();
@@ -285,11 +187,7 @@ fn record_layouts_jsonl_json_array_and_parquet_load_the_same_table() {
     h.write("r/lines.json", JSONL); // `.json` holding JSON Lines, as some hub datasets do
     write_parquet(&h.root().join("r/records.parquet"), &expected_records());
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    std::io::Write::write_all(
-        &mut gz,
-        &std::fs::read(h.root().join("r/records.parquet")).unwrap(),
-    )
-    .unwrap();
+    std::io::Write::write_all(&mut gz, &std::fs::read(h.root().join("r/records.parquet")).unwrap()).unwrap();
     h.write("r/records.parquet.gz", gz.finish().unwrap());
 
     let mut tables = Vec::new();
@@ -306,32 +204,16 @@ fn record_layouts_jsonl_json_array_and_parquet_load_the_same_table() {
         let output = res.unwrap_or_else(|e| panic!("{file}: {e}"));
         assert_eq!(output.stats["format"], format, "{file}");
         assert_eq!(output.stats["rows_with_description"], 2, "{file}");
-        assert_eq!(
-            table::read_table(&out.join("table.csv")).unwrap(),
-            expected_records(),
-            "{file}"
-        );
+        assert_eq!(table::read_table(&out.join("table.csv")).unwrap(), expected_records(), "{file}");
         tables.push(std::fs::read(out.join("table.csv")).unwrap());
-        assert_eq!(
-            Load.inputs(&p),
-            vec![ExternalInput::File(file.to_string())],
-            "{file}"
-        );
+        assert_eq!(Load.inputs(&p), vec![ExternalInput::File(file.to_string())], "{file}");
     }
     assert!(tables.windows(2).all(|w| w[0] == w[1]));
 
     // `format` overrides the extension.
     h.write("r/records.txt", JSONL);
-    let p = params(
-        &Load,
-        &[("path", s("r/records.txt")), ("format", s("jsonl"))],
-    );
-    assert_eq!(
-        table::read_table(&h.run(&Load, "load", &p, &[]).1.join("table.csv"))
-            .unwrap()
-            .len(),
-        4
-    );
+    let p = params(&Load, &[("path", s("r/records.txt")), ("format", s("jsonl"))]);
+    assert_eq!(table::read_table(&h.run(&Load, "load", &p, &[]).1.join("table.csv")).unwrap().len(), 4);
 }
 
 #[test]
@@ -347,49 +229,23 @@ fn hub_paths_resolve_offline_from_a_hand_built_cache() {
 
     let spec = "hf://datasets/bstds/home_depot/data/train.jsonl";
     let p: LoadParams = params(&Load, &[("path", s(spec))]).decode().unwrap();
-    let hub = HubSettings {
-        cache_dir: Some(h.root().join("hf")),
-        offline: true,
-        progress: false,
-    };
+    let hub = HubSettings { cache_dir: Some(h.root().join("hf")), offline: true, progress: false };
     let cancel = AtomicBool::new(false);
     let loaded = load::load(&p, h.root(), &hub, &cancel).unwrap();
     assert_eq!(loaded.records, expected_records());
 
     // The revision is the remote input's identity: a pinned commit is found in `snapshots/` too.
     let pinned = params(&Load, &[("path", s(spec)), ("revision", s(commit))]);
-    assert_eq!(
-        Load.inputs(&pinned),
-        vec![ExternalInput::Remote(format!("{spec}@{commit}"))]
-    );
+    assert_eq!(Load.inputs(&pinned), vec![ExternalInput::Remote(format!("{spec}@{commit}"))]);
     let p: LoadParams = pinned.decode().unwrap();
-    assert_eq!(
-        load::load(&p, h.root(), &hub, &cancel)
-            .unwrap()
-            .records
-            .len(),
-        4
-    );
+    assert_eq!(load::load(&p, h.root(), &hub, &cancel).unwrap().records.len(), 4);
 
     // A file that is not cached, offline: a clear error that says how to use a local file.
-    let p: LoadParams = params(
-        &Load,
-        &[(
-            "path",
-            s("hf://datasets/bstds/home_depot/data/other.parquet"),
-        )],
-    )
-    .decode()
-    .unwrap();
+    let p: LoadParams =
+        params(&Load, &[("path", s("hf://datasets/bstds/home_depot/data/other.parquet"))]).decode().unwrap();
     let e = load::load(&p, h.root(), &hub, &cancel).unwrap_err();
-    assert!(
-        matches!(&e, StageError::Param { key, .. } if key == "path"),
-        "{e}"
-    );
-    assert!(
-        e.to_string().contains("not in the Hugging Face cache"),
-        "{e}"
-    );
+    assert!(matches!(&e, StageError::Param { key, .. } if key == "path"), "{e}");
+    assert!(e.to_string().contains("not in the Hugging Face cache"), "{e}");
 }
 
 #[test]
@@ -397,10 +253,7 @@ fn inputs_name_both_kaggle_files_and_check_rejects_bad_values() {
     let p = params(&Load, &[]);
     assert_eq!(
         Load.inputs(&p),
-        vec![
-            ExternalInput::File("data/train.csv".into()),
-            ExternalInput::File("data/product_descriptions.csv".into())
-        ]
+        vec![ExternalInput::File("data/train.csv".into()), ExternalInput::File("data/product_descriptions.csv".into())]
     );
     let mut bad = p.clone();
     bad.0.insert("format".into(), s("xlsx"));
@@ -425,12 +278,7 @@ fn inputs_name_both_kaggle_files_and_check_rejects_bad_values() {
 fn normalize_changes_only_spelling_and_counts_changed_rows() {
     let h = Harness::new();
     kaggle(&h);
-    let (res, load_out) = h.run(
-        &Load,
-        "load",
-        &load_params("in/train.csv", "in/product_descriptions.csv"),
-        &[],
-    );
+    let (res, load_out) = h.run(&Load, "load", &load_params("in/train.csv", "in/product_descriptions.csv"), &[]);
     res.unwrap();
     let up = [upstream("load", &load_out)];
     let (res, out) = h.run(&Normalize, "normalize", &params(&Normalize, &[]), &up);
@@ -439,19 +287,10 @@ fn normalize_changes_only_spelling_and_counts_changed_rows() {
     let before = table::read_table(&load_out.join("table.csv")).unwrap();
     let after = table::read_table(&out.join("table.csv")).unwrap();
     assert_eq!(after[2].query, "deck over");
-    assert_eq!(
-        after[2].title,
-        "paslode 3 in. x 0.120-gauge 30å¡ galvanized nails"
-    );
-    assert_eq!(
-        after[3].title,
-        "delta vero 1-handle shower faucet \"trim\" kit"
-    );
+    assert_eq!(after[2].title, "paslode 3 in. x 0.120-gauge 30å¡ galvanized nails");
+    assert_eq!(after[3].title, "delta vero 1-handle shower faucet \"trim\" kit");
     for (b, a) in before.iter().zip(&after) {
-        assert_eq!(
-            (&b.id, &b.product_id, b.relevance),
-            (&a.id, &a.product_id, a.relevance)
-        );
+        assert_eq!((&b.id, &b.product_id, b.relevance), (&a.id, &a.product_id, a.relevance));
     }
     // Only "deck  over" has a query to fix; every title has capitals; 3 of 4 rows have a description
     // with a capital letter.
@@ -461,31 +300,15 @@ fn normalize_changes_only_spelling_and_counts_changed_rows() {
     assert_eq!(stats["changed_rows"]["description"], 3);
 
     // Without lowercasing, case stays and only the whitespace fix remains.
-    let (res, out) = h.run(
-        &Normalize,
-        "n2",
-        &params(&Normalize, &[("lowercase", toml::Value::Boolean(false))]),
-        &up,
-    );
+    let (res, out) = h.run(&Normalize, "n2", &params(&Normalize, &[("lowercase", toml::Value::Boolean(false))]), &up);
     let stats = res.unwrap().stats;
     assert_eq!(stats["changed_rows"]["title"], 0);
-    assert_eq!(
-        table::read_table(&out.join("table.csv")).unwrap()[3].title,
-        before[3].title
-    );
+    assert_eq!(table::read_table(&out.join("table.csv")).unwrap()[3].title, before[3].title);
 
     // Latin-1 text is already NFC, so switching the form off yields identical bytes (early cutoff).
-    let (res, out_none) = h.run(
-        &Normalize,
-        "n3",
-        &params(&Normalize, &[("unicode", s("none"))]),
-        &up,
-    );
+    let (res, out_none) = h.run(&Normalize, "n3", &params(&Normalize, &[("unicode", s("none"))]), &up);
     res.unwrap();
-    assert_eq!(
-        default_bytes,
-        std::fs::read(out_none.join("table.csv")).unwrap()
-    );
+    assert_eq!(default_bytes, std::fs::read(out_none.join("table.csv")).unwrap());
 
     let mut bad = params(&Normalize, &[]);
     bad.0.insert("unicode".into(), s("nfd"));
@@ -518,9 +341,7 @@ fn synthetic(queries: usize) -> Vec<Record> {
 }
 
 fn split_params(seed: i64) -> SplitParams {
-    params(&Split, &[("seed", toml::Value::Integer(seed))])
-        .decode()
-        .unwrap()
+    params(&Split, &[("seed", toml::Value::Integer(seed))]).decode().unwrap()
 }
 
 #[test]
@@ -529,20 +350,12 @@ fn split_is_grouped_stratified_close_to_the_ratios_and_deterministic() {
     let parts = split::assign(&records, &split_params(42));
     let mut home: HashMap<&str, usize> = HashMap::new();
     for (r, &s) in records.iter().zip(&parts) {
-        assert_eq!(
-            *home.entry(&r.query).or_insert(s),
-            s,
-            "query {} is in two splits",
-            r.query
-        );
+        assert_eq!(*home.entry(&r.query).or_insert(s), s, "query {} is in two splits", r.query);
     }
     let total = records.len() as f64;
     for (s, want) in [(0, 0.70), (1, 0.15), (2, 0.15)] {
         let got = parts.iter().filter(|&&p| p == s).count() as f64 / total;
-        assert!(
-            (got - want).abs() < 0.01,
-            "split {s}: share {got}, want {want}"
-        );
+        assert!((got - want).abs() < 0.01, "split {s}: share {got}, want {want}");
     }
     // Every relevance bin is split in the same proportions.
     let mut groups: HashMap<&str, (f64, usize, usize)> = HashMap::new();
@@ -552,17 +365,11 @@ fn split_is_grouped_stratified_close_to_the_ratios_and_deterministic() {
         g.1 += 1;
     }
     for bin in 0..4 {
-        let in_bin: Vec<_> = groups
-            .values()
-            .filter(|g| split::bin_of(g.0 / g.1 as f64) == bin)
-            .collect();
+        let in_bin: Vec<_> = groups.values().filter(|g| split::bin_of(g.0 / g.1 as f64) == bin).collect();
         let pairs: usize = in_bin.iter().map(|g| g.1).sum();
         assert!(pairs > 500, "bin {bin} has {pairs} pairs");
         let train: usize = in_bin.iter().filter(|g| g.2 == 0).map(|g| g.1).sum();
-        assert!(
-            (train as f64 / pairs as f64 - 0.70).abs() < 0.02,
-            "bin {bin}"
-        );
+        assert!((train as f64 / pairs as f64 - 0.70).abs() < 0.02, "bin {bin}");
     }
     // Same seed → same split, regardless of row order; another seed → another split.
     assert_eq!(split::assign(&records, &split_params(42)), parts);
@@ -573,10 +380,7 @@ fn split_is_grouped_stratified_close_to_the_ratios_and_deterministic() {
     assert_eq!(rev_parts, parts);
     let other = split::assign(&records, &split_params(7));
     let moved = other.iter().zip(&parts).filter(|(a, b)| a != b).count();
-    assert!(
-        moved > records.len() / 10,
-        "seed 7 moved only {moved} pairs"
-    );
+    assert!(moved > records.len() / 10, "seed 7 moved only {moved} pairs");
 }
 
 #[test]
@@ -593,10 +397,7 @@ fn split_stage_writes_labeled_files_and_stats() {
     for name in split::SPLITS {
         let rows = table::read_labeled(&out.join(format!("{name}.csv"))).unwrap();
         let queries: HashSet<&str> = rows.iter().map(|r| r.record.query.as_str()).collect();
-        assert!(
-            queries.iter().all(|q| seen.insert(q.to_string())),
-            "a {name} query is in another split"
-        );
+        assert!(queries.iter().all(|q| seen.insert(q.to_string())), "a {name} query is in another split");
         for r in &rows {
             assert_eq!(r.label, r.record.relevance >= 2.33, "{:?}", r.record);
         }
@@ -605,10 +406,7 @@ fn split_stage_writes_labeled_files_and_stats() {
         assert_eq!(stats[name]["queries"], queries.len());
         assert_eq!(stats[name]["positives"], positives);
         let hist = stats[name]["relevance_histogram"].as_object().unwrap();
-        assert_eq!(
-            hist.values().map(|v| v.as_u64().unwrap()).sum::<u64>(),
-            rows.len() as u64
-        );
+        assert_eq!(hist.values().map(|v| v.as_u64().unwrap()).sum::<u64>(), rows.len() as u64);
         pairs += rows.len();
     }
     assert_eq!(pairs, records.len());
@@ -644,12 +442,7 @@ fn split_labels_at_the_threshold_and_checks_params() {
         .collect();
     std::fs::create_dir_all(h.root().join("load")).unwrap();
     table::write_table(&h.root().join("load/table.csv"), &records).unwrap();
-    let (res, out) = h.run(
-        &Split,
-        "split",
-        &params(&Split, &[]),
-        &[upstream("load", &h.root().join("load"))],
-    );
+    let (res, out) = h.run(&Split, "split", &params(&Split, &[]), &[upstream("load", &h.root().join("load"))]);
     res.unwrap();
     for name in split::SPLITS {
         for r in table::read_labeled(&out.join(format!("{name}.csv"))).unwrap() {
@@ -663,37 +456,17 @@ fn split_labels_at_the_threshold_and_checks_params() {
         p.0.insert(k.into(), v);
         Split.check(&p).err().map(|(key, _)| key)
     };
-    assert_eq!(
-        check("train_ratio", toml::Value::Float(0.8)),
-        Some("train_ratio".into())
-    );
-    assert_eq!(
-        check("val_ratio", toml::Value::Float(0.0)),
-        Some("val_ratio".into())
-    );
-    assert_eq!(
-        check("test_ratio", toml::Value::Float(1.0)),
-        Some("test_ratio".into())
-    );
+    assert_eq!(check("train_ratio", toml::Value::Float(0.8)), Some("train_ratio".into()));
+    assert_eq!(check("val_ratio", toml::Value::Float(0.0)), Some("val_ratio".into()));
+    assert_eq!(check("test_ratio", toml::Value::Float(1.0)), Some("test_ratio".into()));
     assert_eq!(check("seed", toml::Value::Integer(-1)), Some("seed".into()));
-    assert_eq!(
-        check("relevance_threshold", toml::Value::Float(3.5)),
-        Some("relevance_threshold".into())
-    );
+    assert_eq!(check("relevance_threshold", toml::Value::Float(3.5)), Some("relevance_threshold".into()));
     assert_eq!(check("train_ratio", toml::Value::Float(0.7000000001)), None);
 
     // Too few queries to fill every split: a clear failure, not an empty file.
     table::write_table(&h.root().join("load/table.csv"), &records[..2]).unwrap();
-    let (res, _) = h.run(
-        &Split,
-        "split",
-        &params(&Split, &[]),
-        &[upstream("load", &h.root().join("load"))],
-    );
-    assert!(
-        matches!(&res, Err(StageError::Failed(m)) if m.contains("empty")),
-        "{res:?}"
-    );
+    let (res, _) = h.run(&Split, "split", &params(&Split, &[]), &[upstream("load", &h.root().join("load"))]);
+    assert!(matches!(&res, Err(StageError::Failed(m)) if m.contains("empty")), "{res:?}");
 }
 
 #[test]
@@ -706,24 +479,9 @@ fn splitmix64_matches_the_reference_and_bins_have_the_documented_edges() {
     for _ in 0..30_000 {
         counts[r.below(3) as usize] += 1;
     }
-    assert!(
-        counts.iter().all(|&c| (9_500..10_500).contains(&c)),
-        "{counts:?}"
-    );
-    let bins: Vec<usize> = [
-        1.0,
-        1.66,
-        1.67,
-        (1.67 * 3.0) / 3.0,
-        1.99,
-        2.0,
-        2.32,
-        2.33,
-        3.0,
-    ]
-    .iter()
-    .map(|&m| split::bin_of(m))
-    .collect();
+    assert!(counts.iter().all(|&c| (9_500..10_500).contains(&c)), "{counts:?}");
+    let bins: Vec<usize> =
+        [1.0, 1.66, 1.67, (1.67 * 3.0) / 3.0, 1.99, 2.0, 2.32, 2.33, 3.0].iter().map(|&m| split::bin_of(m)).collect();
     assert_eq!(bins, [0, 0, 1, 1, 1, 2, 2, 3, 3]);
     assert_eq!(split::bin_of((1.67 + 1.67 + 1.67) / 3.0), 1);
 }
@@ -743,30 +501,13 @@ fn committed_sample_runs_through_load_normalize_split() {
     assert!((1500..=2000).contains(&rows), "{rows} rows");
     assert!(stats["rows_with_description"].as_u64().unwrap() * 2 >= rows - 50);
     let loaded = table::read_table(&load_out.join("table.csv")).unwrap();
-    assert!(
-        loaded.iter().any(|r| r.title.contains('å')),
-        "the sample keeps some latin-1 bytes"
-    );
+    assert!(loaded.iter().any(|r| r.title.contains('å')), "the sample keeps some latin-1 bytes");
 
-    let (res, norm_out) = h.run(
-        &Normalize,
-        "normalize",
-        &params(&Normalize, &[]),
-        &[upstream("load", &load_out)],
-    );
+    let (res, norm_out) = h.run(&Normalize, "normalize", &params(&Normalize, &[]), &[upstream("load", &load_out)]);
     res.unwrap();
-    let (res, _) = h.run(
-        &Split,
-        "split",
-        &params(&Split, &[]),
-        &[upstream("normalize", &norm_out)],
-    );
+    let (res, _) = h.run(&Split, "split", &params(&Split, &[]), &[upstream("normalize", &norm_out)]);
     let stats = res.unwrap().stats;
     for name in split::SPLITS {
-        assert!(
-            stats[name]["queries"].as_u64().unwrap() >= 20,
-            "{name}: {}",
-            stats[name]
-        );
+        assert!(stats[name]["queries"].as_u64().unwrap() >= 20, "{name}: {}", stats[name]);
     }
 }

@@ -15,20 +15,11 @@ fn full_kaggle_data_loads_and_splits_without_query_leakage() {
     let train = dir.join("train.csv.gz");
     let descriptions = dir.join("product_descriptions_prefix_100001-101387.csv.gz");
     if !train.is_file() || !descriptions.is_file() {
-        eprintln!(
-            "skipped: the full data is not at {} (see data/README.md)",
-            dir.display()
-        );
+        eprintln!("skipped: the full data is not at {} (see data/README.md)", dir.display());
         return;
     }
     let h = Harness::new();
-    let p = params(
-        &Load,
-        &[
-            ("path", s(train.to_str().unwrap())),
-            ("descriptions", s(descriptions.to_str().unwrap())),
-        ],
-    );
+    let p = params(&Load, &[("path", s(train.to_str().unwrap())), ("descriptions", s(descriptions.to_str().unwrap()))]);
     let (res, load_out) = h.run(&Load, "load", &p, &[]);
     let stats = res.unwrap().stats;
     // Figures from ../shared/data/home_depot/SOURCES.md.
@@ -37,19 +28,9 @@ fn full_kaggle_data_loads_and_splits_without_query_leakage() {
     assert_eq!(stats["distinct_products"], 54_667);
     assert_eq!(stats["rows_with_description"], 2_645);
 
-    let (res, norm_out) = h.run(
-        &Normalize,
-        "normalize",
-        &params(&Normalize, &[]),
-        &[upstream("load", &load_out)],
-    );
+    let (res, norm_out) = h.run(&Normalize, "normalize", &params(&Normalize, &[]), &[upstream("load", &load_out)]);
     res.unwrap();
-    let (res, out) = h.run(
-        &Split,
-        "split",
-        &params(&Split, &[]),
-        &[upstream("normalize", &norm_out)],
-    );
+    let (res, out) = h.run(&Split, "split", &params(&Split, &[]), &[upstream("normalize", &norm_out)]);
     let stats = res.unwrap().stats;
 
     let mut home: HashMap<String, usize> = HashMap::new();
@@ -59,37 +40,21 @@ fn full_kaggle_data_loads_and_splits_without_query_leakage() {
         sizes[i] = rows.len();
         for r in rows {
             let prev = *home.entry(r.record.query.clone()).or_insert(i);
-            assert_eq!(
-                prev,
-                i,
-                "query `{}` is in {} and {name}",
-                r.record.query,
-                split::SPLITS[prev]
-            );
+            assert_eq!(prev, i, "query `{}` is in {} and {name}", r.record.query, split::SPLITS[prev]);
         }
     }
     assert_eq!(sizes.iter().sum::<usize>(), 74_067);
     for (i, want) in [0.70, 0.15, 0.15].into_iter().enumerate() {
         let got = sizes[i] as f64 / 74_067.0;
-        assert!(
-            (got - want).abs() < 0.005,
-            "{}: share {got}, want {want}",
-            split::SPLITS[i]
-        );
+        assert!((got - want).abs() < 0.005, "{}: share {got}, want {want}", split::SPLITS[i]);
     }
     assert_eq!(stats["queries"].as_u64().unwrap() as usize, home.len());
     // Relevance ≥ 2.33 holds for 16,060 + 19 + 15,202 + 11 + 19,125 = 50,417 rows (SOURCES.md
     // histogram); stratification keeps each split's positive rate near the overall one.
-    let positives: u64 = split::SPLITS
-        .iter()
-        .map(|n| stats[*n]["positives"].as_u64().unwrap())
-        .sum();
+    let positives: u64 = split::SPLITS.iter().map(|n| stats[*n]["positives"].as_u64().unwrap()).sum();
     assert_eq!(positives, 50_417);
     for name in split::SPLITS {
         let rate = stats[name]["positive_rate"].as_f64().unwrap();
-        assert!(
-            (rate - 50_417.0 / 74_067.0).abs() < 0.02,
-            "{name}: positive rate {rate}"
-        );
+        assert!((rate - 50_417.0 / 74_067.0).abs() < 0.02, "{name}: positive rate {rate}");
     }
 }

@@ -91,24 +91,14 @@ fn each_bad_input_names_file_and_line() {
         let (res, out) = h.run(&Load, "load", &params(&Load, &overrides), &[]);
         let err = res.expect_err(name);
         match &err {
-            StageError::Data {
-                file,
-                line: got,
-                message,
-            } => {
+            StageError::Data { file, line: got, message } => {
                 assert_eq!(file, &rel, "{name}: {err}");
                 assert_eq!(*got, line, "{name}: {err}");
-                assert!(
-                    message.contains(phrase),
-                    "{name}: `{message}` lacks `{phrase}`"
-                );
+                assert!(message.contains(phrase), "{name}: `{message}` lacks `{phrase}`");
             }
             other => panic!("{name}: expected a data error, got {other:?}"),
         }
-        assert!(
-            !out.join("table.csv").exists(),
-            "{name}: a table was written"
-        );
+        assert!(!out.join("table.csv").exists(), "{name}: a table was written");
     }
 }
 
@@ -117,39 +107,20 @@ fn bad_description_files_are_named_too() {
     let h = Harness::new();
     h.write("t.csv", csv("1,100001,\"Angle\",\"angle bracket\",3\n"));
     let cases: [(&str, &[u8], u64, &str); 3] = [
-        (
-            "d1.csv",
-            b"\"product_uid\",\"text\"\n100001,\"x\"\n",
-            1,
-            "missing column `product_description`",
-        ),
+        ("d1.csv", b"\"product_uid\",\"text\"\n100001,\"x\"\n", 1, "missing column `product_description`"),
         (
             "d2.csv",
             b"\"product_uid\",\"product_description\"\n100001,\"x\"\n100001,\"y\"\n",
             3,
             "duplicate product_uid",
         ),
-        (
-            "d3.csv",
-            b"\"product_uid\",\"product_description\"\n100001,\"x\n",
-            2,
-            "unbalanced",
-        ),
+        ("d3.csv", b"\"product_uid\",\"product_description\"\n100001,\"x\n", 2, "unbalanced"),
     ];
     for (name, bytes, line, phrase) in cases {
         h.write(name, bytes);
-        let (res, _) = h.run(
-            &Load,
-            "load",
-            &params(&Load, &[("path", s("t.csv")), ("descriptions", s(name))]),
-            &[],
-        );
+        let (res, _) = h.run(&Load, "load", &params(&Load, &[("path", s("t.csv")), ("descriptions", s(name))]), &[]);
         match res {
-            Err(StageError::Data {
-                file,
-                line: got,
-                message,
-            }) => {
+            Err(StageError::Data { file, line: got, message }) => {
                 assert_eq!((file.as_str(), got), (name, line), "{message}");
                 assert!(message.contains(phrase), "{name}: {message}");
             }

@@ -16,9 +16,7 @@ pub struct Harness {
 
 impl Harness {
     pub fn new() -> Self {
-        Harness {
-            dir: tempfile::tempdir().expect("temp dir"),
-        }
+        Harness { dir: tempfile::tempdir().expect("temp dir") }
     }
 
     pub fn root(&self) -> &Path {
@@ -66,11 +64,7 @@ pub fn params(stage: &dyn Stage, overrides: &[(&str, toml::Value)]) -> Params {
     let mut table: toml::Table = stage.defaults().parse().expect("defaults parse");
     for (k, v) in overrides {
         let old = table.insert(k.to_string(), v.clone());
-        assert!(
-            old.is_some(),
-            "`{k}` is not a parameter of {}",
-            stage.kind()
-        );
+        assert!(old.is_some(), "`{k}` is not a parameter of {}", stage.kind());
     }
     let p = Params(table);
     stage.check(&p).unwrap_or_else(|(k, m)| panic!("{k}: {m}"));
@@ -82,9 +76,5 @@ pub fn s(v: &str) -> toml::Value {
 }
 
 pub fn upstream(kind: &str, dir: &Path) -> Upstream {
-    Upstream {
-        id: kind.to_string(),
-        kind: kind.to_string(),
-        dir: dir.to_path_buf(),
-    }
+    Upstream { id: kind.to_string(), kind: kind.to_string(), dir: dir.to_path_buf() }
 }
