@@ -247,3 +247,5 @@ fn show_and_dag() {
 mod crash;
 #[path = "cli/malformed.rs"]
 mod malformed;
+#[path = "cli/sweep.rs"]
+mod sweep;

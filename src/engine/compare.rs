@@ -212,14 +212,18 @@ fn show(v: Option<&serde_json::Value>) -> String {
     match v {
         None => "-".into(),
         Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Number(n)) if n.is_f64() => {
+            super::sweep::fmt_value(&toml::Value::Float(n.as_f64().unwrap_or(f64::NAN)))
+        }
         Some(other) => other.to_string(),
     }
 }
 
+/// Metrics: four decimals for scores and losses, one for large values (seconds, samples/s).
 fn num(v: Option<&f64>) -> String {
     match v {
         None => "-".into(),
-        Some(f) if f.abs() >= 1000.0 || *f == f.trunc() => format!("{f:.1}"),
+        Some(f) if f.abs() >= 100.0 => format!("{f:.1}"),
         Some(f) => format!("{f:.4}"),
     }
 }
