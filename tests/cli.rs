@@ -249,3 +249,5 @@ mod crash;
 mod malformed;
 #[path = "cli/sweep.rs"]
 mod sweep;
+#[path = "cli/docs.rs"]
+mod docs;
