@@ -245,9 +245,9 @@ fn show_and_dag() {
 
 #[path = "cli/crash.rs"]
 mod crash;
+#[path = "cli/docs.rs"]
+mod docs;
 #[path = "cli/malformed.rs"]
 mod malformed;
 #[path = "cli/sweep.rs"]
 mod sweep;
-#[path = "cli/docs.rs"]
-mod docs;

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use pipe::model::{
-    self, bce_with_logits, mse_on_probability, HubOptions, LoadOptions, ModelError, ModelFiles,
-    ModelSource, Qwen3, Qwen3Config, Reranker, SaveOptions,
+    self, bce_with_logits, mse_on_probability, HubOptions, LoadOptions, ModelError, ModelFiles, ModelSource, Qwen3,
+    Qwen3Config, Reranker, SaveOptions,
 };
 
 const YES: u32 = 9693;
@@ -22,25 +22,13 @@ fn fixtures() -> PathBuf {
 }
 
 fn offline_hub(cache: &Path) -> HubOptions {
-    HubOptions {
-        cache_dir: cache.to_path_buf(),
-        endpoint: Some("http://127.0.0.1:9".into()),
-        offline: true,
-    }
+    HubOptions { cache_dir: cache.to_path_buf(), endpoint: Some("http://127.0.0.1:9".into()), offline: true }
 }
 
 fn load_fixture(name: &str, dtype: DType, trainable: bool) -> Qwen3 {
     let source = ModelSource::Dir(fixtures().join(name));
-    model::load(
-        &source,
-        &offline_hub(&fixtures()),
-        &LoadOptions {
-            dtype,
-            device: Device::Cpu,
-            trainable,
-        },
-    )
-    .unwrap_or_else(|e| panic!("loading fixture {name}: {e}"))
+    model::load(&source, &offline_hub(&fixtures()), &LoadOptions { dtype, device: Device::Cpu, trainable })
+        .unwrap_or_else(|e| panic!("loading fixture {name}: {e}"))
 }
 
 struct Batch {
@@ -50,8 +38,7 @@ struct Batch {
 }
 
 fn batch() -> Batch {
-    let t =
-        candle_core::safetensors::load(fixtures().join("batch.safetensors"), &Device::Cpu).unwrap();
+    let t = candle_core::safetensors::load(fixtures().join("batch.safetensors"), &Device::Cpu).unwrap();
     Batch {
         ids: t["input_ids"].to_dtype(DType::U32).unwrap(),
         mask: t["attention_mask"].to_dtype(DType::U32).unwrap(),
@@ -60,20 +47,11 @@ fn batch() -> Batch {
 }
 
 fn expected(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(
-        fixtures().join(name).join("expected.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap()
+    candle_core::safetensors::load(fixtures().join(name).join("expected.safetensors"), &Device::Cpu).unwrap()
 }
 
 fn vec1(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
 fn scalar(t: &Tensor) -> f32 {
@@ -82,10 +60,7 @@ fn scalar(t: &Tensor) -> f32 {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 fn norm(v: &[f32]) -> f64 {
@@ -96,10 +71,7 @@ fn norm(v: &[f32]) -> f64 {
 fn logits_and_p_yes_match_transformers_on_every_fixture_config() {
     let b = batch();
     let lengths: Vec<f32> = vec1(&b.mask.sum(1).unwrap());
-    assert!(
-        lengths.iter().any(|l| *l < b.ids.dim(1).unwrap() as f32),
-        "the fixture batch must contain padded rows"
-    );
+    assert!(lengths.iter().any(|l| *l < b.ids.dim(1).unwrap() as f32), "the fixture batch must contain padded rows");
     for name in CONFIGS {
         let r = Reranker::new(load_fixture(name, DType::F32, false), YES, NO).unwrap();
         let out = r.forward(&b.ids, &b.mask).unwrap();
@@ -137,26 +109,16 @@ fn loss_and_every_gradient_match_transformers() {
         assert_eq!(vars.len(), r.model().config().param_shapes().len());
         let mut worst = (0.0f64, String::new());
         for (pname, var) in &vars {
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient for {pname}"));
+            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient for {pname}"));
             let ref_norm = scalar(&exp[&format!("grad_norm/{pname}")]) as f64;
             let ours = vec1(g);
             let rel_norm = (norm(&ours) - ref_norm).abs() / ref_norm.max(1e-12);
-            assert!(
-                rel_norm <= 1e-3,
-                "{name}: |grad {pname}| off by {rel_norm:.2e} relative"
-            );
+            assert!(rel_norm <= 1e-3, "{name}: |grad {pname}| off by {rel_norm:.2e} relative");
             let (got, want) = if let Some(full) = exp.get(&format!("grad/{pname}")) {
                 (ours, vec1(full))
             } else {
-                let rows = exp[&format!("grad_row_ids/{pname}")]
-                    .to_dtype(DType::U32)
-                    .unwrap();
-                (
-                    vec1(&g.index_select(&rows, 0).unwrap()),
-                    vec1(&exp[&format!("grad_rows/{pname}")]),
-                )
+                let rows = exp[&format!("grad_row_ids/{pname}")].to_dtype(DType::U32).unwrap();
+                (vec1(&g.index_select(&rows, 0).unwrap()), vec1(&exp[&format!("grad_rows/{pname}")]))
             };
             let diff: Vec<f32> = got.iter().zip(&want).map(|(a, b)| a - b).collect();
             let rel = norm(&diff) / norm(&want).max(1e-12);
@@ -170,10 +132,7 @@ fn loss_and_every_gradient_match_transformers() {
                 worst = (rel, pname.clone());
             }
         }
-        eprintln!(
-            "{name}: worst gradient relative error {:.2e} ({})",
-            worst.0, worst.1
-        );
+        eprintln!("{name}: worst gradient relative error {:.2e} ({})", worst.0, worst.1);
     }
 }
 
@@ -183,17 +142,11 @@ fn every_trainable_tensor_receives_a_nonzero_gradient() {
     for name in CONFIGS {
         let r = Reranker::new(load_fixture(name, DType::F32, true), YES, NO).unwrap();
         let out = r.forward(&b.ids, &b.mask).unwrap();
-        let grads = bce_with_logits(&out.logit, &b.targets)
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = bce_with_logits(&out.logit, &b.targets).unwrap().backward().unwrap();
         for (pname, var) in r.model().vars() {
             let g = grads.get(var.as_tensor()).expect("gradient present");
             let n = norm(&vec1(g));
-            assert!(
-                n > 0.0 && n.is_finite(),
-                "{name}: {pname} has gradient norm {n}"
-            );
+            assert!(n > 0.0 && n.is_finite(), "{name}: {pname} has gradient norm {n}");
         }
     }
 }
@@ -213,12 +166,7 @@ fn frozen_models_hold_no_variables_and_trainable_ones_update_in_place() {
     norm_w.set(&(norm_w.as_tensor() * 2.0).unwrap()).unwrap();
     let after = r.scores(&b.ids, &b.mask).unwrap();
     for (a, b) in before.iter().zip(&after) {
-        assert!(
-            (a.logit * 2.0 - b.logit).abs() < 1e-4,
-            "{} vs {}",
-            a.logit,
-            b.logit
-        );
+        assert!((a.logit * 2.0 - b.logit).abs() < 1e-4, "{} vs {}", a.logit, b.logit);
     }
 }
 
@@ -236,12 +184,7 @@ fn a_row_scores_the_same_alone_and_inside_a_left_padded_batch() {
         let mask = Tensor::ones((1, len), DType::U32, &Device::Cpu).unwrap();
         let alone = r.scores(&ids, &mask).unwrap()[0];
         let d = (alone.logit - in_batch[i].logit).abs();
-        assert!(
-            d < 1e-4,
-            "row {i}: {} alone vs {} padded",
-            alone.logit,
-            in_batch[i].logit
-        );
+        assert!(d < 1e-4, "row {i}: {} alone vs {} padded", alone.logit, in_batch[i].logit);
     }
 }
 
@@ -254,10 +197,7 @@ fn a_fully_padded_row_gives_finite_outputs_and_gradients() {
     for name in CONFIGS {
         let model = load_fixture(name, DType::F32, true);
         let h = model.forward(&ids, &mask).unwrap();
-        assert!(
-            vec1(&h).iter().all(|v| v.is_finite()),
-            "{name}: non-finite hidden state"
-        );
+        assert!(vec1(&h).iter().all(|v| v.is_finite()), "{name}: non-finite hidden state");
         let r = Reranker::new(model, YES, NO).unwrap();
         let out = r.forward(&ids, &mask).unwrap();
         let logits = vec1(&out.logit);
@@ -265,21 +205,11 @@ fn a_fully_padded_row_gives_finite_outputs_and_gradients() {
         // The real rows are unaffected by the extra row.
         let exp = vec1(&expected(name)["logit"]);
         assert!(max_abs_diff(&logits[..exp.len()], &exp) <= 1e-4);
-        let targets = Tensor::cat(
-            &[&b.targets, &Tensor::new(&[0.5f32], &Device::Cpu).unwrap()],
-            0,
-        )
-        .unwrap();
-        let grads = bce_with_logits(&out.logit, &targets)
-            .unwrap()
-            .backward()
-            .unwrap();
+        let targets = Tensor::cat(&[&b.targets, &Tensor::new(&[0.5f32], &Device::Cpu).unwrap()], 0).unwrap();
+        let grads = bce_with_logits(&out.logit, &targets).unwrap().backward().unwrap();
         for (pname, var) in r.model().vars() {
             let g = vec1(grads.get(var.as_tensor()).unwrap());
-            assert!(
-                g.iter().all(|v| v.is_finite()),
-                "{name}: NaN gradient in {pname}"
-            );
+            assert!(g.iter().all(|v| v.is_finite()), "{name}: NaN gradient in {pname}");
         }
     }
 }
@@ -293,11 +223,7 @@ fn right_padded_batches_are_rejected_by_the_reranker() {
     assert!(matches!(err, ModelError::Input(_)), "{err}");
     let bad_id = Tensor::new(&[[1u32, 2, 151_669]], &Device::Cpu).unwrap();
     let ones = Tensor::ones((1, 3), DType::U32, &Device::Cpu).unwrap();
-    assert!(r
-        .forward(&bad_id, &ones)
-        .unwrap_err()
-        .to_string()
-        .contains("vocabulary"));
+    assert!(r.forward(&bad_id, &ones).unwrap_err().to_string().contains("vocabulary"));
 }
 
 #[test]
@@ -305,12 +231,7 @@ fn bf16_inference_stays_close_to_the_f32_reference() {
     let b = batch();
     let r = Reranker::new(load_fixture("tied_mha", DType::BF16, false), YES, NO).unwrap();
     assert_eq!(r.model().dtype(), DType::BF16);
-    let p: Vec<f32> = r
-        .scores(&b.ids, &b.mask)
-        .unwrap()
-        .iter()
-        .map(|s| s.p_yes)
-        .collect();
+    let p: Vec<f32> = r.scores(&b.ids, &b.mask).unwrap().iter().map(|s| s.p_yes).collect();
     let d = max_abs_diff(&p, &vec1(&expected("tied_mha")["p_yes"]));
     assert!(d < 0.05, "bf16 P(yes) off by {d}");
 }
@@ -320,10 +241,7 @@ fn all_params_bits(m: &Qwen3) -> Vec<(String, Vec<u8>)> {
         .iter()
         .map(|(n, t)| {
             let bytes: Vec<u8> = match t.dtype() {
-                DType::F32 => vec1(t)
-                    .iter()
-                    .flat_map(|v| v.to_bits().to_le_bytes())
-                    .collect(),
+                DType::F32 => vec1(t).iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
                 DType::BF16 => t
                     .flatten_all()
                     .unwrap()
@@ -343,11 +261,7 @@ fn load_dir(dir: &Path, dtype: DType) -> Qwen3 {
     model::load(
         &ModelSource::Dir(dir.to_path_buf()),
         &offline_hub(dir),
-        &LoadOptions {
-            dtype,
-            device: Device::Cpu,
-            trainable: false,
-        },
+        &LoadOptions { dtype, device: Device::Cpu, trainable: false },
     )
     .unwrap()
 }
@@ -364,9 +278,7 @@ fn save_then_load_is_bitwise_exact() {
         assert_eq!(all_params_bits(&m), all_params_bits(&back), "{name}");
         assert_eq!(back.config().param_shapes(), m.config().param_shapes());
         // Like save_pretrained: lm_head.weight only when untied.
-        let st = unsafe {
-            candle_core::safetensors::MmapedSafetensors::new(dir.join("model.safetensors")).unwrap()
-        };
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(dir.join("model.safetensors")).unwrap() };
         let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
         assert_eq!(
             names.contains(&"lm_head.weight".to_string()),
@@ -393,28 +305,15 @@ fn saving_casts_and_copies_the_tokenizer() {
     let tok = tmp.path().join("tokenizer.json.gz");
     {
         use std::io::Write;
-        let mut gz = flate2::write::GzEncoder::new(
-            std::fs::File::create(&tok).unwrap(),
-            flate2::Compression::default(),
-        );
+        let mut gz =
+            flate2::write::GzEncoder::new(std::fs::File::create(&tok).unwrap(), flate2::Compression::default());
         gz.write_all(b"{\"version\": \"1.0\"}").unwrap();
         gz.finish().unwrap();
     }
     let dir = tmp.path().join("out");
-    model::save(
-        &m,
-        &dir,
-        &SaveOptions {
-            dtype: Some(DType::BF16),
-            tokenizer: Some(tok),
-            max_shard_bytes: None,
-        },
-    )
-    .unwrap();
-    assert_eq!(
-        std::fs::read_to_string(dir.join("tokenizer.json")).unwrap(),
-        "{\"version\": \"1.0\"}"
-    );
+    model::save(&m, &dir, &SaveOptions { dtype: Some(DType::BF16), tokenizer: Some(tok), max_shard_bytes: None })
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(dir.join("tokenizer.json")).unwrap(), "{\"version\": \"1.0\"}");
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["torch_dtype"], "bfloat16");
@@ -435,28 +334,14 @@ fn sharded_checkpoints_load_like_single_files() {
         let m = load_fixture(name, DType::F32, false);
         let dir = tmp.path().join(name);
         // Big enough for any small tensor, smaller than the embedding: several shards.
-        model::save(
-            &m,
-            &dir,
-            &SaveOptions {
-                dtype: None,
-                tokenizer: None,
-                max_shard_bytes: Some(64 * 1024),
-            },
-        )
-        .unwrap();
+        model::save(&m, &dir, &SaveOptions { dtype: None, tokenizer: None, max_shard_bytes: Some(64 * 1024) }).unwrap();
         assert!(!dir.join("model.safetensors").exists());
         let files = model::resolve(&ModelSource::Dir(dir.clone()), &offline_hub(&dir)).unwrap();
         assert!(files.weights.len() >= 2, "{name}: expected several shards");
         let back = load_dir(&dir, DType::F32);
         assert_eq!(all_params_bits(&m), all_params_bits(&back), "{name}");
         let r = Reranker::new(back, YES, NO).unwrap();
-        let p: Vec<f32> = r
-            .scores(&b.ids, &b.mask)
-            .unwrap()
-            .iter()
-            .map(|s| s.p_yes)
-            .collect();
+        let p: Vec<f32> = r.scores(&b.ids, &b.mask).unwrap().iter().map(|s| s.p_yes).collect();
         assert!(max_abs_diff(&p, &vec1(&expected(name)["p_yes"])) <= 1e-4);
         // Saving unsharded into the same dir removes the shards and the index.
         model::save(&m, &dir, &SaveOptions::default()).unwrap();
@@ -470,15 +355,7 @@ fn a_missing_shard_or_tensor_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let m = load_fixture("tied_mha", DType::F32, false);
     let dir = tmp.path().join("m");
-    model::save(
-        &m,
-        &dir,
-        &SaveOptions {
-            max_shard_bytes: Some(64 * 1024),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    model::save(&m, &dir, &SaveOptions { max_shard_bytes: Some(64 * 1024), ..Default::default() }).unwrap();
     std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
     let err = model::resolve(&ModelSource::Dir(dir.clone()), &offline_hub(&dir)).unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
@@ -490,16 +367,8 @@ fn a_missing_shard_or_tensor_is_a_clear_error() {
         serde_json::from_str(&std::fs::read_to_string(dir2.join("config.json")).unwrap()).unwrap();
     cfg["tie_word_embeddings"] = false.into();
     std::fs::write(dir2.join("config.json"), cfg.to_string()).unwrap();
-    let err = model::load(
-        &ModelSource::Dir(dir2.clone()),
-        &offline_hub(&dir2),
-        &LoadOptions::default(),
-    )
-    .unwrap_err();
-    assert!(
-        matches!(&err, ModelError::MissingTensor { name, .. } if name == "lm_head.weight"),
-        "{err}"
-    );
+    let err = model::load(&ModelSource::Dir(dir2.clone()), &offline_hub(&dir2), &LoadOptions::default()).unwrap_err();
+    assert!(matches!(&err, ModelError::MissingTensor { name, .. } if name == "lm_head.weight"), "{err}");
 }
 
 #[test]
@@ -536,12 +405,7 @@ fn fake_hub_cache(cache: &Path, repo: &str, commit: &str, model_dir: &Path) {
 fn hub_ids_resolve_from_the_local_cache_without_network() {
     let tmp = tempfile::tempdir().unwrap();
     let commit = "0123456789abcdef0123456789abcdef01234567";
-    fake_hub_cache(
-        tmp.path(),
-        "acme/tiny-reranker",
-        commit,
-        &fixtures().join("tied_mha"),
-    );
+    fake_hub_cache(tmp.path(), "acme/tiny-reranker", commit, &fixtures().join("tied_mha"));
     // offline: only the cache may answer.
     let hub = offline_hub(tmp.path());
     let src: ModelSource = "hf:acme/tiny-reranker".parse().unwrap();
@@ -561,15 +425,9 @@ fn an_uncached_hub_id_offline_says_how_to_use_a_local_dir() {
     let err = model::resolve(&src, &offline_hub(tmp.path())).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, ModelError::Hub { .. }), "{msg}");
-    assert!(
-        msg.contains("acme/not-cached@v2") && msg.contains("--model"),
-        "{msg}"
-    );
+    assert!(msg.contains("acme/not-cached@v2") && msg.contains("--model"), "{msg}");
     // Online mode against an endpoint where nothing listens fails the same way, not with a panic.
-    let hub = HubOptions {
-        offline: false,
-        ..offline_hub(tmp.path())
-    };
+    let hub = HubOptions { offline: false, ..offline_hub(tmp.path()) };
     let err = model::resolve(&src, &hub).unwrap_err();
     assert!(matches!(err, ModelError::Hub { .. }), "{err}");
 }
@@ -618,8 +476,7 @@ fn random_init_is_deterministic_and_follows_the_hf_recipe() {
 #[test]
 #[ignore = "writes files for the manual transformers check; needs PIPE_PARITY_EXPORT_DIR"]
 fn export_pipe_model_for_the_transformers_check() {
-    let out =
-        PathBuf::from(std::env::var("PIPE_PARITY_EXPORT_DIR").expect("set PIPE_PARITY_EXPORT_DIR"));
+    let out = PathBuf::from(std::env::var("PIPE_PARITY_EXPORT_DIR").expect("set PIPE_PARITY_EXPORT_DIR"));
     let b = batch();
     let mut cfg = Qwen3Config::tiny(151_669, 16, 40, 3, 4, 2, 8, true);
     cfg.rope_theta = 50_000.0;
@@ -627,26 +484,14 @@ fn export_pipe_model_for_the_transformers_check() {
     let m = model::random(&cfg, 2024, DType::F32, &Device::Cpu, true).unwrap();
     let r = Reranker::new(m, YES, NO).unwrap();
     let out_logits = r.forward(&b.ids, &b.mask).unwrap();
-    let grads = bce_with_logits(&out_logits.logit, &b.targets)
-        .unwrap()
-        .backward()
-        .unwrap();
+    let grads = bce_with_logits(&out_logits.logit, &b.targets).unwrap().backward().unwrap();
     for (_, v) in r.model().vars() {
         let g = grads.get(v.as_tensor()).unwrap();
-        v.set(&(v.as_tensor() - (g * 0.05).unwrap()).unwrap())
-            .unwrap();
+        v.set(&(v.as_tensor() - (g * 0.05).unwrap()).unwrap()).unwrap();
     }
     for (tag, dtype) in [("f32", DType::F32), ("bf16", DType::BF16)] {
         let dir = out.join(tag);
-        model::save(
-            r.model(),
-            &dir,
-            &SaveOptions {
-                dtype: Some(dtype),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        model::save(r.model(), &dir, &SaveOptions { dtype: Some(dtype), ..Default::default() }).unwrap();
         // Score with what was saved, read back the way `pipe rerank` will (f32 compute).
         let back = Reranker::new(load_dir(&dir, DType::F32), YES, NO).unwrap();
         let scores = back.scores(&b.ids, &b.mask).unwrap();
@@ -671,36 +516,19 @@ fn lora_adapters_hook_into_linear_layers_and_receive_gradients() {
     let base = model::random(&cfg, 5, DType::F32, &Device::Cpu, false).unwrap();
     let ids = Tensor::new(&[[0u32, 3, 9, 4], [0, 0, 1, 2]], &Device::Cpu).unwrap();
     let mask = Tensor::new(&[[1u32, 1, 1, 1], [0, 0, 1, 1]], &Device::Cpu).unwrap();
-    let base_logits = vec1(
-        &Reranker::new(base.clone(), 5, 7)
-            .unwrap()
-            .forward(&ids, &mask)
-            .unwrap()
-            .logit,
-    );
+    let base_logits = vec1(&Reranker::new(base.clone(), 5, 7).unwrap().forward(&ids, &mask).unwrap().logit);
 
     let a = Var::randn(0f32, 0.5, (2, 16), &Device::Cpu).unwrap();
     let b = Var::randn(0f32, 0.5, (32, 2), &Device::Cpu).unwrap(); // q_proj: 4 heads x 8
     let mut adapted = base.clone();
-    assert!(adapted
-        .linear_mut("model.layers.9.self_attn.q_proj")
-        .is_none());
-    adapted
-        .linear_mut("model.layers.1.self_attn.q_proj")
-        .unwrap()
-        .lora = Some(LoraAdapter {
-        a: a.as_tensor().clone(),
-        b: b.as_tensor().clone(),
-        scale: 1.0,
-    });
+    assert!(adapted.linear_mut("model.layers.9.self_attn.q_proj").is_none());
+    adapted.linear_mut("model.layers.1.self_attn.q_proj").unwrap().lora =
+        Some(LoraAdapter { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: 1.0 });
     // The base weights stay frozen: only the adapter is trainable.
     assert!(adapted.vars().is_empty());
     let r = Reranker::new(adapted, 5, 7).unwrap();
     let out = r.forward(&ids, &mask).unwrap();
-    assert!(
-        max_abs_diff(&vec1(&out.logit), &base_logits) > 1e-4,
-        "the adapter must change the output"
-    );
+    assert!(max_abs_diff(&vec1(&out.logit), &base_logits) > 1e-4, "the adapter must change the output");
     let y = Tensor::new(&[1.0f32, 0.0], &Device::Cpu).unwrap();
     let grads = bce_with_logits(&out.logit, &y).unwrap().backward().unwrap();
     for v in [&a, &b] {
@@ -711,9 +539,6 @@ fn lora_adapters_hook_into_linear_layers_and_receive_gradients() {
     let logits: Vec<f32> = frozen.iter().map(|s| s.logit).collect();
     assert!(max_abs_diff(&logits, &vec1(&out.logit)) < 1e-6);
     let trainable = r.model().clone().into_trainable().unwrap();
-    let again = Reranker::new(trainable, 5, 7)
-        .unwrap()
-        .forward(&ids, &mask)
-        .unwrap();
+    let again = Reranker::new(trainable, 5, 7).unwrap().forward(&ids, &mask).unwrap();
     assert!(max_abs_diff(&vec1(&again.logit), &vec1(&out.logit)) < 1e-6);
 }

@@ -41,17 +41,11 @@ impl FromStr for ModelSource {
     fn from_str(s: &str) -> Result<Self, ModelError> {
         let Some(id) = s.strip_prefix("hf:") else {
             if s.is_empty() {
-                return Err(ModelError::BadSource {
-                    source_str: s.into(),
-                    reason: "empty path".into(),
-                });
+                return Err(ModelError::BadSource { source_str: s.into(), reason: "empty path".into() });
             }
             return Ok(Self::Dir(PathBuf::from(s)));
         };
-        let bad = |reason: &str| ModelError::BadSource {
-            source_str: s.into(),
-            reason: reason.into(),
-        };
+        let bad = |reason: &str| ModelError::BadSource { source_str: s.into(), reason: reason.into() };
         let (repo, revision) = match id.split_once('@') {
             Some((r, rev)) if !rev.is_empty() => (r, rev),
             Some(_) => return Err(bad("empty revision after `@`")),
@@ -61,10 +55,7 @@ impl FromStr for ModelSource {
         if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
             return Err(bad("expected hf:<owner>/<name>[@revision]"));
         }
-        Ok(Self::Hub {
-            repo: repo.into(),
-            revision: revision.into(),
-        })
+        Ok(Self::Hub { repo: repo.into(), revision: revision.into() })
     }
 }
 
@@ -117,30 +108,21 @@ pub struct ModelFiles {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
-    move |source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| ModelError::Io { path: path.to_path_buf(), source }
 }
 
 fn read_json(path: &Path) -> Result<Value, ModelError> {
     let text = fs::read_to_string(path).map_err(io_err(path))?;
-    serde_json::from_str(&text).map_err(|source| ModelError::Json {
-        path: path.to_path_buf(),
-        source,
-    })
+    serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.to_path_buf(), source })
 }
 
 /// The shard file names an index refers to.
 fn index_shards(index: &Path) -> Result<Vec<String>, ModelError> {
     let v = read_json(index)?;
-    let map = v
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .ok_or_else(|| ModelError::NotAModelDir {
-            path: index.to_path_buf(),
-            reason: "no `weight_map` object".into(),
-        })?;
+    let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| ModelError::NotAModelDir {
+        path: index.to_path_buf(),
+        reason: "no `weight_map` object".into(),
+    })?;
     let mut files = BTreeSet::new();
     for (name, file) in map {
         let f = file.as_str().ok_or_else(|| ModelError::NotAModelDir {
@@ -159,10 +141,7 @@ fn index_shards(index: &Path) -> Result<Vec<String>, ModelError> {
 }
 
 fn resolve_dir(dir: &Path) -> Result<ModelFiles, ModelError> {
-    let not_model = |reason: String| ModelError::NotAModelDir {
-        path: dir.to_path_buf(),
-        reason,
-    };
+    let not_model = |reason: String| ModelError::NotAModelDir { path: dir.to_path_buf(), reason };
     if !dir.is_dir() {
         return Err(not_model("no such directory".into()));
     }
@@ -172,42 +151,27 @@ fn resolve_dir(dir: &Path) -> Result<ModelFiles, ModelError> {
     }
     let index = dir.join(INDEX);
     let weights = if index.is_file() {
-        let shards: Vec<PathBuf> = index_shards(&index)?
-            .into_iter()
-            .map(|f| dir.join(f))
-            .collect();
+        let shards: Vec<PathBuf> = index_shards(&index)?.into_iter().map(|f| dir.join(f)).collect();
         if let Some(missing) = shards.iter().find(|p| !p.is_file()) {
-            return Err(not_model(format!(
-                "shard {} named by {INDEX} is missing",
-                missing.display()
-            )));
+            return Err(not_model(format!("shard {} named by {INDEX} is missing", missing.display())));
         }
         shards
     } else if dir.join(SINGLE).is_file() {
         vec![dir.join(SINGLE)]
     } else {
-        return Err(not_model(format!(
-            "neither {SINGLE} nor {INDEX} is present"
-        )));
+        return Err(not_model(format!("neither {SINGLE} nor {INDEX} is present")));
     };
     let tokenizer = Some(dir.join(TOKENIZER)).filter(|p| p.is_file());
-    Ok(ModelFiles {
-        config,
-        weights,
-        tokenizer,
-    })
+    Ok(ModelFiles { config, weights, tokenizer })
 }
 
 /// A file of `repo@revision` in the local hub cache, if there. Looks the revision up under
 /// `refs/` (branches and tags) and, for a commit hash, directly under `snapshots/`.
 fn cached_file(cache: &Path, repo: &str, revision: &str, file: &str) -> Option<PathBuf> {
     let base = cache.join(format!("models--{}", repo.replace('/', "--")));
-    let commit = fs::read_to_string(base.join("refs").join(revision))
-        .ok()
-        .map(|s| s.trim().to_owned())
-        .or_else(|| {
-            (revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()))
-                .then(|| revision.to_owned())
+    let commit =
+        fs::read_to_string(base.join("refs").join(revision)).ok().map(|s| s.trim().to_owned()).or_else(|| {
+            (revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit())).then(|| revision.to_owned())
         })?;
     let path = base.join("snapshots").join(commit).join(file);
     path.is_file().then_some(path)
@@ -223,11 +187,7 @@ fn resolve_cached(cache: &Path, repo: &str, revision: &str) -> Option<ModelFiles
             .collect::<Option<Vec<_>>>()?,
         None => vec![cached_file(cache, repo, revision, SINGLE)?],
     };
-    Some(ModelFiles {
-        config,
-        weights,
-        tokenizer: cached_file(cache, repo, revision, TOKENIZER),
-    })
+    Some(ModelFiles { config, weights, tokenizer: cached_file(cache, repo, revision, TOKENIZER) })
 }
 
 fn resolve_hub(repo: &str, revision: &str, hub: &HubOptions) -> Result<ModelFiles, ModelError> {
@@ -241,50 +201,30 @@ fn resolve_hub(repo: &str, revision: &str, hub: &HubOptions) -> Result<ModelFile
         reason,
     };
     if hub.offline {
-        return Err(hub_err(
-            CONFIG,
-            "offline mode (HF_HUB_OFFLINE) is set".into(),
-        ));
+        return Err(hub_err(CONFIG, "offline mode (HF_HUB_OFFLINE) is set".into()));
     }
     let mut builder =
-        hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(hub.cache_dir.clone()))
-            .with_progress(false);
+        hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(hub.cache_dir.clone())).with_progress(false);
     if let Some(e) = &hub.endpoint {
         builder = builder.with_endpoint(e.clone());
     }
-    let api = builder
-        .build()
-        .map_err(|e| hub_err(CONFIG, e.to_string()))?;
-    let api = api.repo(hf_hub::Repo::with_revision(
-        repo.into(),
-        hf_hub::RepoType::Model,
-        revision.into(),
-    ));
-    let config = api
-        .get(CONFIG)
-        .map_err(|e| hub_err(CONFIG, e.to_string()))?;
+    let api = builder.build().map_err(|e| hub_err(CONFIG, e.to_string()))?;
+    let api = api.repo(hf_hub::Repo::with_revision(repo.into(), hf_hub::RepoType::Model, revision.into()));
+    let config = api.get(CONFIG).map_err(|e| hub_err(CONFIG, e.to_string()))?;
     let weights = match api.get(INDEX) {
         Ok(index) => {
             let dir = index.parent().map(Path::to_path_buf).unwrap_or_default();
             let mut out = Vec::new();
             for shard in index_shards(&index)? {
-                let p = api
-                    .get(&shard)
-                    .map_err(|e| hub_err(&shard, e.to_string()))?;
+                let p = api.get(&shard).map_err(|e| hub_err(&shard, e.to_string()))?;
                 debug_assert!(p.starts_with(&dir));
                 out.push(p);
             }
             out
         }
-        Err(_) => vec![api
-            .get(SINGLE)
-            .map_err(|e| hub_err(SINGLE, e.to_string()))?],
+        Err(_) => vec![api.get(SINGLE).map_err(|e| hub_err(SINGLE, e.to_string()))?],
     };
-    Ok(ModelFiles {
-        config,
-        weights,
-        tokenizer: api.get(TOKENIZER).ok(),
-    })
+    Ok(ModelFiles { config, weights, tokenizer: api.get(TOKENIZER).ok() })
 }
 
 /// Finds a model's files on disk, downloading a hub model that is not cached yet.
@@ -307,29 +247,19 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self {
-            dtype: DType::F32,
-            device: Device::Cpu,
-            trainable: false,
-        }
+        Self { dtype: DType::F32, device: Device::Cpu, trainable: false }
     }
 }
 
 fn check_float(dtype: DType, name: &str) -> Result<(), ModelError> {
     match dtype {
         DType::F32 | DType::BF16 | DType::F16 => Ok(()),
-        other => Err(ModelError::UnsupportedDtype(format!(
-            "{other:?} (tensor `{name}`)"
-        ))),
+        other => Err(ModelError::UnsupportedDtype(format!("{other:?} (tensor `{name}`)"))),
     }
 }
 
 fn finish(t: Tensor, trainable: bool) -> Result<Tensor, ModelError> {
-    Ok(if trainable {
-        Var::from_tensor(&t)?.as_tensor().clone()
-    } else {
-        t
-    })
+    Ok(if trainable { Var::from_tensor(&t)?.as_tensor().clone() } else { t })
 }
 
 /// Loads a resolved model. Tensors are read from the memory map one at a time and cast, so peak
@@ -341,21 +271,11 @@ pub fn load_files(files: &ModelFiles, opts: &LoadOptions) -> Result<Qwen3, Model
     // SAFETY: the files are opened read-only; like every mmap-based loader (transformers and
     // candle included) we rely on nobody truncating a checkpoint while it is being read.
     let st = unsafe { MmapedSafetensors::multi(&files.weights)? };
-    let location = || {
-        files
-            .weights
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let location = || files.weights.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
     let mut params = ParamMap::new();
     let expected = cfg.param_shapes();
     for (name, shape) in &expected {
-        let view = st.get(name).map_err(|_| ModelError::MissingTensor {
-            name: name.clone(),
-            location: location(),
-        })?;
+        let view = st.get(name).map_err(|_| ModelError::MissingTensor { name: name.clone(), location: location() })?;
         if view.shape() != shape.as_slice() {
             return Err(ModelError::ShapeMismatch {
                 name: name.clone(),
@@ -383,20 +303,13 @@ pub fn load_files(files: &ModelFiles, opts: &LoadOptions) -> Result<Qwen3, Model
     if !unused.is_empty() {
         unused.sort();
         // transformers only warns here too; a stray buffer should not make a model unusable.
-        tracing::warn!(
-            "checkpoint {} holds tensors this Qwen3 config does not use (ignored): {unused:?}",
-            location()
-        );
+        tracing::warn!("checkpoint {} holds tensors this Qwen3 config does not use (ignored): {unused:?}", location());
     }
     Qwen3::new(cfg, params)
 }
 
 /// Resolves and loads in one step.
-pub fn load(
-    source: &ModelSource,
-    hub: &HubOptions,
-    opts: &LoadOptions,
-) -> Result<Qwen3, ModelError> {
+pub fn load(source: &ModelSource, hub: &HubOptions, opts: &LoadOptions) -> Result<Qwen3, ModelError> {
     load_files(&resolve(source, hub)?, opts)
 }
 
@@ -448,45 +361,25 @@ impl safetensors::View for &Raw {
 fn to_raw(t: &Tensor, dtype: DType) -> Result<Raw, ModelError> {
     let flat = t.to_dtype(dtype)?.flatten_all()?.to_device(&Device::Cpu)?;
     let (st_dtype, data): (_, Vec<u8>) = match dtype {
-        DType::F32 => (
-            safetensors::Dtype::F32,
-            flat.to_vec1::<f32>()?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        ),
+        DType::F32 => (safetensors::Dtype::F32, flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
         DType::BF16 => (
             safetensors::Dtype::BF16,
-            flat.to_vec1::<half::bf16>()?
-                .iter()
-                .flat_map(|v| v.to_bits().to_le_bytes())
-                .collect(),
+            flat.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
         ),
         DType::F16 => (
             safetensors::Dtype::F16,
-            flat.to_vec1::<half::f16>()?
-                .iter()
-                .flat_map(|v| v.to_bits().to_le_bytes())
-                .collect(),
+            flat.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
         ),
         other => return Err(ModelError::UnsupportedDtype(format!("{other:?}"))),
     };
-    Ok(Raw {
-        dtype: st_dtype,
-        shape: t.dims().to_vec(),
-        data,
-    })
+    Ok(Raw { dtype: st_dtype, shape: t.dims().to_vec(), data })
 }
 
 fn write_safetensors(path: &Path, tensors: &[(&str, Raw)]) -> Result<(), ModelError> {
     // transformers 4.x refuses safetensors files whose metadata lacks format=pt.
     let meta = HashMap::from([("format".to_owned(), "pt".to_owned())]);
-    safetensors::serialize_to_file(tensors.iter().map(|(n, r)| (*n, r)), Some(meta), path).map_err(
-        |e| ModelError::Io {
-            path: path.to_path_buf(),
-            source: std::io::Error::other(e.to_string()),
-        },
-    )
+    safetensors::serialize_to_file(tensors.iter().map(|(n, r)| (*n, r)), Some(meta), path)
+        .map_err(|e| ModelError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })
 }
 
 fn copy_tokenizer(src: &Path, dst: &Path) -> Result<(), ModelError> {
@@ -494,9 +387,7 @@ fn copy_tokenizer(src: &Path, dst: &Path) -> Result<(), ModelError> {
     if is_gz {
         let f = fs::File::open(src).map_err(io_err(src))?;
         let mut text = Vec::new();
-        flate2::read::GzDecoder::new(f)
-            .read_to_end(&mut text)
-            .map_err(io_err(src))?;
+        flate2::read::GzDecoder::new(f).read_to_end(&mut text).map_err(io_err(src))?;
         let mut out = fs::File::create(dst).map_err(io_err(dst))?;
         out.write_all(&text).map_err(io_err(dst))?;
     } else {
@@ -521,8 +412,8 @@ pub fn save(model: &Qwen3, dir: &Path, opts: &SaveOptions) -> Result<(), ModelEr
             fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?;
         }
     }
-    let config = serde_json::to_string_pretty(&model.config().to_hf_json(Some(dname)))
-        .expect("a JSON value always serialises");
+    let config =
+        serde_json::to_string_pretty(&model.config().to_hf_json(Some(dname))).expect("a JSON value always serialises");
     let cpath = dir.join(CONFIG);
     fs::write(&cpath, config + "\n").map_err(io_err(&cpath))?;
 
@@ -544,10 +435,8 @@ pub fn save(model: &Qwen3, dir: &Path, opts: &SaveOptions) -> Result<(), ModelEr
         shards.last_mut().expect("never empty").push((name, t));
     }
     if opts.max_shard_bytes.is_none() {
-        let raws = shards[0]
-            .iter()
-            .map(|(n, t)| Ok((*n, to_raw(t, dtype)?)))
-            .collect::<Result<Vec<_>, ModelError>>()?;
+        let raws =
+            shards[0].iter().map(|(n, t)| Ok((*n, to_raw(t, dtype)?))).collect::<Result<Vec<_>, ModelError>>()?;
         write_safetensors(&dir.join(SINGLE), &raws)?;
     } else {
         let n = shards.len();
@@ -556,10 +445,8 @@ pub fn save(model: &Qwen3, dir: &Path, opts: &SaveOptions) -> Result<(), ModelEr
         for (k, shard) in shards.iter().enumerate() {
             let file = format!("model-{:05}-of-{:05}.safetensors", k + 1, n);
             // One shard's bytes in memory at a time.
-            let raws = shard
-                .iter()
-                .map(|(name, t)| Ok((*name, to_raw(t, dtype)?)))
-                .collect::<Result<Vec<_>, ModelError>>()?;
+            let raws =
+                shard.iter().map(|(name, t)| Ok((*name, to_raw(t, dtype)?))).collect::<Result<Vec<_>, ModelError>>()?;
             for (name, r) in &raws {
                 total += r.data.len() as u64;
                 weight_map.insert(name.to_string(), Value::from(file.clone()));
@@ -571,11 +458,8 @@ pub fn save(model: &Qwen3, dir: &Path, opts: &SaveOptions) -> Result<(), ModelEr
             "weight_map": weight_map,
         });
         let ipath = dir.join(INDEX);
-        fs::write(
-            &ipath,
-            serde_json::to_string_pretty(&index).expect("a JSON value always serialises") + "\n",
-        )
-        .map_err(io_err(&ipath))?;
+        fs::write(&ipath, serde_json::to_string_pretty(&index).expect("a JSON value always serialises") + "\n")
+            .map_err(io_err(&ipath))?;
     }
     if let Some(tok) = &opts.tokenizer {
         copy_tokenizer(tok, &dir.join(TOKENIZER))?;
@@ -609,9 +493,7 @@ fn normal_values(seed: u64, name: &str, n: usize, std: f64) -> Vec<f32> {
     h.update(&seed.to_le_bytes());
     h.update(name.as_bytes());
     let d = h.finalize();
-    let mut rng = SplitMix64(u64::from_le_bytes(
-        d.as_bytes()[..8].try_into().expect("8 bytes"),
-    ));
+    let mut rng = SplitMix64(u64::from_le_bytes(d.as_bytes()[..8].try_into().expect("8 bytes")));
     let mut out = Vec::with_capacity(n + 1);
     while out.len() < n {
         let (u1, u2) = (rng.next_unit(), rng.next_unit());
@@ -657,25 +539,14 @@ mod tests {
     #[test]
     fn parses_sources() {
         assert_eq!(
-            "hf:Qwen/Qwen3-Reranker-0.6B"
-                .parse::<ModelSource>()
-                .unwrap(),
-            ModelSource::Hub {
-                repo: "Qwen/Qwen3-Reranker-0.6B".into(),
-                revision: "main".into()
-            }
+            "hf:Qwen/Qwen3-Reranker-0.6B".parse::<ModelSource>().unwrap(),
+            ModelSource::Hub { repo: "Qwen/Qwen3-Reranker-0.6B".into(), revision: "main".into() }
         );
         assert_eq!(
             "hf:a/b@v1.0".parse::<ModelSource>().unwrap(),
-            ModelSource::Hub {
-                repo: "a/b".into(),
-                revision: "v1.0".into()
-            }
+            ModelSource::Hub { repo: "a/b".into(), revision: "v1.0".into() }
         );
-        assert_eq!(
-            "models/tiny".parse::<ModelSource>().unwrap(),
-            ModelSource::Dir("models/tiny".into())
-        );
+        assert_eq!("models/tiny".parse::<ModelSource>().unwrap(), ModelSource::Dir("models/tiny".into()));
         for bad in ["hf:noslash", "hf:a/b/c", "hf:a/b@", "hf:/b", ""] {
             assert!(bad.parse::<ModelSource>().is_err(), "{bad}");
         }
@@ -688,8 +559,7 @@ mod tests {
         assert_ne!(a, normal_values(8, "x", 20_000, 0.02));
         assert_ne!(a, normal_values(7, "y", 20_000, 0.02));
         let mean = a.iter().map(|v| *v as f64).sum::<f64>() / a.len() as f64;
-        let sd =
-            (a.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64).sqrt();
+        let sd = (a.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64).sqrt();
         assert!(mean.abs() < 1e-3, "{mean}");
         assert!((sd - 0.02).abs() < 1e-3, "{sd}");
     }

@@ -87,37 +87,24 @@ fn resolve_rope(raw: &RawConfig) -> Result<f64, ModelError> {
     let mut theta = raw.rope_theta;
     let mut rope_type: Option<String> = None;
     if let Some(params) = raw.rope_parameters.as_ref().filter(|v| !v.is_null()) {
-        let obj = params
-            .as_object()
-            .ok_or_else(|| invalid("`rope_parameters` must be an object"))?;
+        let obj = params.as_object().ok_or_else(|| invalid("`rope_parameters` must be an object"))?;
         // transformers 5.x lets rope_parameters win over a top-level rope_theta.
         if let Some(t) = obj.get("rope_theta") {
-            theta = Some(
-                t.as_f64()
-                    .ok_or_else(|| invalid("`rope_parameters.rope_theta` must be a number"))?,
-            );
+            theta = Some(t.as_f64().ok_or_else(|| invalid("`rope_parameters.rope_theta` must be a number"))?);
         }
         if let Some(t) = obj.get("rope_type") {
             rope_type = t.as_str().map(str::to_owned);
         }
     }
     if let Some(scaling) = raw.rope_scaling.as_ref().filter(|v| !v.is_null()) {
-        let t = scaling
-            .get("rope_type")
-            .or_else(|| scaling.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("unknown");
+        let t = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(Value::as_str).unwrap_or("unknown");
         if t != "default" {
-            return Err(invalid(format!(
-                "rope_scaling of type `{t}` is not supported (only the default RoPE is)"
-            )));
+            return Err(invalid(format!("rope_scaling of type `{t}` is not supported (only the default RoPE is)")));
         }
     }
     if let Some(t) = rope_type {
         if t != "default" {
-            return Err(invalid(format!(
-                "rope_type `{t}` is not supported (only `default` is)"
-            )));
+            return Err(invalid(format!("rope_type `{t}` is not supported (only `default` is)")));
         }
     }
     let theta = theta.unwrap_or(DEFAULT_ROPE_THETA);
@@ -129,10 +116,8 @@ fn resolve_rope(raw: &RawConfig) -> Result<f64, ModelError> {
 
 impl Qwen3Config {
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
         Self::from_json_str(&text).map_err(|e| match e {
             ModelError::Config(msg) => ModelError::Config(format!("{}: {msg}", path.display())),
             other => other,
@@ -140,8 +125,8 @@ impl Qwen3Config {
     }
 
     pub fn from_json_str(text: &str) -> Result<Self, ModelError> {
-        let raw: RawConfig = serde_json::from_str(text)
-            .map_err(|e| invalid(format!("config.json is not a valid Qwen3 config: {e}")))?;
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| invalid(format!("config.json is not a valid Qwen3 config: {e}")))?;
         if let Some(mt) = &raw.model_type {
             if mt != "qwen3" {
                 return Err(invalid(format!(
@@ -151,15 +136,11 @@ impl Qwen3Config {
         }
         if let Some(act) = &raw.hidden_act {
             if act != "silu" {
-                return Err(invalid(format!(
-                    "hidden_act `{act}` is not supported (Qwen3 uses `silu`)"
-                )));
+                return Err(invalid(format!("hidden_act `{act}` is not supported (Qwen3 uses `silu`)")));
             }
         }
         if raw.use_sliding_window == Some(true) {
-            return Err(invalid(
-                "use_sliding_window = true is not supported (no Qwen3 release uses it)",
-            ));
+            return Err(invalid("use_sliding_window = true is not supported (no Qwen3 release uses it)"));
         }
         let rope_theta = resolve_rope(&raw)?;
         let num_attention_heads = required(raw.num_attention_heads, "num_attention_heads")?;
@@ -172,9 +153,7 @@ impl Qwen3Config {
         }
         let head_dim = raw.head_dim.unwrap_or(DEFAULT_HEAD_DIM);
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
-            return Err(invalid(format!(
-                "head_dim must be even and > 0 for RoPE, got {head_dim}"
-            )));
+            return Err(invalid(format!("head_dim must be even and > 0 for RoPE, got {head_dim}")));
         }
         let extra = raw.extra;
         Ok(Self {
@@ -240,19 +219,11 @@ impl Qwen3Config {
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
         let i = self.intermediate_size;
-        let mut out = vec![(
-            "model.embed_tokens.weight".to_owned(),
-            vec![self.vocab_size, h],
-        )];
+        let mut out = vec![("model.embed_tokens.weight".to_owned(), vec![self.vocab_size, h])];
         for l in 0..self.num_hidden_layers {
             let p = format!("model.layers.{l}");
             out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-            for (name, rows, cols) in [
-                ("q_proj", q, h),
-                ("k_proj", kv, h),
-                ("v_proj", kv, h),
-                ("o_proj", h, q),
-            ] {
+            for (name, rows, cols) in [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q)] {
                 out.push((format!("{p}.self_attn.{name}.weight"), vec![rows, cols]));
                 if self.attention_bias {
                     out.push((format!("{p}.self_attn.{name}.bias"), vec![rows]));
@@ -292,15 +263,9 @@ impl Qwen3Config {
         set("hidden_act", Value::from("silu"));
         set("rms_norm_eps", Value::from(self.rms_norm_eps));
         set("rope_theta", Value::from(self.rope_theta));
-        set(
-            "rope_parameters",
-            serde_json::json!({"rope_theta": self.rope_theta, "rope_type": "default"}),
-        );
+        set("rope_parameters", serde_json::json!({"rope_theta": self.rope_theta, "rope_type": "default"}));
         set("rope_scaling", Value::Null);
-        set(
-            "max_position_embeddings",
-            Value::from(self.max_position_embeddings),
-        );
+        set("max_position_embeddings", Value::from(self.max_position_embeddings));
         set("tie_word_embeddings", Value::from(self.tie_word_embeddings));
         set("attention_bias", Value::from(self.attention_bias));
         set("initializer_range", Value::from(self.initializer_range));
@@ -365,10 +330,7 @@ mod tests {
     #[test]
     fn rope_parameters_win_over_top_level_theta_like_transformers_5() {
         let text = V5.replace("\"rms_norm_eps\"", "\"rope_theta\": 77.0, \"rms_norm_eps\"");
-        assert_eq!(
-            Qwen3Config::from_json_str(&text).unwrap().rope_theta,
-            5000.0
-        );
+        assert_eq!(Qwen3Config::from_json_str(&text).unwrap().rope_theta, 5000.0);
     }
 
     #[test]
@@ -392,18 +354,12 @@ mod tests {
     #[test]
     fn rejects_what_we_do_not_implement() {
         let yarn = V5.replace("\"default\"", "\"yarn\"");
-        assert!(Qwen3Config::from_json_str(&yarn)
-            .unwrap_err()
-            .to_string()
-            .contains("yarn"));
+        assert!(Qwen3Config::from_json_str(&yarn).unwrap_err().to_string().contains("yarn"));
         let llama = V5.replace("\"qwen3\"", "\"llama\"");
         assert!(Qwen3Config::from_json_str(&llama).is_err());
         let bad_gqa = V5.replace("\"num_key_value_heads\": 1", "\"num_key_value_heads\": 3");
         assert!(Qwen3Config::from_json_str(&bad_gqa).is_err());
         let missing = V5.replace("\"hidden_size\": 8,", "");
-        assert!(Qwen3Config::from_json_str(&missing)
-            .unwrap_err()
-            .to_string()
-            .contains("hidden_size"));
+        assert!(Qwen3Config::from_json_str(&missing).unwrap_err().to_string().contains("hidden_size"));
     }
 }

@@ -22,8 +22,7 @@ pub mod qwen3;
 pub mod reranker;
 
 pub use checkpoint::{
-    load, load_files, random, resolve, save, HubOptions, LoadOptions, ModelFiles, ModelSource,
-    SaveOptions,
+    load, load_files, random, resolve, save, HubOptions, LoadOptions, ModelFiles, ModelSource, SaveOptions,
 };
 pub use config::Qwen3Config;
 pub use ops::{Linear, LoraAdapter};
@@ -53,11 +52,7 @@ pub enum ModelError {
     #[error("tensor `{name}` is missing from the checkpoint at {location}")]
     MissingTensor { name: String, location: String },
     #[error("tensor `{name}` has shape {got:?}, the config implies {expected:?}")]
-    ShapeMismatch {
-        name: String,
-        expected: Vec<usize>,
-        got: Vec<usize>,
-    },
+    ShapeMismatch { name: String, expected: Vec<usize>, got: Vec<usize> },
     #[error("unsupported dtype `{0}` (expected float32, bfloat16 or float16)")]
     UnsupportedDtype(String),
     #[error("invalid model source `{source_str}`: {reason}")]
@@ -68,12 +63,7 @@ pub enum ModelError {
          its directory (containing config.json and model.safetensors) instead of the hf: id, e.g. \
          `--model path/to/Qwen3-Reranker-0.6B`"
     )]
-    Hub {
-        repo: String,
-        file: String,
-        cache: PathBuf,
-        reason: String,
-    },
+    Hub { repo: String, file: String, cache: PathBuf, reason: String },
     #[error("{path}: not a model directory: {reason}")]
     NotAModelDir { path: PathBuf, reason: String },
     #[error("bad model input: {0}")]

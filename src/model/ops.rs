@@ -13,12 +13,8 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
-    let inv_rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-        .sqrt()?
-        .recip()?;
-    xf.broadcast_mul(&inv_rms)?
-        .to_dtype(dtype)?
-        .broadcast_mul(weight)
+    let inv_rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    xf.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(weight)
 }
 
 /// Softmax over the last dimension in f32. The row maximum is detached: softmax is invariant to
@@ -49,13 +45,7 @@ impl RopeTables {
     /// The arithmetic mirrors transformers' default RoPE step by step in f32 (`base ** (2i/d)`,
     /// its reciprocal, then `position * inv_freq`) so that angles at long positions, where one f32
     /// rounding is worth ~1e-5 rad, agree with the reference bit for bit where possible.
-    pub fn new(
-        seq_len: usize,
-        head_dim: usize,
-        theta: f64,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn new(seq_len: usize, head_dim: usize, theta: f64, dtype: DType, device: &Device) -> Result<Self> {
         let half = head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| {
@@ -86,8 +76,7 @@ impl RopeTables {
         let x1 = x.narrow(D::Minus1, 0, half)?;
         let x2 = x.narrow(D::Minus1, half, half)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(&self.cos)?
-            .add(&rotated.broadcast_mul(&self.sin)?)
+        x.broadcast_mul(&self.cos)?.add(&rotated.broadcast_mul(&self.sin)?)
     }
 }
 
@@ -100,15 +89,10 @@ impl RopeTables {
 pub fn attention_bias(attention_mask: &Tensor) -> Result<Tensor> {
     let (b, t) = attention_mask.dims2()?;
     let device = attention_mask.device();
-    let causal: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::MIN }))
-        .collect();
+    let causal: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::MIN })).collect();
     let causal = Tensor::from_vec(causal, (1, t, t), device)?;
     // mask ∈ {0, 1}: m·MAX − MAX is exactly 0 for real tokens and f32::MIN for padding.
-    let keys = attention_mask
-        .to_dtype(DType::F32)?
-        .affine(f32::MAX as f64, -(f32::MAX as f64))?
-        .reshape((b, 1, t))?;
+    let keys = attention_mask.to_dtype(DType::F32)?.affine(f32::MAX as f64, -(f32::MAX as f64))?.reshape((b, 1, t))?;
     // `minimum`, not a sum: two f32::MIN would overflow to -inf.
     causal.broadcast_minimum(&keys)?.unsqueeze(1)
 }
@@ -146,11 +130,7 @@ fn matmul_last(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self {
-            weight,
-            bias,
-            lora: None,
-        }
+        Self { weight, bias, lora: None }
     }
 }
 
@@ -175,16 +155,7 @@ mod tests {
     use candle_core::Var;
 
     fn close(a: &Tensor, b: &Tensor, tol: f32) {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(d <= tol, "max abs diff {d} > {tol}");
     }
 
@@ -230,10 +201,7 @@ mod tests {
             .unwrap();
         let n = numeric_grad(&f, x);
         for (i, (a, b)) in g.iter().zip(&n).enumerate() {
-            assert!(
-                (a - b).abs() < 2e-3 + 2e-2 * b.abs(),
-                "grad[{i}]: {a} vs {b}"
-            );
+            assert!((a - b).abs() < 2e-3 + 2e-2 * b.abs(), "grad[{i}]: {a} vs {b}");
         }
     }
 
@@ -250,34 +218,10 @@ mod tests {
             let r = 1.0 / (ms + 1e-6).sqrt();
             expected.extend(row.iter().zip(&ws).map(|(v, w)| v * r * w));
         }
-        close(
-            &y,
-            &Tensor::from_vec(expected, (2, 3, 8), &Device::Cpu).unwrap(),
-            1e-6,
-        );
+        close(&y, &Tensor::from_vec(expected, (2, 3, 8), &Device::Cpu).unwrap(), 1e-6);
         let proj = sample(&[2, 3, 8], 3);
-        check_grad(
-            |x| {
-                rms_norm(x, &w, 1e-6)
-                    .unwrap()
-                    .mul(&proj)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-            },
-            &x,
-        );
-        check_grad(
-            |w| {
-                rms_norm(&x, w, 1e-6)
-                    .unwrap()
-                    .mul(&proj)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-            },
-            &w,
-        );
+        check_grad(|x| rms_norm(x, &w, 1e-6).unwrap().mul(&proj).unwrap().sum_all().unwrap(), &x);
+        check_grad(|w| rms_norm(&x, w, 1e-6).unwrap().mul(&proj).unwrap().sum_all().unwrap(), &w);
     }
 
     #[test]
@@ -287,17 +231,7 @@ mod tests {
         let fused = candle_nn::ops::softmax_last_dim(&x).unwrap();
         close(&ours, &fused, 1e-6);
         let proj = sample(&[2, 5, 7], 5);
-        check_grad(
-            |x| {
-                softmax_last_dim(x)
-                    .unwrap()
-                    .mul(&proj)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-            },
-            &x,
-        );
+        check_grad(|x| softmax_last_dim(x).unwrap().mul(&proj).unwrap().sum_all().unwrap(), &x);
     }
 
     #[test]
@@ -306,40 +240,15 @@ mod tests {
         let x = sample(&[b, h, t, d], 6);
         let tables = RopeTables::new(t, d, 10_000.0, DType::F32, &Device::Cpu).unwrap();
         let ours = tables.apply(&x).unwrap();
-        let cos = tables
-            .cos
-            .narrow(1, 0, d / 2)
-            .unwrap()
-            .contiguous()
-            .unwrap();
-        let sin = tables
-            .sin
-            .narrow(1, 0, d / 2)
-            .unwrap()
-            .contiguous()
-            .unwrap();
+        let cos = tables.cos.narrow(1, 0, d / 2).unwrap().contiguous().unwrap();
+        let sin = tables.sin.narrow(1, 0, d / 2).unwrap().contiguous().unwrap();
         let fused = candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap();
         close(&ours, &fused, 1e-6);
         // Strided input (as attention passes it after a transpose) gives the same result.
         let xt = x.transpose(1, 2).unwrap().contiguous().unwrap();
-        close(
-            &tables.apply(&xt.transpose(1, 2).unwrap()).unwrap(),
-            &ours,
-            0.0,
-        );
+        close(&tables.apply(&xt.transpose(1, 2).unwrap()).unwrap(), &ours, 0.0);
         let proj = sample(&[b, h, t, d], 7);
-        check_grad(
-            |x| {
-                tables
-                    .apply(x)
-                    .unwrap()
-                    .mul(&proj)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-            },
-            &x,
-        );
+        check_grad(|x| tables.apply(x).unwrap().mul(&proj).unwrap().sum_all().unwrap(), &x);
     }
 
     #[test]
@@ -355,21 +264,12 @@ mod tests {
         assert_eq!(bias.dims(), &[3, 1, 3, 3]);
         let v: Vec<Vec<Vec<f32>>> = bias.squeeze(1).unwrap().to_vec3().unwrap();
         let m = f32::MIN;
-        assert_eq!(
-            v[0],
-            vec![vec![0., m, m], vec![0., 0., m], vec![0., 0., 0.]]
-        );
+        assert_eq!(v[0], vec![vec![0., m, m], vec![0., 0., m], vec![0., 0., 0.]]);
         assert_eq!(v[1], vec![vec![m, m, m], vec![m, 0., m], vec![m, 0., 0.]]);
         assert!(v[2].iter().flatten().all(|x| *x == m));
         // A fully masked row softmaxes to finite uniform weights, not NaN.
-        let scores =
-            (Tensor::ones((3, 1, 3, 3), DType::F32, &Device::Cpu).unwrap() + &bias).unwrap();
-        let p: Vec<f32> = softmax_last_dim(&scores)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let scores = (Tensor::ones((3, 1, 3, 3), DType::F32, &Device::Cpu).unwrap() + &bias).unwrap();
+        let p: Vec<f32> = softmax_last_dim(&scores).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert!(p.iter().all(|x| x.is_finite()));
     }
 
@@ -379,27 +279,14 @@ mod tests {
         let w = sample(&[5, 4], 10);
         let base = Linear::new(w.clone(), None);
         let a = Var::from_tensor(&sample(&[2, 4], 11)).unwrap();
-        let b =
-            Var::from_tensor(&Tensor::zeros((5, 2), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::zeros((5, 2), DType::F32, &Device::Cpu).unwrap()).unwrap();
         let mut adapted = base.clone();
-        adapted.lora = Some(LoraAdapter {
-            a: a.as_tensor().clone(),
-            b: b.as_tensor().clone(),
-            scale: 2.0,
-        });
+        adapted.lora = Some(LoraAdapter { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: 2.0 });
         let y0 = base.forward(&x).unwrap();
         let y1 = adapted.forward(&x).unwrap();
         close(&y0, &y1, 0.0);
         let grads = y1.sum_all().unwrap().backward().unwrap();
         let gb = grads.get(b.as_tensor()).unwrap();
-        assert!(
-            gb.abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 0.0
-        );
+        assert!(gb.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
     }
 }

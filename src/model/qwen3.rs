@@ -53,12 +53,7 @@ impl ParamMap {
         self.tensors
             .iter()
             .filter(|(_, t)| t.is_variable())
-            .map(|(k, t)| {
-                (
-                    k.clone(),
-                    Var::from_tensor(t).expect("a variable converts to Var without copying"),
-                )
-            })
+            .map(|(k, t)| (k.clone(), Var::from_tensor(t).expect("a variable converts to Var without copying")))
             .collect()
     }
 
@@ -77,13 +72,7 @@ impl ParamMap {
     /// The same storage without gradient tracking: for evaluation during training, so the forward
     /// pass does not keep its whole graph alive. Costs no copy; sees later optimizer updates.
     pub fn detached(&self) -> Self {
-        Self {
-            tensors: self
-                .tensors
-                .iter()
-                .map(|(k, t)| (k.clone(), t.detach()))
-                .collect(),
-        }
+        Self { tensors: self.tensors.iter().map(|(k, t)| (k.clone(), t.detach())).collect() }
     }
 
     /// Casts every parameter (a copy for each one whose dtype differs).
@@ -124,24 +113,13 @@ impl Attention {
         let q = rope.apply(&rms_norm(&q, &self.q_norm, self.eps)?.transpose(1, 2)?)?;
         let k = self.k_proj.forward(x)?.reshape((b, t, nkv, d))?;
         let k = rope.apply(&rms_norm(&k, &self.k_norm, self.eps)?.transpose(1, 2)?)?;
-        let v = self
-            .v_proj
-            .forward(x)?
-            .reshape((b, t, nkv, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let v = self.v_proj.forward(x)?.reshape((b, t, nkv, d))?.transpose(1, 2)?.contiguous()?;
         let q = q.reshape((b, nkv, group * t, d))?;
         let scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?;
-        let scores = scores
-            .reshape((b, nh, t, t))?
-            .to_dtype(DType::F32)?
-            .broadcast_add(bias)?;
+        let scores = scores.reshape((b, nh, t, t))?.to_dtype(DType::F32)?.broadcast_add(bias)?;
         let probs = super::ops::softmax_last_dim(&scores)?.to_dtype(x.dtype())?;
         let out = probs.reshape((b, nkv, group * t, t))?.matmul(&v)?;
-        let out = out
-            .reshape((b, nh, t, d))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * d))?;
+        let out = out.reshape((b, nh, t, d))?.transpose(1, 2)?.reshape((b, t, nh * d))?;
         self.o_proj.forward(&out)
     }
 }
@@ -195,10 +173,7 @@ impl Qwen3 {
     /// [`Qwen3Config::param_shapes`] lists, with those shapes and one float dtype.
     pub fn new(cfg: Qwen3Config, params: ParamMap) -> Result<Self, ModelError> {
         let expected = cfg.param_shapes();
-        let dtype = params
-            .get("model.embed_tokens.weight")
-            .map(|t| t.dtype())
-            .unwrap_or(DType::F32);
+        let dtype = params.get("model.embed_tokens.weight").map(|t| t.dtype()).unwrap_or(DType::F32);
         for (name, shape) in &expected {
             let t = params.get(name).ok_or_else(|| ModelError::MissingTensor {
                 name: name.clone(),
@@ -219,24 +194,15 @@ impl Qwen3 {
             }
         }
         if params.len() != expected.len() {
-            let known: std::collections::HashSet<&str> =
-                expected.iter().map(|(n, _)| n.as_str()).collect();
-            let extra: Vec<&str> = params
-                .iter()
-                .map(|(n, _)| n)
-                .filter(|n| !known.contains(n))
-                .collect();
-            return Err(ModelError::Input(format!(
-                "parameters not used by this config: {extra:?}"
-            )));
+            let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+            let extra: Vec<&str> = params.iter().map(|(n, _)| n).filter(|n| !known.contains(n)).collect();
+            return Err(ModelError::Input(format!("parameters not used by this config: {extra:?}")));
         }
         let p = |name: &str| params.get(name).cloned().expect("checked above");
         let linear = |name: &str| {
             Linear::new(
                 p(&format!("{name}.weight")),
-                cfg.attention_bias
-                    .then(|| params.get(&format!("{name}.bias")).cloned())
-                    .flatten(),
+                cfg.attention_bias.then(|| params.get(&format!("{name}.bias")).cloned()).flatten(),
             )
         };
         let plain = |name: &str| Linear::new(p(&format!("{name}.weight")), None);
@@ -269,19 +235,8 @@ impl Qwen3 {
             })
             .collect();
         let embed_tokens = p("model.embed_tokens.weight");
-        let lm_head = if cfg.tie_word_embeddings {
-            embed_tokens.clone()
-        } else {
-            p("lm_head.weight")
-        };
-        Ok(Self {
-            norm: p("model.norm.weight"),
-            embed_tokens,
-            layers,
-            lm_head,
-            params,
-            cfg,
-        })
+        let lm_head = if cfg.tie_word_embeddings { embed_tokens.clone() } else { p("lm_head.weight") };
+        Ok(Self { norm: p("model.norm.weight"), embed_tokens, layers, lm_head, params, cfg })
     }
 
     pub fn config(&self) -> &Qwen3Config {
@@ -356,9 +311,8 @@ impl Qwen3 {
     /// Checks the inputs and brings them to the forms the forward pass needs: ids as u32 (any
     /// integer dtype accepted), and the mask's shape.
     fn check_inputs(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor, ModelError> {
-        let (b, t) = ids.dims2().map_err(|_| {
-            ModelError::Input(format!("ids must be [batch, seq], got {:?}", ids.dims()))
-        })?;
+        let (b, t) =
+            ids.dims2().map_err(|_| ModelError::Input(format!("ids must be [batch, seq], got {:?}", ids.dims())))?;
         if b == 0 || t == 0 {
             return Err(ModelError::Input("empty batch".into()));
         }
@@ -387,25 +341,12 @@ impl Qwen3 {
     ///
     /// `ids: [B, T]` integer token ids; `attention_mask: [B, T]` with 1 for real tokens and 0 for
     /// padding (any dtype). Positions are `0..T-1` for every row (see the module docs).
-    pub fn hidden_states(
-        &self,
-        ids: &Tensor,
-        attention_mask: &Tensor,
-    ) -> Result<Tensor, ModelError> {
+    pub fn hidden_states(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor, ModelError> {
         let ids = self.check_inputs(ids, attention_mask)?;
         let (b, t) = ids.dims2()?;
-        let rope = RopeTables::new(
-            t,
-            self.cfg.head_dim,
-            self.cfg.rope_theta,
-            self.dtype(),
-            self.device(),
-        )?;
+        let rope = RopeTables::new(t, self.cfg.head_dim, self.cfg.rope_theta, self.dtype(), self.device())?;
         let bias = attention_bias(&attention_mask.to_device(self.device())?)?;
-        let mut h = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
+        let mut h = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
         for layer in &self.layers {
             h = layer.forward(&h, &rope, &bias)?;
         }
@@ -427,10 +368,7 @@ impl Qwen3 {
     /// Rows of the output projection (`lm_head`, or the embedding when tied) for the given token
     /// ids: `[n, hidden]`. Gathered rather than projecting onto the whole vocabulary.
     pub fn lm_head_rows(&self, token_ids: &[u32]) -> Result<Tensor, ModelError> {
-        if let Some(bad) = token_ids
-            .iter()
-            .find(|&&i| i as usize >= self.cfg.vocab_size)
-        {
+        if let Some(bad) = token_ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
             return Err(ModelError::Input(format!(
                 "token id {bad} is outside the vocabulary (size {})",
                 self.cfg.vocab_size
@@ -444,27 +382,11 @@ impl Qwen3 {
 impl DecoderLayer {
     fn linears(&self) -> [&Linear; 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
-        ]
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
     }
 
     fn linears_mut(&mut self) -> [&mut Linear; 7] {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
-        [
-            &mut a.q_proj,
-            &mut a.k_proj,
-            &mut a.v_proj,
-            &mut a.o_proj,
-            &mut m.gate_proj,
-            &mut m.up_proj,
-            &mut m.down_proj,
-        ]
+        [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
     }
 }

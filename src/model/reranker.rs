@@ -48,15 +48,9 @@ impl Reranker {
             }
         }
         if yes_id == no_id {
-            return Err(ModelError::Input(
-                "the yes and no token ids are equal".into(),
-            ));
+            return Err(ModelError::Input("the yes and no token ids are equal".into()));
         }
-        Ok(Self {
-            model,
-            yes_id,
-            no_id,
-        })
+        Ok(Self { model, yes_id, no_id })
     }
 
     pub fn model(&self) -> &Qwen3 {
@@ -81,11 +75,7 @@ impl Reranker {
     /// With left padding the last position `T-1` is every row's final prompt token. A row whose
     /// last position is padding (right padding) would be scored from a pad, so it is an error; a
     /// row that is padding throughout is allowed and yields a finite, meaningless score.
-    pub fn forward(
-        &self,
-        ids: &Tensor,
-        attention_mask: &Tensor,
-    ) -> Result<RerankOutput, ModelError> {
+    pub fn forward(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<RerankOutput, ModelError> {
         check_left_padded(attention_mask)?;
         let h = self.model.hidden_states(ids, attention_mask)?;
         let t = h.dim(1)?;
@@ -100,25 +90,11 @@ impl Reranker {
 
     /// Plain scores for inference: runs on a gradient-free view of the weights so no graph is
     /// kept, whatever the model's trainability.
-    pub fn scores(
-        &self,
-        ids: &Tensor,
-        attention_mask: &Tensor,
-    ) -> Result<Vec<RerankScore>, ModelError> {
-        let frozen = Reranker {
-            model: self.model.detached()?,
-            yes_id: self.yes_id,
-            no_id: self.no_id,
-        };
+    pub fn scores(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Vec<RerankScore>, ModelError> {
+        let frozen = Reranker { model: self.model.detached()?, yes_id: self.yes_id, no_id: self.no_id };
         let out = frozen.forward(ids, attention_mask)?;
         let logits: Vec<f32> = out.logit.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-        Ok(logits
-            .into_iter()
-            .map(|logit| RerankScore {
-                logit,
-                p_yes: sigmoid_f32(logit),
-            })
-            .collect())
+        Ok(logits.into_iter().map(|logit| RerankScore { logit, p_yes: sigmoid_f32(logit) }).collect())
     }
 }
 
@@ -138,9 +114,7 @@ fn check_left_padded(attention_mask: &Tensor) -> Result<(), ModelError> {
         .map_err(|_| ModelError::Input("attention_mask must be [batch, seq]".into()))?;
     for (r, row) in rows.iter().enumerate() {
         if let Some(bad) = row.iter().find(|v| **v != 0.0 && **v != 1.0) {
-            return Err(ModelError::Input(format!(
-                "attention_mask row {r} holds {bad}; only 0 and 1 are allowed"
-            )));
+            return Err(ModelError::Input(format!("attention_mask row {r} holds {bad}; only 0 and 1 are allowed")));
         }
         let has_token = row.contains(&1.0);
         if has_token && row.last() != Some(&1.0) {
@@ -191,10 +165,7 @@ mod tests {
         let y = [0.0f32, 1.0, 0.5, 1.0, 0.0, 0.25, 1.0];
         let xt = Tensor::new(&x, &Device::Cpu).unwrap();
         let yt = Tensor::new(&y, &Device::Cpu).unwrap();
-        let loss = bce_with_logits(&xt, &yt)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let loss = bce_with_logits(&xt, &yt).unwrap().to_scalar::<f32>().unwrap();
         let naive: f64 = x
             .iter()
             .zip(&y)
@@ -214,15 +185,9 @@ mod tests {
     fn bce_gradient_is_sigmoid_minus_target_over_n() {
         let x = Var::new(&[-2.0f32, 0.3, 4.0], &Device::Cpu).unwrap();
         let y = Tensor::new(&[0.0f32, 1.0, 0.5], &Device::Cpu).unwrap();
-        let g = bce_with_logits(x.as_tensor(), &y)
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g = bce_with_logits(x.as_tensor(), &y).unwrap().backward().unwrap();
         let g: Vec<f32> = g.get(x.as_tensor()).unwrap().to_vec1().unwrap();
-        for (i, (xv, yv)) in [(-2.0f32, 0.0f32), (0.3, 1.0), (4.0, 0.5)]
-            .iter()
-            .enumerate()
-        {
+        for (i, (xv, yv)) in [(-2.0f32, 0.0f32), (0.3, 1.0), (4.0, 0.5)].iter().enumerate() {
             let want = (sigmoid_f32(*xv) - yv) / 3.0;
             assert!((g[i] - want).abs() < 1e-6, "{} vs {want}", g[i]);
         }
@@ -232,10 +197,7 @@ mod tests {
     fn mse_on_probability_matches_definition() {
         let x = Tensor::new(&[0.0f32, 2.0], &Device::Cpu).unwrap();
         let y = Tensor::new(&[1.0f32, 0.0], &Device::Cpu).unwrap();
-        let l = mse_on_probability(&x, &y)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let l = mse_on_probability(&x, &y).unwrap().to_scalar::<f32>().unwrap();
         let want = (0.25 + sigmoid_f32(2.0).powi(2)) / 2.0;
         assert!((l - want).abs() < 1e-6);
     }
@@ -245,10 +207,7 @@ mod tests {
         let ok = Tensor::new(&[[0u32, 1, 1], [1, 1, 1], [0, 0, 0]], &Device::Cpu).unwrap();
         assert!(check_left_padded(&ok).is_ok());
         let right = Tensor::new(&[[1u32, 1, 0]], &Device::Cpu).unwrap();
-        assert!(check_left_padded(&right)
-            .unwrap_err()
-            .to_string()
-            .contains("LEFT"));
+        assert!(check_left_padded(&right).unwrap_err().to_string().contains("LEFT"));
         let gap = Tensor::new(&[[1u32, 0, 1]], &Device::Cpu).unwrap();
         assert!(check_left_padded(&gap).is_err());
         let two = Tensor::new(&[[2u32, 1, 1]], &Device::Cpu).unwrap();
