@@ -2,7 +2,9 @@
 
 use crate::engine::Stage;
 
+pub mod tokenize;
+
 /// Every stage kind this binary knows, in pipeline order.
 pub fn registry() -> Vec<Box<dyn Stage>> {
-    vec![]
+    vec![Box::new(tokenize::Tokenize)]
 }
