@@ -4,6 +4,7 @@
 //!   atomic store → the runner and its run records. Nothing in it knows about ML.
 //! - [`stages`]: one module per stage kind behind the [`engine::Stage`] trait.
 //! - [`model`]: a differentiable, padding-aware Qwen3 and the reranker head, checkpoint I/O.
+//! - [`text`]: the Qwen3-Reranker prompt, tokenizer loading (built-in, local, hub) and the token store.
 //! - [`metrics`]: ranking and classification metrics as pure functions.
 
 pub mod cli;
@@ -11,3 +12,4 @@ pub mod engine;
 pub mod metrics;
 pub mod model;
 pub mod stages;
+pub mod text;

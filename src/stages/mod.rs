@@ -10,11 +10,12 @@ pub mod load;
 pub mod normalize;
 pub mod split;
 pub mod table;
+pub mod tokenize;
 
 #[cfg(test)]
 mod tests;
 
 /// Every stage kind this binary knows, in pipeline order.
 pub fn registry() -> Vec<Box<dyn Stage>> {
-    vec![Box::new(load::Load), Box::new(normalize::Normalize), Box::new(split::Split)]
+    vec![Box::new(load::Load), Box::new(normalize::Normalize), Box::new(split::Split), Box::new(tokenize::Tokenize)]
 }
