@@ -249,5 +249,7 @@ mod crash;
 mod docs;
 #[path = "cli/malformed.rs"]
 mod malformed;
+#[path = "cli/rerank.rs"]
+mod rerank;
 #[path = "cli/sweep.rs"]
 mod sweep;

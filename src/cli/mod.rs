@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod rerank;
+
 use crate::engine::config::{self, ConfigError, Overrides, Pipeline};
 use crate::engine::graph;
 use crate::engine::runner::{self, Engine, EngineError, RunOptions};
@@ -93,6 +95,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rank documents for a query with a Qwen3 reranker (P(yes) per document).
+    Rerank(rerank::RerankArgs),
     /// Which stages are fresh or stale, and why.
     Status {
         #[command(flatten)]
@@ -273,6 +277,7 @@ pub fn run(cli: Cli, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
             compare(&paths, sort.as_deref(), metrics.as_deref(), format)
         }
         Command::Metrics { file, k, threshold, val, json } => metrics_cmd(&file, k, threshold, val, json),
+        Command::Rerank(a) => rerank::run(a).map_err(|e| Exit { code: 1, error: e }),
         Command::Status { p, json } => {
             let pipeline = load(&p, registry)?;
             let engine = Engine::new(&pipeline, registry)?;

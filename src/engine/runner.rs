@@ -184,17 +184,49 @@ impl<'a> Engine<'a> {
                     k.inputs.insert(id.clone(), id);
                 }
                 ExternalInput::File(p) => {
-                    let abs = if Path::new(&p).is_absolute() { PathBuf::from(&p) } else { self.pipeline.root.join(&p) };
-                    let rel = abs
-                        .strip_prefix(&self.pipeline.root)
-                        .map(|r| r.to_string_lossy().replace('\\', "/"))
-                        .unwrap_or_else(|_| p.clone());
+                    let (rel, abs) = self.locate(&p);
                     let h = self.stat.hash(&rel, &abs).map_err(|e| format!("input {p}: {e}"))?;
                     k.inputs.insert(rel, h);
+                }
+                ExternalInput::Dir(p) => {
+                    let (rel, abs) = self.locate(&p);
+                    let mut files = Vec::new();
+                    let mut stack = vec![abs.clone()];
+                    while let Some(d) = stack.pop() {
+                        let rd = std::fs::read_dir(&d).map_err(|e| format!("input {p}: {e}"))?;
+                        for e in rd.flatten() {
+                            let path = e.path();
+                            if path.is_dir() {
+                                stack.push(path);
+                            } else {
+                                files.push(path);
+                            }
+                        }
+                    }
+                    files.sort();
+                    let mut h = blake3::Hasher::new();
+                    for f in files {
+                        let (frel, _) = self.locate(&f.to_string_lossy());
+                        let fh = self.stat.hash(&frel, &f).map_err(|e| format!("input {}: {e}", f.display()))?;
+                        h.update(frel.as_bytes());
+                        h.update(b"\0");
+                        h.update(fh.as_bytes());
+                    }
+                    k.inputs.insert(format!("{rel}/"), h.finalize().to_hex().to_string());
                 }
             }
         }
         Ok(k)
+    }
+
+    /// (project-relative display path, absolute path) of an input path as written in a parameter.
+    fn locate(&self, p: &str) -> (String, PathBuf) {
+        let abs = if Path::new(p).is_absolute() { PathBuf::from(p) } else { self.pipeline.root.join(p) };
+        let rel = abs
+            .strip_prefix(&self.pipeline.root)
+            .map(|r| r.to_string_lossy().replace('\\', "/"))
+            .unwrap_or_else(|_| p.to_string());
+        (rel, abs)
     }
 
     fn index(&self, id: &str) -> usize {

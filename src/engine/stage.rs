@@ -20,6 +20,8 @@ pub type JsonMap = serde_json::Map<String, serde_json::Value>;
 pub enum ExternalInput {
     /// A file relative to the project root (or absolute); hashed by content, never by mtime or path.
     File(String),
+    /// A directory relative to the project root: every file in it, by relative path and content.
+    Dir(String),
     /// Something the engine cannot hash (a hub id with a revision): the string itself is the identity.
     Remote(String),
 }

@@ -20,6 +20,7 @@ pub mod config;
 pub mod ops;
 pub mod qwen3;
 pub mod reranker;
+pub mod score;
 
 pub use checkpoint::{
     load, load_files, random, resolve, save, HubOptions, LoadOptions, ModelFiles, ModelSource, SaveOptions,
