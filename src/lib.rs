@@ -5,9 +5,11 @@
 //! - [`stages`]: one module per stage kind behind the [`engine::Stage`] trait.
 //! - [`model`]: a differentiable, padding-aware Qwen3 and the reranker head, checkpoint I/O.
 //! - [`metrics`]: ranking and classification metrics as pure functions.
+//! - [`report`]: tables, SVG charts and self-contained HTML reports (the analyze stage's output).
 
 pub mod cli;
 pub mod engine;
 pub mod metrics;
 pub mod model;
+pub mod report;
 pub mod stages;

@@ -5,6 +5,7 @@
 
 use crate::engine::Stage;
 
+pub mod analyze;
 pub mod hub;
 pub mod load;
 pub mod normalize;
@@ -16,5 +17,5 @@ mod tests;
 
 /// Every stage kind this binary knows, in pipeline order.
 pub fn registry() -> Vec<Box<dyn Stage>> {
-    vec![Box::new(load::Load), Box::new(normalize::Normalize), Box::new(split::Split)]
+    vec![Box::new(load::Load), Box::new(normalize::Normalize), Box::new(split::Split), Box::new(analyze::Analyze)]
 }
