@@ -6,10 +6,12 @@
 //! - [`model`]: a differentiable, padding-aware Qwen3 and the reranker head, checkpoint I/O.
 //! - [`text`]: the Qwen3-Reranker prompt, tokenizer loading (built-in, local, hub) and the token store.
 //! - [`metrics`]: ranking and classification metrics as pure functions.
+//! - [`report`]: tables, SVG charts and self-contained HTML reports (the analyze stage's output).
 
 pub mod cli;
 pub mod engine;
 pub mod metrics;
 pub mod model;
+pub mod report;
 pub mod stages;
 pub mod text;

@@ -176,7 +176,15 @@ pub fn build(
             out
         }
         None => {
-            let d: Vec<String> = DEFAULT_METRICS.iter().flat_map(|m| resolve_metric(&all_metrics, m)).collect();
+            // Defaults match a stage's own metric exactly (`evaluate.test.auc`), not a baseline's
+            // (`analyze.bm25.test.auc`).
+            let d: Vec<String> = DEFAULT_METRICS
+                .iter()
+                .flat_map(|want| {
+                    all_metrics.iter().filter(move |m| m.split_once('.').is_some_and(|(_, rest)| rest == *want))
+                })
+                .cloned()
+                .collect();
             if d.is_empty() {
                 all_metrics.iter().take(8).cloned().collect()
             } else {

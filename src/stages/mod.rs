@@ -5,6 +5,7 @@
 
 use crate::engine::Stage;
 
+pub mod analyze;
 pub mod evaluate;
 pub mod hub;
 pub mod load;
@@ -24,5 +25,6 @@ pub fn registry() -> Vec<Box<dyn Stage>> {
         Box::new(split::Split),
         Box::new(tokenize::Tokenize),
         Box::new(evaluate::Evaluate),
+        Box::new(analyze::Analyze),
     ]
 }

@@ -1,5 +1,6 @@
 //! Stage-level tests: each stage run by hand over a temp dir, as the runner would run it.
 
+mod analyze;
 mod data_stages;
 mod full_data;
 mod load_errors;
