@@ -243,6 +243,8 @@ fn show_and_dag() {
     insta::assert_snapshot!("dag_dot", p.ok(&["dag", "pipelines/p.toml", "--dot"]).stdout);
 }
 
+#[path = "cli/bench.rs"]
+mod bench;
 #[path = "cli/crash.rs"]
 mod crash;
 #[path = "cli/docs.rs"]

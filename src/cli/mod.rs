@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
 pub mod rerank;
 
 use crate::engine::config::{self, ConfigError, Overrides, Pipeline};
@@ -95,6 +96,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Device measurements (parity with the CPU, training-step speed); one JSON line each.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Rank documents for a query with a Qwen3 reranker (P(yes) per document).
     Rerank(rerank::RerankArgs),
     /// Which stages are fresh or stale, and why.
@@ -277,6 +281,7 @@ pub fn run(cli: Cli, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
             compare(&paths, sort.as_deref(), metrics.as_deref(), format)
         }
         Command::Metrics { file, k, threshold, val, json } => metrics_cmd(&file, k, threshold, val, json),
+        Command::Bench(b) => bench::run(b).map_err(|e| Exit { code: 1, error: e }),
         Command::Rerank(a) => rerank::run(a).map_err(|e| Exit { code: 1, error: e }),
         Command::Status { p, json } => {
             let pipeline = load(&p, registry)?;

@@ -1,0 +1,19 @@
+//! `pipe bench parity` runs its CPU-vs-device comparison (here CPU vs CPU, and bf16 vs f32), and a
+//! CUDA device on a CPU-only build is a clear error rather than a silent CPU fallback.
+
+use crate::util::Project;
+
+#[test]
+fn bench_parity_runs_and_reports_json() {
+    let p = Project::new();
+    let v = p.run_json(&["bench", "parity", "--device", "cpu"]);
+    assert_eq!(v["pass"], true, "{v}");
+    assert_eq!(v["f32"]["max_abs_logit_diff"], 0.0);
+    let bf16 = v["bf16"]["max_abs_logit_diff"].as_f64().unwrap();
+    assert!(bf16 > 0.0 && bf16 < 0.05, "bf16 differs from f32, within bf16 rounding: {bf16}");
+    if !cfg!(feature = "cuda") {
+        let out = p.pipe(&["bench", "parity", "--device", "cuda"]);
+        assert_eq!(out.code, 1);
+        assert!(out.stderr.contains("--features cuda"), "{out}");
+    }
+}
