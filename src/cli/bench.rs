@@ -35,13 +35,11 @@ fn batch(device: &Device) -> anyhow::Result<(Tensor, Tensor, Tensor)> {
     Ok((ids, mask, targets))
 }
 
-/// (logits, per-parameter gradients by name) in f32 on the CPU.
-fn run_once(
-    cfg: &Qwen3Config,
-    seed: u64,
-    dtype: DType,
-    device: &Device,
-) -> anyhow::Result<(Vec<f32>, Vec<(String, Vec<f32>)>)> {
+/// Per-parameter gradients by name, in f32.
+type Grads = Vec<(String, Vec<f32>)>;
+
+/// (logits, gradients), both copied to the CPU in f32.
+fn run_once(cfg: &Qwen3Config, seed: u64, dtype: DType, device: &Device) -> anyhow::Result<(Vec<f32>, Grads)> {
     let model = crate::model::random(cfg, seed, dtype, device, true)?;
     let vars = model.vars();
     let reranker = Reranker::new(model, 9693, 2152)?;
