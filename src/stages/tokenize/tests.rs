@@ -228,6 +228,14 @@ fn cancel_and_parameter_errors() {
         }
         other => panic!("expected a parameter error, got {:?}", other.map(|_| ())),
     }
+    std::fs::create_dir(root.path().join("model")).unwrap();
+    match run(root.path(), &split, &params("tokenizer = \"model\""), false) {
+        Err(StageError::Param { key, message }) => {
+            assert_eq!(key, "tokenizer");
+            assert!(message.contains("directory"), "{message}");
+        }
+        other => panic!("expected a parameter error, got {:?}", other.map(|_| ())),
+    }
     // A local tokenizer file is used as given.
     std::fs::write(
         root.path().join("tok.json"),
