@@ -451,13 +451,25 @@ fn run_sweep(p: &PipelineArgs, registry: &[Box<dyn Stage>], jobs: usize, json: b
     }
     install_interrupt_handler();
     let report = crate::engine::sweep::run_sweep(&pipeline, registry, jobs.max(1), quiet || json)?;
+    // A sweep's own report page: the sweep table and one chart per swept parameter and metric.
+    let sweep_dir = PathBuf::from(&report.sweep_dir);
+    if let Ok(runs) = crate::engine::compare::find_runs(std::slice::from_ref(&sweep_dir)) {
+        let mut page = crate::report::html::Page::new(format!("pipe sweep {}", report.sweep_id));
+        page.raw(&crate::report::sweep::sweep_section(&runs));
+        let _ = std::fs::write(sweep_dir.join("report.html"), page.finish());
+    }
     if json {
         println!("{}", serde_json::to_string(&report).expect("report serializes"));
     } else if !quiet {
         for pt in &report.points {
             eprintln!("  {:<7} {}  {}", pt.status, pt.name, pt.error.as_deref().unwrap_or(""));
         }
-        eprintln!("pipe: sweep {} — compare with `pipe compare {}`", report.status, report.sweep_dir);
+        eprintln!(
+            "pipe: sweep {} — compare with `pipe compare {}`; report: {}",
+            report.status,
+            report.sweep_dir,
+            sweep_dir.join("report.html").display()
+        );
     }
     if report.status != "ok" {
         return Err(Exit { code: 1, error: anyhow::anyhow!("sweep {}: some points failed", report.sweep_id) });

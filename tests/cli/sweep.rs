@@ -27,6 +27,8 @@ fn sweep_points_share_upstream_stages() {
     assert_eq!((count("normalize", "ran"), count("normalize", "cached")), (1, 2));
     assert_eq!(count("split", "ran"), 3);
     assert_eq!(recs[1]["sweep"]["values"]["split.seed"], 2);
+    let page = std::fs::read_to_string(format!("{}/report.html", v["sweep_dir"].as_str().unwrap())).unwrap();
+    assert!(page.contains("<h2>Sweep</h2>") && page.contains("split.seed"), "sweep report page");
     // The same sweep again: every point is already finished.
     let again = p.run_json(&["sweep", "pipelines/p.toml", "--set", "split.seed=1,2,3", "--json"]);
     assert!(again["points"].as_array().unwrap().iter().all(|p| p["status"] == "done"), "{again}");
