@@ -90,10 +90,10 @@ impl StatCache {
         }
         if let Some(dir) = self.path.parent() {
             let _ = std::fs::create_dir_all(dir);
-            let tmp = dir.join(format!("files.json.{}.tmp", std::process::id()));
-            if let Ok(bytes) = serde_json::to_vec(&guard.0) {
-                if std::fs::write(&tmp, bytes).is_ok() {
-                    let _ = std::fs::rename(&tmp, &self.path);
+            // A uniquely named temp file: sweep points running on threads save concurrently.
+            if let (Ok(bytes), Ok(mut tmp)) = (serde_json::to_vec(&guard.0), tempfile::NamedTempFile::new_in(dir)) {
+                if std::io::Write::write_all(&mut tmp, &bytes).is_ok() {
+                    let _ = tmp.persist(&self.path);
                 }
             }
         }
