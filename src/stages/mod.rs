@@ -11,11 +11,18 @@ pub mod normalize;
 pub mod split;
 pub mod table;
 pub mod tokenize;
+pub mod train;
 
 #[cfg(test)]
 mod tests;
 
 /// Every stage kind this binary knows, in pipeline order.
 pub fn registry() -> Vec<Box<dyn Stage>> {
-    vec![Box::new(load::Load), Box::new(normalize::Normalize), Box::new(split::Split), Box::new(tokenize::Tokenize)]
+    vec![
+        Box::new(load::Load),
+        Box::new(normalize::Normalize),
+        Box::new(split::Split),
+        Box::new(tokenize::Tokenize),
+        Box::new(train::Train),
+    ]
 }
