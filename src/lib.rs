@@ -5,6 +5,8 @@
 //! - [`stages`]: one module per stage kind behind the [`engine::Stage`] trait.
 //! - [`model`]: a differentiable, padding-aware Qwen3 and the reranker head, checkpoint I/O.
 //! - [`text`]: the Qwen3-Reranker prompt, tokenizer loading (built-in, local, hub) and the token store.
+//! - [`train`]: the training loop (AdamW, schedule, clipping, accumulation, checkpoints, resume),
+//!   apart from the model; the `train` stage is its thin glue.
 //! - [`metrics`]: ranking and classification metrics as pure functions.
 //! - [`report`]: tables, SVG charts and self-contained HTML reports (the analyze stage's output).
 
@@ -15,3 +17,4 @@ pub mod model;
 pub mod report;
 pub mod stages;
 pub mod text;
+pub mod train;

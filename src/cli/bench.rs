@@ -7,7 +7,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::model::score::{left_pad, parse_device};
+use crate::model::device::parse_device;
+use crate::model::score::left_pad;
 use crate::model::{bce_with_logits, Qwen3Config, Reranker};
 
 #[derive(clap::Subcommand, Debug)]

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use crate::model::score::{parse_device, parse_dtype, score_all};
+use crate::model::device::{parse_device, parse_dtype};
+use crate::model::score::score_all;
 use crate::model::{HubOptions, LoadOptions, ModelSource, Reranker};
 use crate::text::{load_tokenizer, PromptConfig, PromptEncoder};
 

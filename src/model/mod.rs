@@ -1,6 +1,7 @@
 //! A differentiable, padding-aware Qwen3 and the reranker head, with checkpoint I/O.
 //!
 //! - [`config`]: `config.json` in the transformers 4.x and 5.x layouts, written back for both.
+//! - [`device`]: the `device` / `dtype` parameters every computing stage shares.
 //! - [`ops`]: RMSNorm, RoPE, softmax, the attention mask and `Linear` (with a LoRA hook), built only
 //!   from candle ops that have a backward pass.
 //! - [`qwen3`]: the decoder. Parameters live in a [`ParamMap`] keyed by their Hugging Face names, as
@@ -17,6 +18,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod ops;
 pub mod qwen3;
 pub mod reranker;
@@ -26,7 +28,8 @@ pub use checkpoint::{
     load, load_files, random, resolve, save, HubOptions, LoadOptions, ModelFiles, ModelSource, SaveOptions,
 };
 pub use config::Qwen3Config;
-pub use ops::{Linear, LoraAdapter};
+pub use device::{device_name, dtype_name, parse_device, parse_dtype, DeviceSpec};
+pub use ops::{Linear, LoraAdapter, LoraDropout};
 pub use qwen3::{ParamMap, Qwen3};
 pub use reranker::{bce_with_logits, mse_on_probability, RerankOutput, RerankScore, Reranker};
 

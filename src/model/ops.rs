@@ -107,6 +107,9 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraAdapter>,
+    /// Dropout on the adapter's input while training (PEFT's `lora_dropout`); the base path never
+    /// sees it. Inference copies ([`super::Qwen3::detached`]) drop it.
+    pub lora_dropout: Option<LoraDropout>,
 }
 
 /// A low-rank update `scale · (x Aᵀ) Bᵀ` added to a frozen linear layer's output. The trainer owns
@@ -116,6 +119,45 @@ pub struct LoraAdapter {
     pub a: Tensor,
     pub b: Tensor,
     pub scale: f64,
+}
+
+/// Inverted dropout whose masks come from a counter-based stream (SplitMix64 over a shared
+/// counter) rather than candle's device RNG, which cannot be seeded on the CPU. The trainer sets
+/// the counter from (seed, micro-batch index) before each forward pass, so a run resumed from a
+/// checkpoint draws exactly the masks an uninterrupted run would have drawn.
+#[derive(Debug, Clone)]
+pub struct LoraDropout {
+    /// Probability of zeroing an element, in [0, 1).
+    pub p: f32,
+    pub stream: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl LoraDropout {
+    /// `x ⊙ mask / (1 − p)` with a fresh mask, drawn from the next `x.elem_count()` counter values.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let n = x.elem_count();
+        let base = self.stream.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+        let keep = 1.0 / (1.0 - self.p);
+        let mask: Vec<f32> = (0..n as u64)
+            .map(|i| {
+                let mut z = base.wrapping_add(i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                let u = (z >> 40) as f32 / (1u64 << 24) as f32;
+                if u < self.p {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
 }
 
 fn matmul_last(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
@@ -130,7 +172,7 @@ fn matmul_last(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, lora: None }
+        Self { weight, bias, lora: None, lora_dropout: None }
     }
 }
 
@@ -141,7 +183,10 @@ impl Module for Linear {
             y = y.broadcast_add(b)?;
         }
         if let Some(l) = &self.lora {
-            let down = matmul_last(x, &l.a.t()?)?;
+            let down = match &self.lora_dropout {
+                Some(d) => matmul_last(&d.apply(x)?, &l.a.t()?)?,
+                None => matmul_last(x, &l.a.t()?)?,
+            };
             let up = matmul_last(&down, &l.b.t()?)?;
             y = (y + up.affine(l.scale, 0.0)?)?;
         }

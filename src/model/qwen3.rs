@@ -344,9 +344,36 @@ impl Qwen3 {
     pub fn hidden_states(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor, ModelError> {
         let ids = self.check_inputs(ids, attention_mask)?;
         let (b, t) = ids.dims2()?;
+        let h = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        self.decode(h, attention_mask)
+    }
+
+    /// [`Self::hidden_states`] from input embeddings `[B, T, hidden]` (in the model's dtype) instead
+    /// of token ids. A trainer gathers the embedding rows a batch uses into a variable of its own
+    /// and passes them through here, so that the backward pass yields a gradient for those rows
+    /// only rather than a dense `[vocab, hidden]` one (151,669 rows for Qwen3).
+    pub fn hidden_states_from_embeds(&self, embeds: &Tensor, attention_mask: &Tensor) -> Result<Tensor, ModelError> {
+        let (b, t, h) = embeds
+            .dims3()
+            .map_err(|_| ModelError::Input(format!("embeds must be [batch, seq, hidden], got {:?}", embeds.dims())))?;
+        if h != self.cfg.hidden_size || attention_mask.dims() != [b, t] || b == 0 || t == 0 {
+            return Err(ModelError::Input(format!(
+                "embeds {:?} and attention_mask {:?} must be [B, T, {}] and [B, T] with B, T > 0",
+                embeds.dims(),
+                attention_mask.dims(),
+                self.cfg.hidden_size
+            )));
+        }
+        if embeds.dtype() != self.dtype() {
+            return Err(ModelError::Input(format!("embeds are {:?}, the model is {:?}", embeds.dtype(), self.dtype())));
+        }
+        self.decode(embeds.clone(), attention_mask)
+    }
+
+    fn decode(&self, mut h: Tensor, attention_mask: &Tensor) -> Result<Tensor, ModelError> {
+        let t = h.dim(1)?;
         let rope = RopeTables::new(t, self.cfg.head_dim, self.cfg.rope_theta, self.dtype(), self.device())?;
         let bias = attention_bias(&attention_mask.to_device(self.device())?)?;
-        let mut h = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
         for layer in &self.layers {
             h = layer.forward(&h, &rope, &bias)?;
         }

@@ -4,47 +4,9 @@
 //! member (left padding, as the reranker head reads the last position). Results come back in input
 //! order. Shared by the evaluate stage and `pipe rerank`.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::{ModelError, RerankScore, Reranker};
-
-/// Parse `auto | cpu | cuda | cuda:N`. `auto` picks CUDA when this binary was built with the `cuda`
-/// feature and a GPU answers, else the CPU.
-pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
-    let cuda = |ordinal: usize| -> Result<Device, ModelError> {
-        if !candle_core::utils::cuda_is_available() {
-            return Err(ModelError::Input(format!(
-                "device `{spec}` needs a binary built with `--features cuda` (this one is CPU-only); use `cpu` or `auto`"
-            )));
-        }
-        Device::new_cuda(ordinal).map_err(ModelError::from)
-    };
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => {
-            if candle_core::utils::cuda_is_available() {
-                Device::new_cuda(0).or(Ok(Device::Cpu))
-            } else {
-                Ok(Device::Cpu)
-            }
-        }
-        "cuda" => cuda(0),
-        s => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
-            Some(n) => cuda(n),
-            None => Err(ModelError::Input(format!("unknown device `{s}`; expected auto, cpu, cuda or cuda:N"))),
-        },
-    }
-}
-
-/// Parse `f32 | bf16 | f16`.
-pub fn parse_dtype(spec: &str) -> Result<DType, ModelError> {
-    match spec {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
-        other => Err(ModelError::Input(format!("unknown dtype `{other}`; expected f32, bf16 or f16"))),
-    }
-}
 
 /// Left-pad `seqs` into `[B, T]` ids (u32) and a 0/1 mask.
 pub fn left_pad(seqs: &[&[u32]], pad_id: u32, device: &Device) -> Result<(Tensor, Tensor), ModelError> {

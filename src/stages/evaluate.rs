@@ -12,7 +12,8 @@ use serde::Deserialize;
 
 use crate::engine::{ExternalInput, JsonMap, Params, Stage, StageContext, StageError, StageOutput};
 use crate::metrics::{self, Prediction};
-use crate::model::score::{parse_device, parse_dtype, score_all};
+use crate::model::device::{parse_device, parse_dtype};
+use crate::model::score::score_all;
 use crate::model::{HubOptions, LoadOptions, ModelError, ModelSource, Reranker};
 use crate::text::TokenStore;
 
@@ -54,7 +55,7 @@ impl Stage for Evaluate {
             return Err(("batch_size".into(), format!("must be at least 1, found {bs}")));
         }
         let dev = p.str("device").unwrap_or("");
-        if parse_device_spec(dev).is_none() {
+        if dev.parse::<crate::model::device::DeviceSpec>().is_err() {
             return Err(("device".into(), format!("expected auto, cpu, cuda or cuda:N, found {dev:?}")));
         }
         let dt = p.str("dtype").unwrap_or("");
@@ -204,13 +205,6 @@ impl Stage for Evaluate {
         stats.insert("pairs".into(), serde_json::json!({"val": preds[0].len(), "test": preds[1].len()}));
         stats.insert("model".into(), serde_json::Value::String(source.to_string()));
         Ok(StageOutput { metrics: all, stats })
-    }
-}
-
-fn parse_device_spec(s: &str) -> Option<()> {
-    match s {
-        "auto" | "cpu" | "cuda" => Some(()),
-        _ => s.strip_prefix("cuda:")?.parse::<usize>().ok().map(|_| ()),
     }
 }
 

@@ -13,6 +13,7 @@ pub mod normalize;
 pub mod split;
 pub mod table;
 pub mod tokenize;
+pub mod train;
 
 #[cfg(test)]
 mod tests;
@@ -26,5 +27,6 @@ pub fn registry() -> Vec<Box<dyn Stage>> {
         Box::new(tokenize::Tokenize),
         Box::new(evaluate::Evaluate),
         Box::new(analyze::Analyze),
+        Box::new(train::Train),
     ]
 }

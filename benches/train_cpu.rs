@@ -1,0 +1,87 @@
+//! Training throughput on the CPU for a tiny Qwen3 reranker: full fine-tuning, BCE, AdamW
+//! (weight decay 0.01 except norms), global-norm clipping at 1.0, one optimizer step per batch.
+//!
+//! The config (the same in `benches/train_cpu_torch.py`): vocab 151,669 (the real tokenizer's),
+//! hidden 64, intermediate 128, 2 layers, 4 query / 2 key-value heads of dim 16, tied embeddings,
+//! RoPE θ 1e6; batches of 8 random prompts of 128 tokens (no padding).
+//!
+//! Run through `benches/train_cpu.sh`, or alone: `cargo bench --bench train_cpu`
+//! (PIPE_BENCH_STEPS and PIPE_BENCH_WARMUP override the number of timed and warm-up steps).
+//! Prints one JSON line.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use pipe::model::{self, Qwen3Config};
+use pipe::text::TokenStore;
+use pipe::train::data::MicroBatch;
+use pipe::train::{Learner, TrainConfig};
+
+const BATCH: usize = 8;
+const SEQ: usize = 128;
+const VOCAB: usize = 151_669;
+const YES: u32 = 9693;
+const NO: u32 = 2152;
+
+fn env(key: &str, default: usize) -> usize {
+    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    let steps = env("PIPE_BENCH_STEPS", 30);
+    let warmup = env("PIPE_BENCH_WARMUP", 5);
+    let mut cfg = Qwen3Config::tiny(VOCAB, 64, 128, 2, 4, 2, 16, true);
+    cfg.rope_theta = 1_000_000.0;
+    let base = model::random(&cfg, 0, DType::F32, &Device::Cpu, false).expect("model");
+
+    // Distinct random prompts for every step, as a real epoch would feed.
+    let rows = BATCH * (steps + warmup);
+    let mut store = TokenStore::default();
+    store.offsets.push(0);
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    for i in 0..rows {
+        for _ in 0..SEQ {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            store.ids.push((state % VOCAB as u64) as u32);
+        }
+        store.offsets.push(store.ids.len() as i64);
+        store.labels.push((i % 2) as u8);
+        store.relevance.push(if i % 2 == 1 { 3.0 } else { 1.0 });
+        store.query_ids.push((i / 4) as u32);
+        store.pair_ids.push(i as i64);
+    }
+    store.queries = (0..rows.div_ceil(4)).map(|q| format!("q{q}")).collect();
+
+    let train = TrainConfig { learning_rate: 1e-4, weight_decay: 0.01, max_grad_norm: 1.0, ..TrainConfig::default() };
+    let mut learner = Learner::new(base, YES, NO, &train, DType::F32).expect("learner");
+    let (mut elapsed, mut in_optimizer) = (0.0, 0.0);
+    let mut last_loss = 0.0;
+    for s in 0..steps + warmup {
+        let micro = MicroBatch { rows: (s * BATCH..(s + 1) * BATCH).collect(), units: BATCH };
+        let t = Instant::now();
+        last_loss = learner.accumulate(&store, &micro, BATCH, s as u64, false).expect("forward/backward").loss;
+        let t_opt = Instant::now();
+        learner.apply(1e-4).expect("step");
+        if s >= warmup {
+            elapsed += t.elapsed().as_secs_f64();
+            in_optimizer += t_opt.elapsed().as_secs_f64();
+        }
+    }
+    let sps = (steps * BATCH) as f64 / elapsed;
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "pipe (candle)",
+            "threads": rayon::current_num_threads(),
+            "batch": BATCH,
+            "seq": SEQ,
+            "steps": steps,
+            "ms_per_step": 1000.0 * elapsed / steps as f64,
+            "ms_optimizer": 1000.0 * in_optimizer / steps as f64,
+            "samples_per_sec": sps,
+            "last_loss": last_loss,
+        })
+    );
+}

@@ -1,0 +1,135 @@
+//! The `device` and `dtype` parameters shared by every stage that computes (train, evaluate,
+//! rerank), parsed in one place so that they mean the same thing everywhere.
+//!
+//! `device`: `auto` picks CUDA device 0 when pipe was built with the `cuda` feature and a GPU
+//! answers, the CPU otherwise; `cpu`; `cuda` (= `cuda:0`); `cuda:N`. Asking for CUDA from a build
+//! without the feature is an error that says how to rebuild, never a silent fall back to the CPU.
+//! `dtype`: `f32`, `bf16`, `f16` (also the long names `float32`, `bfloat16`, `float16`).
+
+use candle_core::{DType, Device};
+
+use super::ModelError;
+
+/// A parsed `device` parameter, before any device is opened (so that config checks are cheap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self, ModelError> {
+        let bad = || {
+            ModelError::Config(format!("device `{s}` is not one of `auto`, `cpu`, `cuda`, `cuda:N` (N = GPU index)"))
+        };
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            other => {
+                let n = other.strip_prefix("cuda:").ok_or_else(bad)?;
+                n.parse::<usize>().map(Self::Cuda).map_err(|_| bad())
+            }
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device. `auto` never fails: a CUDA build whose GPU cannot be opened runs on the CPU.
+    pub fn open(self) -> Result<Device, ModelError> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Auto => {
+                if candle_core::utils::cuda_is_available() {
+                    if let Ok(d) = Device::new_cuda(0) {
+                        return Ok(d);
+                    }
+                }
+                Ok(Device::Cpu)
+            }
+            Self::Cuda(n) => {
+                if !candle_core::utils::cuda_is_available() {
+                    return Err(ModelError::Config(
+                        "device `cuda` requested but this pipe was built without CUDA support; rebuild with \
+                         `cargo build --release --features cuda`, or set device = \"cpu\""
+                            .into(),
+                    ));
+                }
+                Device::new_cuda(n).map_err(|e| ModelError::Config(format!("cannot open CUDA device {n}: {e}")))
+            }
+        }
+    }
+}
+
+/// Parses and opens a `device` parameter in one step.
+pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
+    spec.parse::<DeviceSpec>()?.open()
+}
+
+/// A short name for logs and stats: `cpu`, `cuda:0`.
+pub fn device_name(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => match device.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            _ => "cuda".into(),
+        },
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
+/// Parses a `dtype` parameter (floating point only).
+pub fn parse_dtype(spec: &str) -> Result<DType, ModelError> {
+    match spec.trim() {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        other => Err(ModelError::UnsupportedDtype(format!("{other} (expected f32, bf16 or f16)"))),
+    }
+}
+
+/// The short name [`parse_dtype`] accepts.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_specs() {
+        assert_eq!("auto".parse::<DeviceSpec>().unwrap(), DeviceSpec::Auto);
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
+        for bad in ["", "cuda:", "cuda:x", "tpu", "cuda:-1"] {
+            assert!(bad.parse::<DeviceSpec>().is_err(), "{bad}");
+        }
+        assert!(matches!(parse_device("cpu").unwrap(), Device::Cpu));
+        // Without the feature, `auto` is the CPU and an explicit `cuda` is an actionable error.
+        if !candle_core::utils::cuda_is_available() {
+            assert!(matches!(parse_device("auto").unwrap(), Device::Cpu));
+            assert!(parse_device("cuda").unwrap_err().to_string().contains("--features cuda"));
+        }
+    }
+
+    #[test]
+    fn parses_dtypes() {
+        assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
+        assert_eq!(parse_dtype("float16").unwrap(), DType::F16);
+        assert_eq!(parse_dtype("f32").unwrap(), DType::F32);
+        assert!(parse_dtype("f64").is_err());
+        for d in [DType::F32, DType::BF16, DType::F16] {
+            assert_eq!(parse_dtype(dtype_name(d)).unwrap(), d);
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! `train`: thin glue between the engine and [`crate::train`]. It turns the parameters (documented
+//! in `stages/train.toml`) into a [`TrainConfig`], loads the starting model and the tokenize
+//! stage's token store, runs [`crate::train::train`] with the stage's scratch dir for resumable
+//! checkpoints, and writes `model/` (HF layout) and `train_log.jsonl`.
+
+use std::path::Path;
+
+use candle_core::DType;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::engine::{ExternalInput, JsonMap, Params, Stage, StageContext, StageError, StageOutput};
+use crate::model::{self, DeviceSpec, HubOptions, LoadOptions, ModelSource, Qwen3Config, SaveOptions};
+use crate::text::TokenStore;
+use crate::train::{self, BestMetric, Fault, LoraConfig, LossKind, Mode, RunEnv, TrainConfig, TrainData, TrainError};
+
+/// Bump when the artifact's meaning changes for the same parameters.
+pub const VERSION: u32 = 1;
+
+/// The environment variable of the testing hook (see `stages/train.toml`).
+pub const FAULT_ENV: &str = "PIPE_TRAIN_FAULT";
+
+pub struct Train;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrainParams {
+    model: String,
+    mode: String,
+    freeze_embeddings: bool,
+    loss: String,
+    epochs: i64,
+    batch_size: i64,
+    grad_accum: i64,
+    learning_rate: f64,
+    weight_decay: f64,
+    warmup_ratio: f64,
+    max_grad_norm: f64,
+    seed: i64,
+    device: String,
+    dtype: String,
+    eval_every: i64,
+    eval_batch_size: i64,
+    early_stopping: i64,
+    best_metric: String,
+    keep_checkpoints: i64,
+    max_steps: i64,
+    checkpoint_every: i64,
+    bucket_batches: i64,
+    lora: LoraParams,
+    init: InitParams,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoraParams {
+    r: i64,
+    alpha: f64,
+    dropout: f64,
+    target_modules: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InitParams {
+    vocab_size: i64,
+    hidden_size: i64,
+    intermediate_size: i64,
+    num_hidden_layers: i64,
+    num_attention_heads: i64,
+    num_key_value_heads: i64,
+    head_dim: i64,
+    rope_theta: f64,
+    tie_word_embeddings: bool,
+    seed: i64,
+}
+
+fn param(key: &str, message: impl std::fmt::Display) -> StageError {
+    StageError::Param { key: key.into(), message: message.to_string() }
+}
+
+fn count(key: &str, v: i64, min: i64) -> Result<usize, StageError> {
+    if v < min {
+        return Err(param(key, format!("must be at least {min}, got {v}")));
+    }
+    Ok(v as usize)
+}
+
+impl TrainParams {
+    fn config(&self) -> Result<TrainConfig, StageError> {
+        let mode = match self.mode.as_str() {
+            "full" => Mode::Full,
+            "lora" => Mode::Lora(LoraConfig {
+                r: count("lora.r", self.lora.r, 1)?,
+                alpha: self.lora.alpha,
+                dropout: self.lora.dropout as f32,
+                target_modules: self.lora.target_modules.clone(),
+            }),
+            other => return Err(param("mode", format!("`{other}` is not one of full, lora"))),
+        };
+        let cfg = TrainConfig {
+            mode,
+            freeze_embeddings: self.freeze_embeddings,
+            loss: self.loss.parse::<LossKind>().map_err(|e| param("loss", e))?,
+            epochs: count("epochs", self.epochs, 1)?,
+            batch_size: count("batch_size", self.batch_size, 1)?,
+            grad_accum: count("grad_accum", self.grad_accum, 1)?,
+            learning_rate: self.learning_rate,
+            weight_decay: self.weight_decay,
+            warmup_ratio: self.warmup_ratio,
+            max_grad_norm: self.max_grad_norm,
+            seed: count("seed", self.seed, 0)? as u64,
+            eval_every: count("eval_every", self.eval_every, 0)? as u64,
+            eval_batch_size: count("eval_batch_size", self.eval_batch_size, 1)?,
+            early_stopping: count("early_stopping", self.early_stopping, 0)?,
+            best_metric: self.best_metric.parse::<BestMetric>().map_err(|e| param("best_metric", e))?,
+            keep_checkpoints: count("keep_checkpoints", self.keep_checkpoints, 0)?,
+            max_steps: count("max_steps", self.max_steps, 0)? as u64,
+            checkpoint_every: count("checkpoint_every", self.checkpoint_every, 1)? as u64,
+            bucket_batches: count("bucket_batches", self.bucket_batches, 0)?,
+            adam: Default::default(),
+            backend: Default::default(),
+            fault: None,
+        };
+        cfg.validate().map_err(|e| {
+            let msg = e.to_string();
+            let key = [
+                "lora.target_modules",
+                "lora.dropout",
+                "lora.r",
+                "warmup_ratio",
+                "learning_rate",
+                "weight_decay",
+                "max_grad_norm",
+            ]
+            .into_iter()
+            .find(|k| msg.contains(k))
+            .unwrap_or("mode");
+            param(key, msg)
+        })?;
+        Ok(cfg)
+    }
+
+    fn init_config(&self) -> Result<(Qwen3Config, u64), StageError> {
+        let i = &self.init;
+        let mut cfg = Qwen3Config::tiny(
+            count("init.vocab_size", i.vocab_size, 1)?,
+            count("init.hidden_size", i.hidden_size, 1)?,
+            count("init.intermediate_size", i.intermediate_size, 1)?,
+            count("init.num_hidden_layers", i.num_hidden_layers, 1)?,
+            count("init.num_attention_heads", i.num_attention_heads, 1)?,
+            count("init.num_key_value_heads", i.num_key_value_heads, 1)?,
+            count("init.head_dim", i.head_dim, 2)?,
+            i.tie_word_embeddings,
+        );
+        if !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads) {
+            return Err(param("init.num_key_value_heads", "must divide init.num_attention_heads"));
+        }
+        if !cfg.head_dim.is_multiple_of(2) {
+            return Err(param("init.head_dim", "must be even (RoPE rotates pairs)"));
+        }
+        if !(i.rope_theta.is_finite() && i.rope_theta > 0.0) {
+            return Err(param("init.rope_theta", "must be positive"));
+        }
+        cfg.rope_theta = i.rope_theta;
+        Ok((cfg, count("init.seed", i.seed, 0)? as u64))
+    }
+}
+
+/// Files of a local model directory, for the cache key (hashed by content by the engine).
+fn model_dir_inputs(dir: &str, root_relative: &Path) -> Vec<ExternalInput> {
+    let join = |f: &str| format!("{}/{f}", dir.trim_end_matches('/'));
+    let index = root_relative.join("model.safetensors.index.json");
+    let mut out = vec![ExternalInput::File(join("config.json"))];
+    if index.is_file() {
+        out.push(ExternalInput::File(join("model.safetensors.index.json")));
+        if let Ok(text) = std::fs::read_to_string(&index) {
+            if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                let mut shards: Vec<String> = v["weight_map"]
+                    .as_object()
+                    .map(|m| m.values().filter_map(|f| f.as_str().map(str::to_string)).collect())
+                    .unwrap_or_default();
+                shards.sort();
+                shards.dedup();
+                out.extend(shards.iter().map(|s| ExternalInput::File(join(s))));
+            }
+        }
+    } else {
+        out.push(ExternalInput::File(join("model.safetensors")));
+    }
+    out
+}
+
+fn to_stage(e: TrainError) -> StageError {
+    match e {
+        TrainError::Cancelled => StageError::Cancelled,
+        other => StageError::Failed(other.to_string()),
+    }
+}
+
+fn bar(ctx: &StageContext) -> ProgressBar {
+    if ctx.quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("  {prefix:.bold} [{bar:30.cyan/blue}] step {pos}/{len} {msg} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(ctx.id.to_string());
+    bar
+}
+
+fn read_split(dir: &Path, split: &str) -> Result<TokenStore, StageError> {
+    TokenStore::read(dir, split).map_err(|e| StageError::Upstream(e.to_string()))
+}
+
+fn meta_id(store: &TokenStore, key: &str) -> Result<u32, StageError> {
+    store
+        .metadata
+        .get(key)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| StageError::Upstream(format!("the token store does not record `{key}`; rerun tokenize")))
+}
+
+impl Stage for Train {
+    fn kind(&self) -> &'static str {
+        "train"
+    }
+    fn version(&self) -> u32 {
+        VERSION
+    }
+    fn defaults(&self) -> &'static str {
+        include_str!("../../stages/train.toml")
+    }
+
+    fn check(&self, params: &Params) -> Result<(), (String, String)> {
+        let p: TrainParams = params.decode().map_err(|e| ("".to_string(), e.to_string()))?;
+        let as_pair = |e: StageError| match e {
+            StageError::Param { key, message } => (key, message),
+            other => ("".into(), other.to_string()),
+        };
+        p.config().map_err(as_pair)?;
+        p.init_config().map_err(as_pair)?;
+        if p.model != "random" {
+            p.model.parse::<ModelSource>().map_err(|e| ("model".to_string(), e.to_string()))?;
+        }
+        p.device.parse::<DeviceSpec>().map_err(|e| ("device".to_string(), e.to_string()))?;
+        model::parse_dtype(&p.dtype).map_err(|e| ("dtype".to_string(), e.to_string()))?;
+        Ok(())
+    }
+
+    fn inputs(&self, params: &Params) -> Vec<ExternalInput> {
+        let Some(spec) = params.str("model") else { return Vec::new() };
+        match spec.parse::<ModelSource>() {
+            _ if spec == "random" => Vec::new(),
+            Ok(ModelSource::Hub { repo, revision }) => vec![ExternalInput::Remote(format!("hf:{repo}@{revision}"))],
+            // Relative paths resolve against the project root, which `inputs` does not see; the
+            // directory listing only matters for sharded checkpoints, found when run from the root.
+            Ok(ModelSource::Dir(d)) => model_dir_inputs(spec, &d),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<StageOutput, StageError> {
+        let p: TrainParams = ctx.params()?;
+        let mut cfg = p.config()?;
+        if let Ok(f) = std::env::var(FAULT_ENV) {
+            if !f.is_empty() {
+                cfg.fault = Some(f.parse::<Fault>().map_err(|e| StageError::Failed(format!("{FAULT_ENV}: {e}")))?);
+            }
+        }
+        let device = p.device.parse::<DeviceSpec>().and_then(DeviceSpec::open).map_err(|e| param("device", e))?;
+        let dtype = model::parse_dtype(&p.dtype).map_err(|e| param("dtype", e))?;
+
+        let tok_dir = ctx.upstream_of("tokenize")?.dir.clone();
+        let train_store = read_split(&tok_dir, "train")?;
+        let val_store = read_split(&tok_dir, "val")?;
+        let (yes, no) = (meta_id(&train_store, "yes_id")?, meta_id(&train_store, "no_id")?);
+
+        // Masters are f32: load f32 and let the learner cast the compute copy.
+        let base = if p.model == "random" {
+            let (qcfg, seed) = p.init_config()?;
+            model::random(&qcfg, seed, DType::F32, &device, false).map_err(|e| param("init", e))?
+        } else {
+            let source = match p.model.parse::<ModelSource>().map_err(|e| param("model", e))? {
+                ModelSource::Dir(d) => ModelSource::Dir(ctx.path(&d.display().to_string())),
+                hub => hub,
+            };
+            let opts = LoadOptions { dtype: DType::F32, device: device.clone(), trainable: false };
+            model::load(&source, &HubOptions::from_env(), &opts).map_err(|e| param("model", e))?
+        };
+        let max_id = train_store.ids.iter().chain(&val_store.ids).copied().max().unwrap_or(0) as usize;
+        if max_id >= base.config().vocab_size {
+            return Err(param(
+                if p.model == "random" { "init.vocab_size" } else { "model" },
+                format!(
+                    "the tokenizer produces id {max_id} but the model's vocabulary has {} entries",
+                    base.config().vocab_size
+                ),
+            ));
+        }
+
+        let data = TrainData { train: &train_store, val: Some(&val_store) };
+        let env = RunEnv { scratch: ctx.scratch, cancel: ctx.cancel, progress: bar(ctx), quiet: ctx.quiet };
+        let outcome = train::train(base, yes, no, dtype, &cfg, &data, &env).map_err(to_stage)?;
+
+        let model_dir = ctx.out.join("model");
+        let tokenizer = tok_dir.join("tokenizer.json");
+        let opts = SaveOptions {
+            dtype: Some(dtype),
+            tokenizer: tokenizer.is_file().then_some(tokenizer),
+            max_shard_bytes: None,
+        };
+        model::save(&outcome.model, &model_dir, &opts)
+            .map_err(|e| StageError::failed(format!("saving the model: {e}")))?;
+        let log_dst = ctx.out.join("train_log.jsonl");
+        std::fs::copy(&outcome.log, &log_dst).map_err(|e| StageError::io(&log_dst, e))?;
+
+        let s = &outcome.summary;
+        let best = s.best;
+        let mut metrics = JsonMap::new();
+        metrics.insert("val_loss".into(), json!(best.map(|b| b.loss).filter(|v| v.is_finite())));
+        metrics.insert("val_auc".into(), json!(best.and_then(|b| b.auc)));
+        metrics.insert("val_ndcg@10".into(), json!(best.and_then(|b| b.ndcg10)));
+        metrics.insert("best_step".into(), json!(best.map(|b| b.step)));
+        metrics.insert("steps".into(), json!(s.steps));
+        metrics.insert("train_seconds".into(), json!((s.train_seconds * 1000.0).round() / 1000.0));
+        metrics.insert("samples_per_sec".into(), json!((s.samples_per_sec * 1000.0).round() / 1000.0));
+
+        let mut stats = JsonMap::new();
+        stats.insert("device".into(), json!(model::device_name(&device)));
+        stats.insert("dtype".into(), json!(model::dtype_name(dtype)));
+        stats.insert("trainable_params".into(), json!(s.trainable_params));
+        stats.insert("train_pairs".into(), json!(train_store.len()));
+        stats.insert("val_pairs".into(), json!(val_store.len()));
+        stats.insert("steps_per_epoch".into(), json!(s.steps_per_epoch));
+        stats.insert("total_steps".into(), json!(s.total_steps));
+        stats.insert("samples".into(), json!(s.samples));
+        stats.insert("tokens_per_sec".into(), json!((s.tokens_per_sec * 10.0).round() / 10.0));
+        stats.insert("resumed_from_step".into(), json!(s.resumed_from));
+        stats.insert("stopped_early".into(), json!(s.stopped_early));
+        stats.insert(
+            "validations".into(),
+            Value::Array(
+                s.validations
+                    .iter()
+                    .map(|v| json!({"step": v.step, "val_loss": v.loss, "val_auc": v.auc, "val_ndcg@10": v.ndcg10}))
+                    .collect(),
+            ),
+        );
+        Ok(StageOutput { metrics, stats })
+    }
+}
+
+#[cfg(test)]
+mod tests;

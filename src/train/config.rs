@@ -1,0 +1,264 @@
+//! The trainer's hyperparameters as typed values, independent of any config file: the train stage
+//! builds a [`TrainConfig`] from its TOML parameters, tests and benchmarks build one directly.
+
+use super::TrainError;
+
+/// Which parameters learn.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mode {
+    /// Every parameter (the embedding unless `freeze_embeddings`).
+    Full,
+    /// Low-rank adapters on the named linear layers; the base model stays frozen.
+    Lora(LoraConfig),
+}
+
+/// LoRA as PEFT defines it: `y = W x + (alpha / r) · B A dropout(x)`, A Kaiming-uniform, B zero.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    /// Linear layer names inside a decoder layer: `q_proj`, `k_proj`, `v_proj`, `o_proj`,
+    /// `gate_proj`, `up_proj`, `down_proj`.
+    pub target_modules: Vec<String>,
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+}
+
+/// The training objective on the reranker logit `s = logit(yes) − logit(no)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossKind {
+    /// Binary cross-entropy of `sigmoid(s)` against the 0/1 label.
+    Bce,
+    /// Squared error of `sigmoid(s)` against `(relevance − 1) / 2` (relevance 1..3 → 0..1).
+    Mse,
+    /// RankNet: `log(1 + e^{−(s_i − s_j)})` over every pair of one query's candidates with
+    /// relevance `r_i > r_j`.
+    Pairwise,
+}
+
+impl std::str::FromStr for LossKind {
+    type Err = TrainError;
+    fn from_str(s: &str) -> Result<Self, TrainError> {
+        match s {
+            "bce" => Ok(Self::Bce),
+            "mse" => Ok(Self::Mse),
+            "pairwise" => Ok(Self::Pairwise),
+            other => Err(TrainError::Config(format!("loss `{other}` is not one of bce, mse, pairwise"))),
+        }
+    }
+}
+
+/// The validation number that picks the exported checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BestMetric {
+    ValLoss,
+    ValAuc,
+    ValNdcg10,
+}
+
+impl BestMetric {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ValLoss => "val_loss",
+            Self::ValAuc => "val_auc",
+            Self::ValNdcg10 => "val_ndcg@10",
+        }
+    }
+
+    /// Whether `new` beats `old` (strictly; an undefined value never wins).
+    pub fn better(self, new: Option<f64>, old: Option<f64>) -> bool {
+        match (new, old) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(n), Some(o)) => match self {
+                Self::ValLoss => n < o,
+                _ => n > o,
+            },
+        }
+    }
+}
+
+impl std::str::FromStr for BestMetric {
+    type Err = TrainError;
+    fn from_str(s: &str) -> Result<Self, TrainError> {
+        match s {
+            "val_loss" => Ok(Self::ValLoss),
+            "val_auc" => Ok(Self::ValAuc),
+            "val_ndcg@10" => Ok(Self::ValNdcg10),
+            other => {
+                Err(TrainError::Config(format!("best_metric `{other}` is not one of val_loss, val_auc, val_ndcg@10")))
+            }
+        }
+    }
+}
+
+/// AdamW's constants (torch.optim.AdamW's defaults).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+}
+
+impl Default for AdamConfig {
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+    }
+}
+
+/// Where the optimizer keeps f32 masters and moments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OptimizerBackend {
+    /// Flat host buffers on the CPU, tensors on the model's device otherwise.
+    #[default]
+    Auto,
+    /// Flat `Vec<f32>` buffers (CPU models only).
+    Host,
+    /// f32 tensors on the model's device updated with tensor ops (what a GPU uses; selectable on
+    /// the CPU to cross-check the two implementations).
+    Tensor,
+}
+
+/// A deliberate failure, for tests of the guards and of resuming (see `stages/train.toml`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Multiply the loss of optimizer step N (1-based) by NaN inside the graph.
+    NanLoss(u64),
+    /// Return an error right after step N and its checkpoint, as if the process had died there.
+    StopAfter(u64),
+    /// Abort the process (SIGABRT, no cleanup) right after step N and its checkpoint.
+    AbortAfter(u64),
+}
+
+impl std::str::FromStr for Fault {
+    type Err = TrainError;
+    fn from_str(s: &str) -> Result<Self, TrainError> {
+        let bad = || TrainError::Config(format!("fault `{s}` is not nan_loss@N, stop@N or abort@N"));
+        let (what, n) = s.split_once('@').ok_or_else(bad)?;
+        let n: u64 = n.parse().map_err(|_| bad())?;
+        match what {
+            "nan_loss" => Ok(Self::NanLoss(n)),
+            "stop" => Ok(Self::StopAfter(n)),
+            "abort" => Ok(Self::AbortAfter(n)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// Everything the loop needs to know; the defaults are `stages/train.toml`'s.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    pub mode: Mode,
+    pub freeze_embeddings: bool,
+    pub loss: LossKind,
+    pub epochs: usize,
+    /// Rows per micro-batch (queries per micro-batch for the pairwise loss).
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub warmup_ratio: f64,
+    /// Global gradient norm limit; 0 disables clipping.
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    /// Validate every this many optimizer steps (0: only at epoch ends).
+    pub eval_every: u64,
+    pub eval_batch_size: usize,
+    /// Stop after this many validations without improvement (0: never).
+    pub early_stopping: usize,
+    pub best_metric: BestMetric,
+    /// Epoch-end checkpoints kept in the scratch dir.
+    pub keep_checkpoints: usize,
+    /// Stop after this many optimizer steps (0: no limit).
+    pub max_steps: u64,
+    /// Write a resumable checkpoint every this many optimizer steps (and at every epoch end).
+    pub checkpoint_every: u64,
+    /// Length bucketing window in batches (0: plain shuffled batches); see [`super::data`].
+    pub bucket_batches: usize,
+    pub adam: AdamConfig,
+    pub backend: OptimizerBackend,
+    pub fault: Option<Fault>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Full,
+            freeze_embeddings: false,
+            loss: LossKind::Bce,
+            epochs: 3,
+            batch_size: 2,
+            grad_accum: 8,
+            learning_rate: 5e-6,
+            weight_decay: 0.01,
+            warmup_ratio: 0.1,
+            max_grad_norm: 1.0,
+            seed: 42,
+            eval_every: 0,
+            eval_batch_size: 16,
+            early_stopping: 0,
+            best_metric: BestMetric::ValLoss,
+            keep_checkpoints: 1,
+            max_steps: 0,
+            checkpoint_every: 50,
+            bucket_batches: 64,
+            adam: AdamConfig::default(),
+            backend: OptimizerBackend::Auto,
+            fault: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Value checks that do not need the data.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.epochs == 0 {
+            return bad("epochs must be at least 1".into());
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 || self.eval_batch_size == 0 {
+            return bad("batch_size, grad_accum and eval_batch_size must be at least 1".into());
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
+            return bad(format!("learning_rate must be >= 0, got {}", self.learning_rate));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!("weight_decay must be >= 0, got {}", self.weight_decay));
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return bad(format!("warmup_ratio must be in [0, 1], got {}", self.warmup_ratio));
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            return bad(format!("max_grad_norm must be >= 0 (0 = no clipping), got {}", self.max_grad_norm));
+        }
+        if self.checkpoint_every == 0 {
+            return bad("checkpoint_every must be at least 1".into());
+        }
+        if let Mode::Lora(l) = &self.mode {
+            if l.r == 0 {
+                return bad("lora.r must be at least 1".into());
+            }
+            if !(0.0..1.0).contains(&l.dropout) {
+                return bad(format!("lora.dropout must be in [0, 1), got {}", l.dropout));
+            }
+            if l.target_modules.is_empty() {
+                return bad("lora.target_modules is empty".into());
+            }
+            for m in &l.target_modules {
+                if !super::lora::MODULES.contains(&m.as_str()) {
+                    return bad(format!(
+                        "lora.target_modules: `{m}` is not one of {}",
+                        super::lora::MODULES.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,630 @@
+//! The training loop on tiny random Qwen3 models: what changes, accumulation, clipping, resume,
+//! the guards, overfitting — and the `train` stage through the `pipe` binary in temp projects
+//! (through the engine, a real `kill -9` and resume, a NaN that fails the stage cleanly).
+
+mod util;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use indicatif::ProgressBar;
+use pipe::model::{self, Qwen3, Qwen3Config};
+use pipe::text::TokenStore;
+use pipe::train::data::MicroBatch;
+use pipe::train::{self, Fault, Learner, LoraConfig, LossKind, Mode, RunEnv, TrainConfig, TrainData, TrainError};
+use util::Project;
+
+const YES: u32 = 5;
+const NO: u32 = 7;
+
+fn cfg_tiny(tied: bool) -> Qwen3Config {
+    Qwen3Config::tiny(64, 16, 32, 2, 4, 2, 8, tied)
+}
+
+fn tiny(tied: bool, seed: u64) -> Qwen3 {
+    model::random(&cfg_tiny(tied), seed, DType::F32, &Device::Cpu, false).unwrap()
+}
+
+/// A token store of `queries × per_query` prompts with ids in 8..64, lengths 4..12, relevance
+/// 1..3 and labels from relevance, deterministic in `seed`.
+fn store(queries: usize, per_query: usize, seed: u64) -> TokenStore {
+    let mut s = TokenStore::default();
+    s.offsets.push(0);
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for q in 0..queries {
+        for _ in 0..per_query {
+            let len = 4 + (next() % 9) as usize;
+            s.ids.extend((0..len).map(|_| 8 + (next() % 56) as u32));
+            s.offsets.push(s.ids.len() as i64);
+            let rel = [1.0f32, 1.67, 2.0, 2.33, 3.0][(next() % 5) as usize];
+            s.relevance.push(rel);
+            s.labels.push(u8::from(rel >= 2.33));
+            s.query_ids.push(q as u32);
+            s.pair_ids.push(s.pair_ids.len() as i64);
+        }
+    }
+    s.queries = (0..queries).map(|q| format!("query {q}")).collect();
+    s.validate().unwrap();
+    s
+}
+
+fn config() -> TrainConfig {
+    TrainConfig {
+        epochs: 2,
+        batch_size: 4,
+        grad_accum: 2,
+        learning_rate: 1e-2,
+        warmup_ratio: 0.2,
+        checkpoint_every: 3,
+        eval_batch_size: 8,
+        bucket_batches: 2,
+        ..TrainConfig::default()
+    }
+}
+
+fn run(
+    model: Qwen3,
+    cfg: &TrainConfig,
+    train: &TokenStore,
+    val: &TokenStore,
+    scratch: &Path,
+) -> Result<train::Outcome, TrainError> {
+    let cancel = AtomicBool::new(false);
+    let env = RunEnv { scratch, cancel: &cancel, progress: ProgressBar::hidden(), quiet: true };
+    train::train(model, YES, NO, DType::F32, cfg, &TrainData { train, val: Some(val) }, &env)
+}
+
+fn values(m: &Qwen3) -> BTreeMap<String, Vec<f32>> {
+    m.params().iter().map(|(k, t)| (k.to_string(), t.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn lora(dropout: f32) -> Mode {
+    Mode::Lora(LoraConfig { r: 4, alpha: 8.0, dropout, target_modules: vec!["q_proj".into(), "v_proj".into()] })
+}
+
+#[test]
+fn full_finetuning_changes_every_parameter_tensor() {
+    for tied in [true, false] {
+        let start = tiny(tied, 1);
+        let before = values(&start);
+        let dir = tempfile::tempdir().unwrap();
+        let out = run(start, &config(), &store(6, 4, 1), &store(3, 4, 2), dir.path()).unwrap();
+        let after = values(&out.model);
+        assert_eq!(before.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>());
+        for (name, b) in &before {
+            assert!(max_diff(b, &after[name]) > 0.0, "tied={tied}: `{name}` did not change");
+        }
+        assert_eq!(out.summary.steps, 2 * 3); // 24 rows / 4 = 6 micro-batches → 3 steps per epoch
+        assert_eq!(out.summary.validations.len(), 2);
+    }
+}
+
+#[test]
+fn frozen_embeddings_stay_put() {
+    let start = tiny(true, 1);
+    let before = values(&start);
+    let cfg = TrainConfig { freeze_embeddings: true, ..config() };
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(start, &cfg, &store(6, 4, 1), &store(3, 4, 2), dir.path()).unwrap();
+    let after = values(&out.model);
+    assert_eq!(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"]);
+    assert_ne!(before["model.norm.weight"], after["model.norm.weight"]);
+}
+
+#[test]
+fn lora_trains_only_adapters_and_export_merges_them() {
+    let start = tiny(true, 3);
+    let before = values(&start);
+    let cfg = TrainConfig { mode: lora(0.05), weight_decay: 0.1, ..config() };
+    let mut learner = Learner::new(start, YES, NO, &cfg, DType::F32).unwrap();
+    let names = learner.trainable();
+    assert_eq!(names.len(), 2 * 2 * 2, "{names:?}"); // layers × (q, v) × (A, B)
+    assert!(names.iter().all(|n| n.contains(".lora_A.") || n.contains(".lora_B.")), "{names:?}");
+    let data = store(6, 4, 4);
+    for step in 0..4u64 {
+        let micro = MicroBatch { rows: (0..8).map(|r| (r + step as usize * 3) % data.len()).collect(), units: 8 };
+        learner.accumulate(&data, &micro, 8, step, false).unwrap();
+        learner.apply(1e-2).unwrap();
+    }
+    // The base weights inside the learner never moved.
+    for (name, t) in learner.model().params().iter() {
+        assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), before[name], "{name}");
+    }
+    let masters = learner.masters().unwrap();
+    let exported = values(&learner.export(None, DType::F32).unwrap());
+    let scale = 8.0 / 4.0;
+    for (name, base) in &before {
+        let module = name.trim_end_matches(".weight");
+        match masters.get(&format!("{module}.lora_A.weight")) {
+            None => assert_eq!(&exported[name], base, "`{name}` has no adapter and must export unchanged"),
+            Some(a) => {
+                let b = &masters[&format!("{module}.lora_B.weight")];
+                assert!(b.data.iter().any(|&x| x != 0.0), "B of {module} never trained");
+                let (out_f, r) = (b.shape[0], b.shape[1]);
+                let in_f = a.shape[1];
+                let mut want = base.clone();
+                for o in 0..out_f {
+                    for i in 0..in_f {
+                        let ba: f32 = (0..r).map(|k| b.data[o * r + k] * a.data[k * in_f + i]).sum();
+                        want[o * in_f + i] += scale * ba;
+                    }
+                }
+                assert!(max_diff(&exported[name], &want) < 1e-6, "{name}");
+                assert!(max_diff(&exported[name], base) > 0.0, "{name} should differ from the base");
+            }
+        }
+    }
+}
+
+/// The gradients of 4 micro-batches of 2, accumulated, equal one batch of 8 (mean loss over 8).
+#[test]
+fn accumulating_2x4_gives_the_gradient_of_one_batch_of_8() {
+    let data = store(4, 4, 9);
+    let rows: Vec<usize> = vec![0, 3, 5, 6, 9, 10, 12, 15];
+    for loss in [LossKind::Bce, LossKind::Mse] {
+        let cfg = TrainConfig { loss, ..config() };
+        let mut big = Learner::new(tiny(true, 5), YES, NO, &cfg, DType::F32).unwrap();
+        big.accumulate(&data, &MicroBatch { rows: rows.clone(), units: 8 }, 8, 0, false).unwrap();
+        let mut small = Learner::new(tiny(true, 5), YES, NO, &cfg, DType::F32).unwrap();
+        let mut total = 0.0;
+        for (k, pair) in rows.chunks(2).enumerate() {
+            total += small
+                .accumulate(&data, &MicroBatch { rows: pair.to_vec(), units: 2 }, 8, k as u64, false)
+                .unwrap()
+                .loss;
+        }
+        let (gb, gs) = (big.gradients().unwrap(), small.gradients().unwrap());
+        let mut nonzero = 0;
+        for (name, g) in &gb {
+            let d = max_diff(g, &gs[name]);
+            assert!(d <= 1e-5, "{loss:?} {name}: max diff {d}");
+            nonzero += usize::from(g.iter().any(|&x| x != 0.0));
+        }
+        assert_eq!(nonzero, gb.len(), "every parameter gets a gradient");
+        // And the summed micro-batch losses are the mean over the 8 rows.
+        let mut again = Learner::new(tiny(true, 5), YES, NO, &cfg, DType::F32).unwrap();
+        let one = again.accumulate(&data, &MicroBatch { rows: rows.clone(), units: 8 }, 8, 0, false).unwrap().loss;
+        assert!((one - total).abs() < 1e-6, "{one} vs {total}");
+    }
+}
+
+/// After one step Adam's first moment is 0.1 · clipped gradient: the clip factor is exactly
+/// max_norm / ‖g‖, so the clipped gradient has norm max_norm.
+#[test]
+fn clipping_scales_the_global_norm_to_the_limit() {
+    let data = store(4, 4, 11);
+    let micro = MicroBatch { rows: (0..8).collect(), units: 8 };
+    let mut probe = Learner::new(tiny(false, 2), YES, NO, &config(), DType::F32).unwrap();
+    probe.accumulate(&data, &micro, 8, 0, false).unwrap();
+    let norm = probe.gradients().unwrap().values().flatten().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let limit = norm / 4.0;
+    let cfg = TrainConfig { max_grad_norm: limit, ..config() };
+    let mut l = Learner::new(tiny(false, 2), YES, NO, &cfg, DType::F32).unwrap();
+    l.accumulate(&data, &micro, 8, 0, false).unwrap();
+    let report = l.apply(1e-3).unwrap();
+    assert!((report.grad_norm - norm).abs() < 1e-6 * norm, "{} vs {norm}", report.grad_norm);
+    let state = l.state_tensors().unwrap();
+    let clipped: f64 = state
+        .iter()
+        .filter(|(k, _)| k.starts_with("m/"))
+        .flat_map(|(_, t)| &t.data)
+        .map(|&m| (m as f64 / 0.1).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!((clipped - limit).abs() < 1e-4 * limit, "clipped norm {clipped} vs limit {limit}");
+}
+
+#[test]
+fn loss_falls_when_overfitting_one_fixed_batch() {
+    let data = store(2, 4, 21);
+    for (loss, mode) in [
+        (LossKind::Bce, Mode::Full),
+        (LossKind::Mse, Mode::Full),
+        (LossKind::Pairwise, Mode::Full),
+        (LossKind::Bce, lora(0.0)),
+    ] {
+        let cfg = TrainConfig { loss, mode: mode.clone(), ..config() };
+        let mut l = Learner::new(tiny(true, 4), YES, NO, &cfg, DType::F32).unwrap();
+        let rows: Vec<usize> = (0..8).collect();
+        let units = if loss == LossKind::Pairwise { pipe::train::data::pairs(&data, &rows).len() } else { 8 };
+        let micro = MicroBatch { rows, units };
+        let mut losses = Vec::new();
+        // With LoRA the head rows stay frozen, and for a random model ‖w_yes − w_no‖ is tiny, so
+        // |logit| ≤ ‖norm(h)‖·‖w_yes − w_no‖ ≈ 0.45 bounds how far BCE can fall (to ≈ 0.49); the
+        // adapters must still reach that floor and separate the batch perfectly.
+        let bar = if matches!(mode, Mode::Full) { 0.3 } else { 0.75 };
+        for step in 0..40 {
+            losses.push(l.accumulate(&data, &micro, units, step, false).unwrap().loss);
+            l.apply(1e-2).unwrap();
+        }
+        let (first, last) = (losses[0], *losses.last().unwrap());
+        assert!(last < bar * first, "{loss:?} {mode:?}: loss {first} → {last}");
+        if loss == LossKind::Bce {
+            let logits = l.logits(&data, &micro.rows, 8).unwrap();
+            for (&r, x) in micro.rows.iter().zip(&logits) {
+                assert_eq!(*x > 0.0, data.labels[r] == 1, "{mode:?}: row {r} logit {x}");
+            }
+        }
+    }
+}
+
+fn assert_same_weights(a: &Qwen3, b: &Qwen3, tol: f32) {
+    let (va, vb) = (values(a), values(b));
+    for (name, x) in &va {
+        let d = max_diff(x, &vb[name]);
+        assert!(d <= tol, "`{name}` differs by {d}");
+    }
+}
+
+/// Log lines without their timing fields, which differ between runs.
+fn log_without_timing(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().retain(|k, _| !k.ends_with("_per_sec"));
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn stopping_at_a_step_and_resuming_equals_an_uninterrupted_run() {
+    let (train_data, val) = (store(8, 4, 31), store(3, 4, 32));
+    for mode in [Mode::Full, lora(0.1)] {
+        let cfg =
+            TrainConfig { mode: mode.clone(), eval_every: 2, best_metric: pipe::train::BestMetric::ValAuc, ..config() };
+        let whole_dir = tempfile::tempdir().unwrap();
+        let whole = run(tiny(true, 6), &cfg, &train_data, &val, whole_dir.path()).unwrap();
+        assert_eq!(whole.summary.resumed_from, None);
+
+        // Stop right after step 5 (between checkpoints 3 and 6, in the second epoch's first step
+        // but one), then run again in the same scratch dir.
+        let dir = tempfile::tempdir().unwrap();
+        let faulty = TrainConfig { fault: Some(Fault::StopAfter(5)), ..cfg.clone() };
+        let err = run(tiny(true, 6), &faulty, &train_data, &val, dir.path()).err().expect("the fault stops the run");
+        assert!(matches!(err, TrainError::Injected(5)), "{err}");
+        assert!(dir.path().join("checkpoint.safetensors").is_file());
+        let resumed = run(tiny(true, 6), &cfg, &train_data, &val, dir.path()).unwrap();
+        assert_eq!(resumed.summary.resumed_from, Some(5), "{mode:?}");
+        assert_eq!(resumed.summary.steps, whole.summary.steps);
+        assert_same_weights(&resumed.model, &whole.model, 1e-6);
+        assert_eq!(resumed.summary.best.map(|b| b.step), whole.summary.best.map(|b| b.step));
+        assert_eq!(log_without_timing(&resumed.log), log_without_timing(&whole.log), "{mode:?}");
+    }
+}
+
+#[test]
+fn a_nan_loss_fails_with_the_step_and_keeps_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig { fault: Some(Fault::NanLoss(5)), checkpoint_every: 2, ..config() };
+    let err = run(tiny(true, 1), &cfg, &store(8, 4, 1), &store(2, 4, 2), dir.path()).err().expect("NaN must fail");
+    match &err {
+        TrainError::NonFinite { step, what, last_checkpoint, .. } => {
+            assert_eq!((*step, *what, *last_checkpoint), (5, "loss", Some(4)));
+        }
+        other => panic!("expected NonFinite, got {other}"),
+    }
+    let text = err.to_string();
+    assert!(text.contains("step 5") && text.contains("checkpoint (step 4)"), "{text}");
+    let (_, state): (BTreeMap<String, train::checkpoint::HostTensor>, serde_json::Value) =
+        train::checkpoint::read(&dir.path().join("checkpoint.safetensors")).unwrap();
+    assert_eq!(state["step"], 4);
+    // Without the fault the next run resumes from there and finishes.
+    let ok =
+        run(tiny(true, 1), &TrainConfig { fault: None, ..cfg }, &store(8, 4, 1), &store(2, 4, 2), dir.path()).unwrap();
+    assert_eq!(ok.summary.resumed_from, Some(4));
+}
+
+#[test]
+fn the_log_records_the_schedule_and_validations() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig { eval_every: 2, ..config() };
+    let out = run(tiny(true, 1), &cfg, &store(6, 4, 1), &store(3, 4, 2), dir.path()).unwrap();
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&out.log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let steps: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("loss").is_some()).collect();
+    let vals: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("val_loss").is_some()).collect();
+    assert_eq!(steps.len(), 6);
+    let schedule = pipe::train::Schedule::new(1e-2, 0.2, 6);
+    for (k, l) in steps.iter().enumerate() {
+        assert_eq!(l["step"], k as u64 + 1);
+        assert!((l["lr"].as_f64().unwrap() - schedule.lr(k as u64)).abs() < 1e-15);
+        for key in ["epoch", "loss", "grad_norm", "samples_per_sec", "tokens_per_sec"] {
+            assert!(l[key].as_f64().is_some_and(f64::is_finite), "{key} in {l}");
+        }
+    }
+    // Steps 2, 4, 6 (every 2) — 3 and 6 are also the epoch ends: 3 and 6 once each.
+    let at: Vec<u64> = vals.iter().map(|v| v["step"].as_u64().unwrap()).collect();
+    assert_eq!(at, vec![2, 3, 4, 6]);
+    for v in vals {
+        assert!(v["val_auc"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)), "{v}");
+        assert!(v["val_ndcg@10"].as_f64().is_some(), "{v}");
+    }
+}
+
+#[test]
+fn early_stopping_ends_training_after_patience_runs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    // A learning rate of 0 never improves the validation loss after the first validation.
+    let cfg = TrainConfig { learning_rate: 0.0, eval_every: 1, early_stopping: 2, epochs: 5, ..config() };
+    let out = run(tiny(true, 1), &cfg, &store(6, 4, 1), &store(3, 4, 2), dir.path()).unwrap();
+    assert!(out.summary.stopped_early);
+    assert_eq!(out.summary.steps, 3);
+    assert_eq!(out.summary.best.unwrap().step, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through the binary.
+
+/// A small Home-Depot-shaped CSV: 30 queries × 4 products, with descriptions.
+fn small_project() -> Project {
+    let p = Project::new();
+    let mut train = String::from("\"id\",\"product_uid\",\"product_title\",\"search_term\",\"relevance\"\n");
+    let mut desc = String::from("\"product_uid\",\"product_description\"\n");
+    let words = ["angle", "bracket", "deck", "shower", "faucet", "paint", "drill", "lamp", "hose", "tile"];
+    for q in 0..30 {
+        for k in 0..4 {
+            let id = q * 4 + k;
+            let uid = 100_000 + id;
+            let title = format!("{} {} {} model {id}", words[(q + k) % 10], words[(q * 3 + k) % 10], words[k % 10]);
+            let rel = ["1", "1.67", "2.33", "3"][(q + k) % 4];
+            train.push_str(&format!("{id},{uid},\"{title}\",\"{} {}\",{rel}\n", words[q % 10], words[(q + 1) % 10]));
+            desc.push_str(&format!("{uid},\"A sturdy {title} for home use.\"\n"));
+        }
+    }
+    p.write("data/train.csv", &train);
+    p.write("data/product_descriptions.csv", &desc);
+    p.write(
+        "pipelines/p.toml",
+        r#"[pipeline]
+name = "p"
+
+[stages.load]
+kind = "load"
+path = "data/train.csv"
+descriptions = "data/product_descriptions.csv"
+
+[stages.normalize]
+kind = "normalize"
+needs = ["load"]
+
+[stages.split]
+kind = "split"
+needs = ["normalize"]
+
+[stages.tokenize]
+kind = "tokenize"
+needs = ["split"]
+max_length = 96
+
+[stages.train]
+kind = "train"
+needs = ["tokenize"]
+model = "random"
+device = "cpu"
+epochs = 2
+batch_size = 4
+grad_accum = 2
+learning_rate = 1e-3
+checkpoint_every = 1
+eval_every = 4
+
+[stages.train.init]
+hidden_size = 16
+intermediate_size = 32
+num_attention_heads = 2
+num_key_value_heads = 1
+head_dim = 8
+"#,
+    );
+    p
+}
+
+fn artifact_dirs(p: &Project, kind: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(p.path(&format!("artifacts/{kind}")))
+        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
+        .unwrap_or_default()
+}
+
+fn scratch_checkpoint(p: &Project) -> Option<PathBuf> {
+    std::fs::read_dir(p.path("artifacts/.scratch"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("checkpoint.safetensors"))
+        .find(|c| c.is_file())
+}
+
+fn trained_model(p: &Project) -> Qwen3 {
+    let dirs = artifact_dirs(p, "train");
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let dir = dirs[0].join("model");
+    assert!(dir.join("tokenizer.json").is_file());
+    assert!(dirs[0].join("train_log.jsonl").is_file());
+    model::load(&model::ModelSource::Dir(dir), &model::HubOptions::from_env(), &model::LoadOptions::default()).unwrap()
+}
+
+#[test]
+fn the_train_stage_runs_through_the_engine_and_its_model_loads_back() {
+    let p = small_project();
+    let v = p.run_json(&["run", "pipelines/p.toml", "--json"]);
+    let train_stage = v["stages"].as_array().unwrap().iter().find(|s| s["id"] == "train").unwrap().clone();
+    assert_eq!(train_stage["status"], "ran", "{v}");
+    let m = trained_model(&p);
+    assert_eq!(m.config().hidden_size, 16);
+    assert_eq!(m.config().vocab_size, 151_669);
+    // The manifest carries the metrics `pipe compare` and analyze read.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(artifact_dirs(&p, "train")[0].join("manifest.json")).unwrap()).unwrap();
+    for k in ["val_loss", "val_auc", "val_ndcg@10", "train_seconds", "samples_per_sec", "steps", "best_step"] {
+        assert!(manifest["metrics"][k].is_number(), "metric {k} missing: {}", manifest["metrics"]);
+    }
+    // Success removes the scratch dir; a second run is cached.
+    assert!(scratch_checkpoint(&p).is_none());
+    let again = p.run_json(&["run", "pipelines/p.toml", "--json"]);
+    assert!(again["stages"].as_array().unwrap().iter().all(|s| s["status"] == "cached"), "{again}");
+}
+
+#[test]
+fn a_nan_loss_fails_the_stage_cleanly_through_the_binary() {
+    let p = small_project();
+    let out = p.pipe_env(&["run", "pipelines/p.toml"], &[("PIPE_TRAIN_FAULT", "nan_loss@3")]);
+    assert_eq!(out.code, 1, "{out}");
+    assert!(out.stderr.contains("step 3") && out.stderr.contains("not finite"), "{out}");
+    assert!(artifact_dirs(&p, "train").is_empty(), "no artifact may be stored");
+    let ckpt = scratch_checkpoint(&p).expect("the last good checkpoint is kept");
+    let (_, state): (BTreeMap<String, train::checkpoint::HostTensor>, serde_json::Value) =
+        train::checkpoint::read(&ckpt).unwrap();
+    assert_eq!(state["step"], 2);
+}
+
+/// Runs the pipeline, kills it with SIGKILL once a checkpoint past step 2 exists, reruns it and
+/// compares the weights with an uninterrupted run in another project.
+#[test]
+fn kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run() {
+    let whole = small_project();
+    whole.ok(&["run", "pipelines/p.toml", "--quiet"]);
+    let reference = trained_model(&whole);
+
+    // Deterministic variant: abort (SIGABRT, no cleanup) right after step 5.
+    let p = small_project();
+    let out = p.pipe_env(&["run", "pipelines/p.toml", "--quiet"], &[("PIPE_TRAIN_FAULT", "abort@5")]);
+    assert_ne!(out.code, 0, "{out}");
+    assert!(scratch_checkpoint(&p).is_some());
+    let out = p.ok(&["run", "pipelines/p.toml"]);
+    assert!(out.stderr.contains("resuming training from step 5"), "{out}");
+    assert_same_weights(&trained_model(&p), &reference, 1e-6);
+
+    // A real kill -9 at whatever step the run has reached.
+    let p = small_project();
+    let mut child =
+        p.command(&["run", "pipelines/p.toml", "--quiet"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let start = Instant::now();
+    let mut killed = false;
+    while start.elapsed() < Duration::from_secs(120) {
+        if let Some(c) = scratch_checkpoint(&p) {
+            let step = train::checkpoint::read::<serde_json::Value>(&c)
+                .map(|(_, s)| s["step"].as_u64().unwrap_or(0))
+                .unwrap_or(0);
+            if step >= 2 {
+                child.kill().unwrap();
+                killed = true;
+                break;
+            }
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let _ = child.wait();
+    if !killed {
+        eprintln!("note: the run finished before it could be killed; only the abort variant was checked");
+        return;
+    }
+    let out = p.ok(&["run", "pipelines/p.toml"]);
+    assert!(out.stderr.contains("resuming training from step"), "{out}");
+    assert_same_weights(&trained_model(&p), &reference, 1e-6);
+}
+
+/// The GPU's optimizer path (f32 tensors, tensor ops, scattered embedding rows) run on the CPU
+/// gives the weights of the host path: the two implementations check each other.
+#[test]
+fn tensor_and_host_optimizer_backends_agree() {
+    use pipe::train::OptimizerBackend;
+    let (train_data, val) = (store(6, 4, 41), store(2, 4, 42));
+    for (mode, tied) in [(Mode::Full, true), (Mode::Full, false), (lora(0.1), true)] {
+        let mut out = Vec::new();
+        for backend in [OptimizerBackend::Host, OptimizerBackend::Tensor] {
+            let cfg = TrainConfig { mode: mode.clone(), backend, ..config() };
+            let dir = tempfile::tempdir().unwrap();
+            out.push(run(tiny(tied, 8), &cfg, &train_data, &val, dir.path()).unwrap());
+        }
+        assert_same_weights(&out[0].model, &out[1].model, 2e-5);
+        assert_eq!(out[0].summary.steps, out[1].summary.steps);
+    }
+}
+
+/// bf16 and f16 compute keep f32 master weights (values a 16-bit float cannot hold) and still
+/// learn; f16 goes through the dynamic loss scaler.
+#[test]
+fn mixed_precision_trains_with_f32_masters() {
+    let data = store(2, 4, 21);
+    for dtype in [DType::BF16, DType::F16] {
+        let mut l = Learner::new(tiny(true, 4), YES, NO, &config(), dtype).unwrap();
+        assert_eq!(l.model().dtype(), dtype);
+        assert_eq!(l.loss_scaler().is_some(), dtype == DType::F16);
+        let micro = MicroBatch { rows: (0..8).collect(), units: 8 };
+        let mut losses = Vec::new();
+        for step in 0..30 {
+            losses.push(l.accumulate(&data, &micro, 8, step, false).unwrap().loss);
+            assert!(!l.apply(1e-2).unwrap().skipped, "{dtype:?} step {step} overflowed");
+        }
+        assert!(losses[29] < 0.5 * losses[0], "{dtype:?}: {} → {}", losses[0], losses[29]);
+        let masters = l.masters().unwrap();
+        let w = &masters["model.layers.0.mlp.up_proj.weight"].data;
+        let off_grid = w
+            .iter()
+            .filter(|&&x| match dtype {
+                DType::BF16 => half::bf16::from_f32(x).to_f32() != x,
+                _ => half::f16::from_f32(x).to_f32() != x,
+            })
+            .count();
+        assert!(off_grid > w.len() / 2, "{dtype:?}: masters look rounded to 16 bits ({off_grid}/{})", w.len());
+        let exported = l.export(None, dtype).unwrap();
+        assert_eq!(exported.dtype(), dtype);
+    }
+}
+
+/// pipe's AdamW and clipping replay torch.optim.AdamW + clip_grad_norm_ (fixture written by
+/// tests/fixtures/train/adamw_torch.py): two weight-decay groups, a changing learning rate, some
+/// steps clipped.
+#[test]
+fn adamw_and_clipping_match_torch() {
+    use pipe::train::optim::{adamw_dense, clip_factor, sum_squares, StepScalars};
+    let text = std::fs::read_to_string(util::repo().join("tests/fixtures/train/adamw_torch.json")).unwrap();
+    let fx: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let vec = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    let mut p: Vec<Vec<f32>> = fx["init"].as_array().unwrap().iter().map(vec).collect();
+    let mut m: Vec<Vec<f32>> = p.iter().map(|x| vec![0.0; x.len()]).collect();
+    let mut v = m.clone();
+    let wd: Vec<f64> = fx["weight_decay"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let mut clipped = 0;
+    for (t, step) in fx["steps"].as_array().unwrap().iter().enumerate() {
+        let grads: Vec<Vec<f32>> = step["grads"].as_array().unwrap().iter().map(vec).collect();
+        let norm = grads.iter().map(|g| sum_squares(g)).sum::<f64>().sqrt();
+        let want_norm = step["norm"].as_f64().unwrap();
+        assert!((norm - want_norm).abs() < 1e-5 * want_norm, "step {t}: norm {norm} vs {want_norm}");
+        let coef = clip_factor(norm, 1.0);
+        clipped += usize::from(coef < 1.0);
+        for i in 0..p.len() {
+            let s = StepScalars::new(&Default::default(), step["lr"].as_f64().unwrap(), wd[i], t as u64 + 1, coef);
+            adamw_dense(&mut p[i], &mut m[i], &mut v[i], &grads[i], &s);
+            let d = max_diff(&p[i], &vec(&step["params"][i]));
+            assert!(d < 1e-6, "step {t} param {i}: max diff {d}");
+        }
+    }
+    assert!((2..6).contains(&clipped), "the fixture should mix clipped and unclipped steps ({clipped})");
+    for i in 0..p.len() {
+        assert!(max_diff(&m[i], &vec(&fx["exp_avg"][i])) < 1e-7);
+        assert!(max_diff(&v[i], &vec(&fx["exp_avg_sq"][i])) < 1e-7);
+    }
+}
