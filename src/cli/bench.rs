@@ -20,6 +20,109 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Time full fine-tuning steps (forward, backward, clipping, AdamW with f32 masters) of a Qwen3
+    /// architecture with random weights on left-padded random batches; the PyTorch counterpart is
+    /// benches/gpu/torch_step.py.
+    TrainStep {
+        /// qwen3-0.6b, qwen3-4b or tiny.
+        #[arg(long, default_value = "qwen3-0.6b")]
+        arch: String,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long, default_value_t = 512)]
+        seq: usize,
+        #[arg(long, default_value_t = 6)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// Peak dense TFLOPS of the device for MFU (H100 SXM bf16: 989).
+        #[arg(long, default_value_t = 989.0)]
+        peak_tflops: f64,
+    },
+}
+
+fn arch(name: &str) -> anyhow::Result<Qwen3Config> {
+    let mut c = match name {
+        "qwen3-0.6b" => Qwen3Config::tiny(151_669, 1024, 3072, 28, 16, 8, 128, true),
+        "qwen3-4b" => Qwen3Config::tiny(151_669, 2560, 9728, 36, 32, 8, 128, true),
+        "tiny" => Qwen3Config::tiny(151_669, 64, 128, 2, 4, 2, 16, true),
+        other => anyhow::bail!("unknown arch `{other}`; expected qwen3-0.6b, qwen3-4b or tiny"),
+    };
+    c.rope_theta = 1_000_000.0;
+    Ok(c)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_step(
+    arch_name: &str,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    warmup: usize,
+    dtype: &str,
+    device: &str,
+    peak_tflops: f64,
+) -> anyhow::Result<()> {
+    use crate::train::data::MicroBatch;
+    use crate::train::{Learner, TrainConfig};
+    let cfg = arch(arch_name)?;
+    let dev = parse_device(device)?;
+    let dt = crate::model::device::parse_dtype(dtype)?;
+    let model = crate::model::random(&cfg, 0, DType::F32, &dev, false)?;
+    let params: usize = cfg.param_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let tc = TrainConfig { batch_size: batch, grad_accum: 1, learning_rate: 5e-6, ..TrainConfig::default() };
+    let mut learner = Learner::new(model, 9693, 2152, &tc, dt)?;
+    // Left padding of varying length, like real batches (the same pattern as torch_step.py).
+    let mut store = crate::text::TokenStore::default();
+    store.offsets.push(0);
+    let mut tokens = 0usize;
+    for i in 0..batch {
+        let len = seq - (i * 37) % (seq / 4);
+        tokens += len;
+        store.ids.extend((0..len).map(|j| ((i * 7919 + j * 104_729) % 151_000) as u32));
+        store.offsets.push(store.ids.len() as i64);
+        store.labels.push((i % 2) as u8);
+        store.relevance.push(if i % 2 == 1 { 3.0 } else { 1.0 });
+        store.query_ids.push(0);
+        store.pair_ids.push(i as i64);
+    }
+    store.queries.push("bench".into());
+    let micro = MicroBatch { rows: (0..batch).collect(), units: batch };
+    let sync = |d: &Device| -> anyhow::Result<()> {
+        d.synchronize()?;
+        Ok(())
+    };
+    let mut last_loss = 0.0;
+    for _ in 0..warmup {
+        learner.accumulate(&store, &micro, batch, 0, false)?;
+        learner.apply(5e-6)?;
+    }
+    sync(&dev)?;
+    let t = std::time::Instant::now();
+    for k in 0..steps {
+        let r = learner.accumulate(&store, &micro, batch, k as u64, false)?;
+        last_loss = r.loss;
+        learner.apply(5e-6)?;
+    }
+    sync(&dev)?;
+    let secs = t.elapsed().as_secs_f64() / steps.max(1) as f64;
+    let flops = 6.0 * params as f64 * tokens as f64
+        + 12.0 * cfg.num_hidden_layers as f64 * cfg.hidden_size as f64 * seq as f64 * tokens as f64;
+    let gpu = !dev.is_cpu();
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "pipe", "arch": arch_name, "params": params, "batch": batch, "seq": seq, "dtype": dtype,
+            "device": format!("{dev:?}"), "step_seconds": secs, "samples_per_sec": batch as f64 / secs,
+            "tokens_per_sec": tokens as f64 / secs, "loss": last_loss,
+            "mfu": if gpu { Some(flops / secs / (peak_tflops * 1e12)) } else { None },
+        })
+    );
+    Ok(())
 }
 
 fn batch(device: &Device) -> anyhow::Result<(Tensor, Tensor, Tensor)> {
@@ -64,6 +167,9 @@ fn max_rel(a: &[f32], b: &[f32]) -> f64 {
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::TrainStep { arch, batch, seq, steps, warmup, dtype, device, peak_tflops } => {
+            train_step(&arch, batch, seq, steps, warmup, &dtype, &device, peak_tflops)
+        }
         BenchCommand::Parity { device, seed } => {
             let dev = parse_device(&device)?;
             // Small enough to run anywhere, large enough for GQA, several layers and the real vocabulary.

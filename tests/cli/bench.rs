@@ -17,3 +17,33 @@ fn bench_parity_runs_and_reports_json() {
         assert!(out.stderr.contains("--features cuda"), "{out}");
     }
 }
+
+#[test]
+fn bench_train_step_times_real_steps() {
+    let p = Project::new();
+    let v = p.run_json(&[
+        "bench",
+        "train-step",
+        "--arch",
+        "tiny",
+        "--batch",
+        "4",
+        "--seq",
+        "48",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--dtype",
+        "f32",
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(v["impl"], "pipe");
+    assert!(v["samples_per_sec"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["loss"].as_f64().unwrap().is_finite());
+    assert_eq!(
+        v["params"],
+        151_669 * 64 + 2 * (4 * 16 * 64 * 2 + 2 * 16 * 64 * 2 + 3 * 64 * 128 + 2 * 64 + 2 * 16) + 64
+    );
+}

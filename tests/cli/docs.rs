@@ -25,3 +25,20 @@ fn readme_lists_every_stage_parameter() {
         assert_eq!(on_disk, stage.defaults(), "stages/{kind}.toml is what the binary embeds");
     }
 }
+
+#[test]
+fn every_committed_pipeline_is_valid() {
+    let registry = pipe::stages::registry();
+    let dir = crate::util::repo().join("pipelines");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "toml") {
+            let p = pipe::engine::config::load(&path, &Default::default(), &registry)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            pipe::engine::graph::build(&p).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "quickstart, qwen_0_6b, qwen_4b and the GPU smoke pipeline at least");
+}
