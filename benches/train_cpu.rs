@@ -75,6 +75,7 @@ fn main() {
         serde_json::json!({
             "impl": "pipe (candle)",
             "threads": rayon::current_num_threads(),
+            "candle_num_threads": std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "default".into()),
             "batch": BATCH,
             "seq": SEQ,
             "steps": steps,

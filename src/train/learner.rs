@@ -199,6 +199,7 @@ impl Learner {
     /// training in `dtype` on the model's device. `yes`/`no` are the head's token ids.
     pub fn new(model: Qwen3, yes: u32, no: u32, cfg: &TrainConfig, dtype: DType) -> Result<Self, TrainError> {
         cfg.validate()?;
+        super::tune_allocator();
         let vocab = model.config().vocab_size;
         if yes as usize >= vocab || no as usize >= vocab || yes == no {
             return Err(TrainError::Config(format!(
