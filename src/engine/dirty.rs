@@ -34,6 +34,10 @@ pub enum Reason {
     InputRemoved {
         input: String,
     },
+    /// An input could not be read (missing file, permissions): the stage cannot be keyed.
+    InputUnreadable {
+        message: String,
+    },
     UpstreamChanged {
         stage: String,
     },
@@ -67,6 +71,7 @@ impl std::fmt::Display for Reason {
             Reason::InputChanged { input } => write!(f, "input {input} changed"),
             Reason::InputAdded { input } => write!(f, "input {input} added"),
             Reason::InputRemoved { input } => write!(f, "input {input} no longer used"),
+            Reason::InputUnreadable { message } => write!(f, "{message}"),
             Reason::UpstreamChanged { stage } => write!(f, "upstream {stage} output changed"),
             Reason::UpstreamStale { stage } => write!(f, "upstream {stage} is stale"),
             Reason::Version { old, new } => write!(f, "implementation version {old} → {new}"),

@@ -289,7 +289,7 @@ impl<'a> Engine<'a> {
                         kind: s.kind.clone(),
                         state: "stale",
                         key: None,
-                        reasons: vec![Reason::InputChanged { input: e }],
+                        reasons: vec![Reason::InputUnreadable { message: e }],
                         dir: None,
                     });
                     continue;

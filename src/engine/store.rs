@@ -105,22 +105,30 @@ impl Store {
         self.root.join(".locks").join(format!("{kind}-{}.lock", dir_name(key)))
     }
 
-    /// Take the key's lock without waiting; None if another process holds it.
-    pub fn try_lock(&self, kind: &str, key: &str, who: &str) -> Result<Option<KeyLock>, StoreError> {
+    fn open_lock(&self, kind: &str, key: &str) -> Result<(PathBuf, File), StoreError> {
         let path = self.lock_path(kind, key);
-        let mut f = std::fs::OpenOptions::new()
+        let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
             .write(true)
             .open(&path)
             .map_err(io(&path))?;
+        Ok((path, f))
+    }
+
+    /// Record the holder in the lock file, so that a waiting process can say whom it waits for.
+    fn held(mut f: File, who: &str) -> KeyLock {
+        let _ = f.set_len(0);
+        let _ = write!(f, "{} {}", std::process::id(), who);
+        KeyLock { _file: f }
+    }
+
+    /// Take the key's lock without waiting; None if another process holds it.
+    pub fn try_lock(&self, kind: &str, key: &str, who: &str) -> Result<Option<KeyLock>, StoreError> {
+        let (path, f) = self.open_lock(kind, key)?;
         match f.try_lock() {
-            Ok(()) => {
-                let _ = f.set_len(0);
-                let _ = write!(f, "{} {}", std::process::id(), who);
-                Ok(Some(KeyLock { _file: f }))
-            }
+            Ok(()) => Ok(Some(Self::held(f, who))),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Io { path, source: e }),
         }
@@ -135,19 +143,9 @@ impl Store {
 
     /// Wait for the key's lock.
     pub fn lock(&self, kind: &str, key: &str, who: &str) -> Result<KeyLock, StoreError> {
-        let path = self.lock_path(kind, key);
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io(&path))?;
+        let (path, f) = self.open_lock(kind, key)?;
         f.lock().map_err(io(&path))?;
-        let mut f = f;
-        let _ = f.set_len(0);
-        let _ = write!(f, "{} {}", std::process::id(), who);
-        Ok(KeyLock { _file: f })
+        Ok(Self::held(f, who))
     }
 
     /// A fresh temp dir for a key; any earlier temp dirs for the key are stale (we hold its lock).
