@@ -24,6 +24,9 @@
 //! ([`Qwen3::hidden_states_from_embeds`]); the leaf's gradient is scattered into the
 //! accumulation buffer and the touched rows are remembered, which is also what lets
 //! [`super::optim::adamw_rows`] skip the Adam arithmetic on rows whose moments are still zero.
+//! On the CPU in f32, rows never touched do not even get their weight decay each step: the
+//! factors are recorded and applied, in order, when the row is next read (a batch gathers it,
+//! or [`Learner::sync`] before validation, checkpoints and export) — bit for bit the eager result.
 //!
 //! # Accumulation
 //!
@@ -37,13 +40,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::HostTensor;
 use super::config::{Mode, OptimizerBackend, TrainConfig};
 use super::data::{pad_left, stream, MicroBatch};
 use super::lora::{adapter_specs, check_modules, init_a, merge, AdapterSpec};
-use super::optim::{adamw_dense, adamw_rows, adamw_tensors, clip_factor, sum_squares, RowState, StepScalars};
+use super::optim::{
+    adamw_dense, adamw_rows, adamw_tensors, apply_pending_decay, clip_factor, sum_squares, RowState, StepScalars,
+};
 use super::TrainError;
 use crate::model::{LoraAdapter, LoraDropout, ParamMap, Qwen3, Reranker};
 use crate::text::TokenStore;
@@ -67,6 +73,14 @@ struct HostState {
     live: Vec<bool>,
     touched: Vec<bool>,
     touched_rows: Vec<usize>,
+    /// Deferred weight decay of never-live rows (row-sparse parameters whose master is the `Var`).
+    lazy: Option<LazyDecay>,
+}
+
+/// Decay factors of the steps since the last full catch-up, and how many of them each row has had.
+struct LazyDecay {
+    factors: Vec<f32>,
+    applied: Vec<u32>,
 }
 
 struct DeviceState {
@@ -289,7 +303,9 @@ impl Learner {
         })
     }
 
-    /// The model as it computes now (trainable tensors are views of the current weights).
+    /// The model as it computes now (trainable tensors are views of the current weights). Rows of
+    /// the embedding a batch has not used lately may lack their latest weight decay until
+    /// [`Self::sync`].
     pub fn model(&self) -> &Qwen3 {
         &self.model
     }
@@ -342,6 +358,9 @@ impl Learner {
 
         // Gather the embedding rows this batch uses into a leaf of its own (see the module docs).
         let mut embed_leaf: Option<(Var, Vec<u32>)> = None;
+        if let Some(h) = self.head {
+            self.catch_up(h, Some(&head_ids))?;
+        }
         let embeds = match self.embed {
             Some(e) => {
                 let mut uniq = padded.flat_ids.clone();
@@ -350,6 +369,7 @@ impl Learner {
                 }
                 uniq.sort_unstable();
                 uniq.dedup();
+                self.catch_up(e, Some(&uniq))?;
                 let table = self.params[e].var.as_tensor().detach();
                 let leaf =
                     Var::from_tensor(&table.index_select(&Tensor::from_slice(&uniq, uniq.len(), &self.device)?, 0)?)?;
@@ -477,10 +497,16 @@ impl Learner {
                         continue;
                     }
                     let cols = if *rows { shape[1] } else { 0 };
-                    let HostState { master, m, v, grad, live, touched, .. } = h;
+                    let HostState { master, m, v, grad, live, touched, lazy, .. } = h;
+                    if let Some(l) = lazy {
+                        if s.decay != 1.0 {
+                            l.factors.push(s.decay);
+                        }
+                    }
+                    let lazy = lazy.is_some();
                     let mut kernel = |w: &mut [f32]| {
                         if *rows {
-                            adamw_rows(w, m, v, grad, RowState { cols, live, touched }, &s);
+                            adamw_rows(w, m, v, grad, RowState { cols, live, touched, lazy }, &s);
                         } else {
                             adamw_dense(w, m, v, grad, &s);
                         }
@@ -512,6 +538,52 @@ impl Learner {
         Ok(StepReport { grad_norm, skipped: false })
     }
 
+    /// Applies every deferred weight decay, so that the weights the model holds are exact.
+    pub fn sync(&mut self) -> Result<(), TrainError> {
+        for i in 0..self.params.len() {
+            self.catch_up(i, None)?;
+        }
+        Ok(())
+    }
+
+    /// Brings `rows` (all rows when `None`) of a lazily decayed parameter up to date.
+    fn catch_up(&mut self, idx: usize, rows: Option<&[u32]>) -> Result<(), TrainError> {
+        let p = &mut self.params[idx];
+        let State::Host(HostState { lazy: Some(l), live, .. }) = &mut p.state else { return Ok(()) };
+        if l.factors.is_empty() {
+            return Ok(());
+        }
+        let cols = p.shape[1];
+        let n = l.factors.len();
+        let LazyDecay { factors, applied } = l;
+        let mut fix = |w: &mut [f32]| match rows {
+            Some(rows) => {
+                for &r in rows {
+                    let r = r as usize;
+                    if !live[r] && (applied[r] as usize) < n {
+                        apply_pending_decay(&mut w[r * cols..(r + 1) * cols], &factors[applied[r] as usize..]);
+                        applied[r] = n as u32;
+                    }
+                }
+            }
+            None => {
+                w.par_chunks_mut(cols).zip(applied.par_iter_mut()).zip(live.par_iter()).with_min_len(1024).for_each(
+                    |((row, a), &is_live)| {
+                        if !is_live && (*a as usize) < n {
+                            apply_pending_decay(row, &factors[*a as usize..]);
+                        }
+                        *a = 0;
+                    },
+                );
+            }
+        };
+        p.var.as_tensor().inplace_op1(&UpdateInPlace(RefCell::new(&mut fix)))?;
+        if rows.is_none() {
+            factors.clear();
+        }
+        Ok(())
+    }
+
     /// Drops the accumulated gradients.
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {
@@ -536,7 +608,8 @@ impl Learner {
 
     /// Reranker logits (`yes − no`) of `rows`, without recording a graph, in batches of
     /// `batch_size` rows taken in order of length (to limit padding), returned in `rows` order.
-    pub fn logits(&self, store: &TokenStore, rows: &[usize], batch_size: usize) -> Result<Vec<f32>, TrainError> {
+    pub fn logits(&mut self, store: &TokenStore, rows: &[usize], batch_size: usize) -> Result<Vec<f32>, TrainError> {
+        self.sync()?;
         let frozen = Reranker::new(self.model.detached()?, self.yes, self.no)?;
         let mut order: Vec<usize> = (0..rows.len()).collect();
         order.sort_by_key(|&k| store.sequence(rows[k]).len());
@@ -554,7 +627,8 @@ impl Learner {
     }
 
     /// The f32 master weights of the trainable parameters.
-    pub fn masters(&self) -> Result<BTreeMap<String, HostTensor>, TrainError> {
+    pub fn masters(&mut self) -> Result<BTreeMap<String, HostTensor>, TrainError> {
+        self.sync()?;
         let mut out = BTreeMap::new();
         for p in &self.params {
             let data = match &p.state {
@@ -568,7 +642,7 @@ impl Learner {
     }
 
     /// Everything an exact resume needs: masters and both moments (`master/`, `m/`, `v/` + name).
-    pub fn state_tensors(&self) -> Result<BTreeMap<String, HostTensor>, TrainError> {
+    pub fn state_tensors(&mut self) -> Result<BTreeMap<String, HostTensor>, TrainError> {
         let mut out = BTreeMap::new();
         for (name, t) in self.masters()? {
             out.insert(format!("master/{name}"), t);
@@ -616,6 +690,10 @@ impl Learner {
                     if let Some(master) = &mut h.master {
                         *master = w;
                     }
+                    if let Some(l) = &mut h.lazy {
+                        l.factors.clear();
+                        l.applied.fill(0);
+                    }
                     if p.rows {
                         let cols = p.shape[1];
                         for (r, live) in h.live.iter_mut().enumerate() {
@@ -645,7 +723,12 @@ impl Learner {
 
     /// The model to export, on the CPU in `dtype`: frozen weights as loaded, trainable ones from
     /// `masters` (default: the current ones), LoRA adapters merged into their base weights.
-    pub fn export(&self, masters: Option<&BTreeMap<String, HostTensor>>, dtype: DType) -> Result<Qwen3, TrainError> {
+    pub fn export(
+        &mut self,
+        masters: Option<&BTreeMap<String, HostTensor>>,
+        dtype: DType,
+    ) -> Result<Qwen3, TrainError> {
+        self.sync()?;
         let current;
         let masters = match masters {
             Some(m) => m,
@@ -695,6 +778,7 @@ fn new_state(t: &Tensor, rows: bool, host: bool, dtype: DType) -> Result<State, 
             live: vec![false; nrows],
             touched: vec![false; nrows],
             touched_rows: Vec::new(),
+            lazy: (rows && dtype == DType::F32).then(|| LazyDecay { factors: Vec::new(), applied: vec![0; nrows] }),
         }))
     } else {
         let master = t.to_dtype(DType::F32)?.copy()?;

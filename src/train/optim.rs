@@ -15,6 +15,12 @@
 //! the formula above reduces exactly to `p ← p·(1 − lr·wd)` (m and v stay 0 and the Adam term is
 //! `0 / ε = 0`), so [`adamw_rows`] applies only that multiplication there and the full update to
 //! rows that were ever touched. The result is bit-for-bit the dense update.
+//!
+//! That multiplication still streams the whole table through memory every step. With
+//! [`RowState::lazy`], never-touched rows are skipped and the caller records each step's factor;
+//! [`apply_pending_decay`] later applies the recorded factors to a row one after the other — the
+//! same f32 multiplications in the same order, so again bit for bit, but with the row held in
+//! registers instead of re-read from memory each step.
 
 use rayon::prelude::*;
 
@@ -92,12 +98,25 @@ pub struct RowState<'a> {
     pub live: &'a mut [bool],
     /// `touched[r]`: row `r` has a gradient this step (elsewhere the gradient is exactly zero).
     pub touched: &'a [bool],
+    /// Leave rows that were never live untouched: the caller owes them this step's decay.
+    pub lazy: bool,
+}
+
+/// Applies recorded decay factors to a row in order (see the module docs).
+pub fn apply_pending_decay(row: &mut [f32], factors: &[f32]) {
+    for x in row {
+        let mut v = *x;
+        for &f in factors {
+            v *= f;
+        }
+        *x = v;
+    }
 }
 
 /// The same update for a `[rows, cols]` parameter whose gradient is zero outside touched rows:
 /// rows that were never live only decay.
 pub fn adamw_rows(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], rows: RowState, s: &StepScalars) {
-    let RowState { cols, live, touched } = rows;
+    let RowState { cols, live, touched, lazy } = rows;
     let rows = live.len();
     assert!(p.len() == rows * cols && m.len() == p.len() && v.len() == p.len() && g.len() == p.len());
     assert_eq!(touched.len(), rows);
@@ -120,7 +139,7 @@ pub fn adamw_rows(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], rows: 
                     for i in 0..cols {
                         update_one(&mut p[i], &mut m[i], &mut v[i], g[i], s);
                     }
-                } else if s.decay != 1.0 {
+                } else if s.decay != 1.0 && !lazy {
                     for x in &mut p[span] {
                         *x *= s.decay;
                     }
@@ -218,6 +237,8 @@ mod tests {
         let (mut pd, mut md, mut vd) = (init.clone(), vec![0.0f32; n], vec![0.0f32; n]);
         let (mut ps, mut ms, mut vs) = (init.clone(), vec![0.0f32; n], vec![0.0f32; n]);
         let mut live = vec![false; rows];
+        let (mut pl, mut ml, mut vl) = (init.clone(), vec![0.0f32; n], vec![0.0f32; n]);
+        let (mut live_lazy, mut factors, mut applied) = (vec![false; rows], Vec::new(), vec![0usize; rows]);
         // Steps touch different rows; untouched rows have exactly zero gradient.
         for (step, touched_rows) in [vec![1usize, 4], vec![4], vec![0, 6], vec![]].iter().enumerate() {
             let mut g = vec![0.0f32; n];
@@ -230,11 +251,41 @@ mod tests {
             }
             let s = StepScalars::new(&AdamConfig::default(), 1e-2, 0.1, step as u64 + 1, 1.0);
             adamw_dense(&mut pd, &mut md, &mut vd, &g, &s);
-            adamw_rows(&mut ps, &mut ms, &mut vs, &g, RowState { cols, live: &mut live, touched: &touched }, &s);
+            adamw_rows(
+                &mut ps,
+                &mut ms,
+                &mut vs,
+                &g,
+                RowState { cols, live: &mut live, touched: &touched, lazy: false },
+                &s,
+            );
+            // The lazy variant: skipped rows catch up on their recorded factors before being read.
+            factors.push(s.decay);
+            for (r, &t) in touched.iter().enumerate() {
+                if t && !live_lazy[r] {
+                    apply_pending_decay(&mut pl[r * cols..(r + 1) * cols], &factors[applied[r]..factors.len() - 1]);
+                    applied[r] = factors.len() - 1;
+                }
+            }
+            adamw_rows(
+                &mut pl,
+                &mut ml,
+                &mut vl,
+                &g,
+                RowState { cols, live: &mut live_lazy, touched: &touched, lazy: true },
+                &s,
+            );
             assert_eq!(pd, ps, "step {step}");
             assert_eq!(md, ms);
             assert_eq!(vd, vs);
+            assert_eq!(md, ml);
         }
+        for r in 0..rows {
+            if !live_lazy[r] {
+                apply_pending_decay(&mut pl[r * cols..(r + 1) * cols], &factors[applied[r]..]);
+            }
+        }
+        assert_eq!(pd, pl, "the lazily decayed rows caught up exactly");
         assert_eq!(live, vec![true, true, false, false, true, false, true]);
         // Never-touched rows only decayed: 4 steps of ×(1 − 1e-3).
         let want = init[2 * cols] * 0.999f32 * 0.999 * 0.999 * 0.999;

@@ -374,7 +374,7 @@ pub fn train(
         if let Some(val) = val {
             let finishing = st.step >= total || (epoch_done && st.epoch + 1 >= cfg.epochs);
             if periodic || epoch_done || finishing {
-                let r = validate(&learner, val, cfg, st.step)?;
+                let r = validate(&mut learner, val, cfg, st.step)?;
                 write_log(json!({
                     "step": st.step,
                     "epoch": round(epoch_pos, 4),
@@ -461,7 +461,12 @@ pub fn train(
 }
 
 /// Validation loss (the training objective's mean over the split), AUC and NDCG@10 of the logits.
-pub fn validate(learner: &Learner, val: &TokenStore, cfg: &TrainConfig, step: u64) -> Result<ValResult, TrainError> {
+pub fn validate(
+    learner: &mut Learner,
+    val: &TokenStore,
+    cfg: &TrainConfig,
+    step: u64,
+) -> Result<ValResult, TrainError> {
     let rows: Vec<usize> = (0..val.len()).collect();
     let logits = learner.logits(val, &rows, cfg.eval_batch_size)?;
     let (loss, _) = mean_loss(cfg.loss, &logits, val);
