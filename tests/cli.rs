@@ -251,6 +251,8 @@ mod crash;
 mod docs;
 #[path = "cli/malformed.rs"]
 mod malformed;
+#[path = "cli/metrics.rs"]
+mod metrics;
 #[path = "cli/quickstart.rs"]
 mod quickstart;
 #[path = "cli/rerank.rs"]

@@ -90,6 +90,9 @@ pub enum Command {
         /// Decision threshold on the score for accuracy/precision/recall/F1.
         #[arg(long, default_value_t = 0.5)]
         threshold: f64,
+        /// NDCG gain: `linear` (relevance − 1) or `exp` (2^(relevance − 1) − 1).
+        #[arg(long, default_value = "linear")]
+        gain: String,
         /// Validation predictions: calibrate RMSE and tune the threshold there, report on FILE.
         #[arg(long)]
         val: Option<PathBuf>,
@@ -280,7 +283,7 @@ pub fn run(cli: Cli, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
         Command::Compare { paths, sort, metrics, format } => {
             compare(&paths, sort.as_deref(), metrics.as_deref(), format)
         }
-        Command::Metrics { file, k, threshold, val, json } => metrics_cmd(&file, k, threshold, val, json),
+        Command::Metrics { file, k, threshold, gain, val, json } => metrics_cmd(&file, k, threshold, &gain, val, json),
         Command::Bench(b) => bench::run(b).map_err(|e| Exit { code: 1, error: e }),
         Command::Rerank(a) => rerank::run(a).map_err(|e| Exit { code: 1, error: e }),
         Command::Status { p, json } => {
@@ -501,13 +504,19 @@ fn metrics_cmd(
     file: &std::path::Path,
     k: Vec<usize>,
     threshold: f64,
+    gain: &str,
     val: Option<PathBuf>,
     json: bool,
 ) -> Result<(), Exit> {
     use crate::metrics;
     let bad = |e: metrics::ReadError| Exit { code: 2, error: e.into() };
     let invalid = |e: metrics::MetricsError| Exit { code: 2, error: e.into() };
-    let opts = metrics::Options { ks: k, threshold, ..Default::default() };
+    let gain = match gain {
+        "linear" => metrics::Gain::Linear,
+        "exp" => metrics::Gain::Exp,
+        other => return Err(Exit { code: 2, error: anyhow::anyhow!("--gain {other}: expected `linear` or `exp`") }),
+    };
+    let opts = metrics::Options { ks: k, threshold, gain, ..Default::default() };
     let rows = metrics::read_predictions(file).map_err(bad)?;
     match val {
         None => {
