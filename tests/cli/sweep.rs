@@ -148,3 +148,39 @@ fn compare_two_runs_shows_diff_and_best() {
     assert_eq!(out.code, 2);
     assert!(out.stderr.contains("no run records"), "{out}");
 }
+
+#[test]
+fn quickstart_sweep_over_a_train_parameter_shares_the_data_stages() {
+    let p = Project::new();
+    for f in ["train.csv", "product_descriptions.csv"] {
+        std::fs::copy(crate::util::repo().join("data").join(f), p.path(&format!("data/{f}"))).unwrap();
+    }
+    std::fs::copy(crate::util::repo().join("pipelines/quickstart.toml"), p.path("pipelines/quickstart.toml")).unwrap();
+    let v = p.run_json(&[
+        "run",
+        "pipelines/quickstart.toml",
+        "--set",
+        "train.learning_rate=1e-3,2e-3,3e-3",
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.epochs=1",
+        "--json",
+    ]);
+    assert_eq!(v["status"], "ok", "{v}");
+    let recs: Vec<serde_json::Value> =
+        v["points"].as_array().unwrap().iter().map(|pt| record(pt["run_dir"].as_str().unwrap())).collect();
+    assert_eq!(recs.len(), 3);
+    let count = |id: &str, st: &str| recs.iter().filter(|r| stage_status(r, id) == st).count();
+    for shared in ["load", "normalize", "split", "tokenize"] {
+        assert_eq!((count(shared, "ran"), count(shared, "cached")), (1, 2), "{shared} computed once");
+    }
+    for per_point in ["train", "evaluate", "analyze"] {
+        assert_eq!(count(per_point, "ran"), 3, "{per_point} once per point");
+    }
+    // The points compare side by side, the learning rate being the one varying parameter.
+    let table = p.ok(&["compare", v["sweep_dir"].as_str().unwrap(), "--format", "csv"]).stdout;
+    let header = table.lines().next().unwrap();
+    assert!(header.contains("train.learning_rate") && header.contains("evaluate.test.ndcg@10"), "{header}");
+    assert_eq!(table.lines().count(), 4, "{table}");
+}
