@@ -80,6 +80,9 @@ pub enum Command {
         metrics: Option<Vec<String>>,
         #[arg(long, value_enum, default_value = "table")]
         format: CompareFormat,
+        /// Also draw each metric against each swept numeric parameter into this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
     },
     /// Score a predictions CSV (`query,relevance,score[,label]`) with the ranking and classification metrics.
     Metrics {
@@ -280,8 +283,8 @@ pub fn run(cli: Cli, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
             }
             Ok(())
         }
-        Command::Compare { paths, sort, metrics, format } => {
-            compare(&paths, sort.as_deref(), metrics.as_deref(), format)
+        Command::Compare { paths, sort, metrics, format, plot } => {
+            compare(&paths, sort.as_deref(), metrics.as_deref(), format, plot.as_deref())
         }
         Command::Metrics { file, k, threshold, gain, val, json } => metrics_cmd(&file, k, threshold, &gain, val, json),
         Command::Bench(b) => bench::run(b).map_err(|e| Exit { code: 1, error: e }),
@@ -485,6 +488,7 @@ fn compare(
     sort: Option<&str>,
     metrics: Option<&[String]>,
     format: CompareFormat,
+    plot: Option<&std::path::Path>,
 ) -> Result<(), Exit> {
     use crate::engine::compare;
     let bad = |e: compare::CompareError| Exit { code: 2, error: e.into() };
@@ -497,6 +501,21 @@ fn compare(
         CompareFormat::Json => compare::Format::Json,
     };
     print!("{}", c.render(f));
+    if let Some(path) = plot {
+        let charts = crate::report::sweep::sweep_charts(&c);
+        if charts.is_empty() {
+            return Err(Exit {
+                code: 2,
+                error: anyhow::anyhow!(
+                    "--plot {}: nothing to draw: no numeric parameter varies between these runs, or they have no metrics",
+                    path.display()
+                ),
+            });
+        }
+        std::fs::write(path, crate::report::sweep::stacked_svg(&charts))
+            .map_err(|e| Exit { code: 1, error: anyhow::anyhow!("{}: {e}", path.display()) })?;
+        eprintln!("pipe: {} chart(s) written to {}", charts.len(), path.display());
+    }
     Ok(())
 }
 

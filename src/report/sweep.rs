@@ -50,7 +50,16 @@ pub fn sweep_section(runs: &[Run]) -> String {
         s.push_str("<p class=\"note\">★ best in column</p>\n");
     }
 
-    let mut drawn = 0;
+    for (i, svg) in sweep_charts(&cmp).iter().enumerate() {
+        s.push_str(&html::figure(&format!("sweep-{i}"), svg));
+    }
+    s
+}
+
+/// One chart per (swept numeric parameter, metric), at most [`MAX_PLOTS`]; learning-rate-like
+/// parameters that span decades go on a log axis. Shared by the sweep page and `pipe compare --plot`.
+pub fn sweep_charts(cmp: &compare::Comparison) -> Vec<plots::Svg> {
+    let mut out = Vec::new();
     'outer: for p in &cmp.varying {
         let xs: Vec<Option<f64>> = cmp.runs.iter().map(|r| r.params.get(p).and_then(|v| v.as_f64())).collect();
         if xs.iter().any(Option::is_none) {
@@ -58,10 +67,9 @@ pub fn sweep_section(runs: &[Run]) -> String {
         }
         let xs: Vec<f64> = xs.into_iter().flatten().collect();
         let (lo, hi) = xs.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
-        // Learning rates span decades: plot them on a log axis.
         let log = lo > 0.0 && hi / lo >= 20.0;
         for m in &cmp.metrics {
-            if drawn == MAX_PLOTS {
+            if out.len() == MAX_PLOTS {
                 break 'outer;
             }
             let points: Vec<(f64, f64)> = cmp
@@ -83,12 +91,28 @@ pub fn sweep_section(runs: &[Run]) -> String {
                 references: vec![],
             };
             if let Ok(svg) = plots::line_chart(&chart) {
-                s.push_str(&html::figure(&format!("sweep-{drawn}"), &svg));
-                drawn += 1;
+                out.push(svg);
             }
         }
     }
-    s
+    out
+}
+
+/// The charts of [`sweep_charts`] stacked into one standalone SVG document (`pipe compare --plot`).
+pub fn stacked_svg(charts: &[plots::Svg]) -> String {
+    const W: usize = 720;
+    const H: usize = 420;
+    let mut body = String::new();
+    for (i, c) in charts.iter().enumerate() {
+        // Each chart is a complete <svg> element; nest it at its own offset.
+        let inner = c.svg.replacen("<svg", &format!("<svg x=\"0\" y=\"{}\"", i * H), 1);
+        body.push_str(&format!("<g><title>{}</title>\n{inner}</g>\n", html::escape(&c.title)));
+    }
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{}\" viewBox=\"0 0 {W} {}\">\n{body}</svg>\n",
+        H * charts.len().max(1),
+        H * charts.len().max(1)
+    )
 }
 
 fn best_run<'a>(runs: &'a [Run], metric: &str) -> Option<&'a Run> {

@@ -141,6 +141,14 @@ fn compare_two_runs_shows_diff_and_best() {
         "compare_two_markdown_sorted",
         p.ok(&["compare", "a", "b", "--format", "markdown", "--sort", "val_loss"]).stdout
     );
+    p.ok(&["compare", "a", "b", "--plot", "sweep.svg"]);
+    let svg = std::fs::read_to_string(p.path("sweep.svg")).unwrap();
+    assert!(svg.starts_with("<svg xmlns"), "a standalone SVG document");
+    assert_eq!(svg.matches("<svg").count(), 1 + 4, "one chart per metric against the one varying parameter");
+    assert!(svg.contains("evaluate.test.ndcg@10 against train.learning_rate"));
+    let out = p.pipe(&["compare", "a", "--plot", "one.svg"]);
+    assert_eq!(out.code, 2, "a single run varies nothing: {out}");
+    assert!(out.stderr.contains("nothing to draw"), "{out}");
     let out = p.pipe(&["compare", "a", "b", "--metrics", "bogus"]);
     assert_eq!(out.code, 2);
     assert!(out.stderr.contains("unknown metric `bogus`"), "{out}");
