@@ -114,3 +114,27 @@ fn concurrent_runs_compute_each_stage_once() {
     }
     p.ok(&["verify", "--artifacts", "artifacts"]);
 }
+
+#[test]
+fn sigterm_removes_the_running_stage_temp_dir() {
+    let p = big_project(400_000);
+    let mut child = p
+        .command(&["run", "pipelines/p.toml", "--quiet"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while tmp_entries(&p).is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(60), "no stage started");
+        assert!(child.try_wait().unwrap().is_none(), "run finished before it could be interrupted");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let killed = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
+    assert!(tmp_entries(&p).is_empty(), "the handler removed the partial output: {:?}", tmp_entries(&p));
+    p.ok(&["run", "pipelines/p.toml", "--quiet"]);
+}
