@@ -64,6 +64,19 @@ impl DeviceSpec {
     }
 }
 
+/// What a `device` parameter computes on here — `cpu` or `cuda` — for cache keys: results differ in
+/// the last bits between the two, so `device = "auto"` must not let a CPU run reuse a GPU artifact.
+/// An unparsable spec yields the spec itself (config checks reject it before any key is made).
+pub fn compute_identity(spec: &str) -> String {
+    match spec.parse::<DeviceSpec>() {
+        Ok(DeviceSpec::Cpu) => "compute:cpu".into(),
+        Ok(DeviceSpec::Cuda(_)) => "compute:cuda".into(),
+        Ok(DeviceSpec::Auto) if candle_core::utils::cuda_is_available() => "compute:cuda".into(),
+        Ok(DeviceSpec::Auto) => "compute:cpu".into(),
+        Err(_) => format!("compute:{spec}"),
+    }
+}
+
 /// Parses and opens a `device` parameter in one step.
 pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
     spec.parse::<DeviceSpec>()?.open()
@@ -103,6 +116,14 @@ pub fn dtype_name(dtype: DType) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn compute_identity_resolves_auto() {
+        assert_eq!(super::compute_identity("cpu"), "compute:cpu");
+        assert_eq!(super::compute_identity("cuda:1"), "compute:cuda");
+        let auto = if candle_core::utils::cuda_is_available() { "compute:cuda" } else { "compute:cpu" };
+        assert_eq!(super::compute_identity("auto"), auto);
+    }
+
     use super::*;
 
     #[test]

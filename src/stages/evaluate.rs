@@ -82,13 +82,12 @@ impl Stage for Evaluate {
         Ok(())
     }
     fn inputs(&self, p: &Params) -> Vec<ExternalInput> {
-        let m = p.str("model").unwrap_or("trained");
-        if m.starts_with("hf:") {
-            return vec![ExternalInput::Remote(m.to_string())];
-        }
-        match m {
-            "trained" | "base" => Vec::new(),
-            dir => vec![ExternalInput::Dir(dir.to_string())],
+        // CPU and GPU scores differ in the last bits: where it computes is part of the key.
+        let device = ExternalInput::Remote(crate::model::device::compute_identity(p.str("device").unwrap_or("auto")));
+        match p.str("model").unwrap_or("trained") {
+            "trained" | "base" => vec![device],
+            hub if hub.starts_with("hf:") => vec![ExternalInput::Remote(hub.to_string()), device],
+            dir => vec![ExternalInput::Dir(dir.to_string()), device],
         }
     }
 

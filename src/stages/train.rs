@@ -253,15 +253,19 @@ impl Stage for Train {
     }
 
     fn inputs(&self, params: &Params) -> Vec<ExternalInput> {
-        let Some(spec) = params.str("model") else { return Vec::new() };
-        match spec.parse::<ModelSource>() {
+        let device =
+            ExternalInput::Remote(crate::model::device::compute_identity(params.str("device").unwrap_or("auto")));
+        let Some(spec) = params.str("model") else { return vec![device] };
+        let mut inputs = match spec.parse::<ModelSource>() {
             _ if spec == "random" => Vec::new(),
             Ok(ModelSource::Hub { repo, revision }) => vec![ExternalInput::Remote(format!("hf:{repo}@{revision}"))],
             // Relative paths resolve against the project root, which `inputs` does not see; the
             // directory listing only matters for sharded checkpoints, found when run from the root.
             Ok(ModelSource::Dir(d)) => model_dir_inputs(spec, &d),
             Err(_) => Vec::new(),
-        }
+        };
+        inputs.push(device);
+        inputs
     }
 
     fn run(&self, ctx: &StageContext) -> Result<StageOutput, StageError> {

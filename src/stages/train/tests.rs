@@ -64,18 +64,28 @@ fn bad_values_name_their_parameter() {
 }
 
 #[test]
-fn inputs_identify_the_starting_model() {
-    assert!(Train.inputs(&params("model = \"random\"")).is_empty());
+fn inputs_identify_the_starting_model_and_where_it_computes() {
+    // `device = "auto"` resolves to what this machine computes on; CPU and GPU runs get different keys.
+    let here = ExternalInput::Remote(crate::model::device::compute_identity("auto"));
+    assert_eq!(Train.inputs(&params("model = \"random\"")), [here.clone()]);
+    assert_eq!(
+        Train.inputs(&params("model = \"random\"\ndevice = \"cuda\"")),
+        [ExternalInput::Remote("compute:cuda".into())]
+    );
     assert_eq!(
         Train.inputs(&params("model = \"hf:Qwen/Qwen3-Reranker-0.6B@abc\"")),
-        [ExternalInput::Remote("hf:Qwen/Qwen3-Reranker-0.6B@abc".into())]
+        [ExternalInput::Remote("hf:Qwen/Qwen3-Reranker-0.6B@abc".into()), here.clone()]
     );
-    assert_eq!(Train.inputs(&params("")), [ExternalInput::Remote("hf:Qwen/Qwen3-Reranker-0.6B@main".into())]);
+    assert_eq!(
+        Train.inputs(&params("")),
+        [ExternalInput::Remote("hf:Qwen/Qwen3-Reranker-0.6B@main".into()), here.clone()]
+    );
     assert_eq!(
         Train.inputs(&params("model = \"models/tiny\"")),
         [
             ExternalInput::File("models/tiny/config.json".into()),
-            ExternalInput::File("models/tiny/model.safetensors".into())
+            ExternalInput::File("models/tiny/model.safetensors".into()),
+            here
         ]
     );
 }
