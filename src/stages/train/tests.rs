@@ -67,7 +67,7 @@ fn bad_values_name_their_parameter() {
 fn inputs_identify_the_starting_model_and_where_it_computes() {
     // `device = "auto"` resolves to what this machine computes on; CPU and GPU runs get different keys.
     let here = ExternalInput::Remote(crate::model::device::compute_identity("auto"));
-    assert_eq!(Train.inputs(&params("model = \"random\"")), [here.clone()]);
+    assert_eq!(Train.inputs(&params("model = \"random\"")), std::slice::from_ref(&here));
     assert_eq!(
         Train.inputs(&params("model = \"random\"\ndevice = \"cuda\"")),
         [ExternalInput::Remote("compute:cuda".into())]
