@@ -96,6 +96,12 @@ pub struct RunOptions {
     pub sweep: Option<serde_json::Value>,
 }
 
+impl StageState {
+    fn stale(s: &super::config::StageConfig, key: Option<String>, reasons: Vec<Reason>) -> Self {
+        StageState { id: s.id.clone(), kind: s.kind.clone(), state: "stale", key, reasons, dir: None }
+    }
+}
+
 /// Fresh or stale, with reasons: what `pipe status` and `pipe why` print.
 #[derive(Debug, Clone, Serialize)]
 pub struct StageState {
@@ -284,14 +290,7 @@ impl<'a> Engine<'a> {
                 Ok(k) => k,
                 Err(e) => {
                     stale[i] = true;
-                    states.push(StageState {
-                        id: s.id.clone(),
-                        kind: s.kind.clone(),
-                        state: "stale",
-                        key: None,
-                        reasons: vec![Reason::InputUnreadable { message: e }],
-                        dir: None,
-                    });
+                    states.push(StageState::stale(s, None, vec![Reason::InputUnreadable { message: e }]));
                     continue;
                 }
             };
@@ -308,14 +307,7 @@ impl<'a> Engine<'a> {
                     );
                 }
                 stale[i] = true;
-                states.push(StageState {
-                    id: s.id.clone(),
-                    kind: s.kind.clone(),
-                    state: "stale",
-                    key: None,
-                    reasons,
-                    dir: None,
-                });
+                states.push(StageState::stale(s, None, reasons));
                 continue;
             }
             let key = cur.hash();
@@ -336,14 +328,7 @@ impl<'a> Engine<'a> {
                 _ => {
                     stale[i] = true;
                     let reasons = if forced { vec![Reason::Forced] } else { self.reasons(i, &cur, &last, true) };
-                    states.push(StageState {
-                        id: s.id.clone(),
-                        kind: s.kind.clone(),
-                        state: "stale",
-                        key: Some(key),
-                        reasons,
-                        dir: None,
-                    });
+                    states.push(StageState::stale(s, Some(key), reasons));
                 }
             }
         }
@@ -498,7 +483,8 @@ impl<'a> Engine<'a> {
         if !forced {
             if let Ok(Some(m)) = self.store.manifest(&s.kind, &key) {
                 cached(rec, outputs, m);
-                if !opts.dry_run {
+                // A fully cached run should not rewrite the state file once per stage.
+                if !opts.dry_run && last.get(&s.id) != Some(&key) {
                     self.remember_key(&s.id, &key);
                 }
                 return;

@@ -111,8 +111,6 @@ impl Stage for Evaluate {
         };
         let opts = LoadOptions { dtype, device: device.clone(), trainable: false };
         let model = crate::model::load(&source, &HubOptions::from_env(), &opts).map_err(model_err)?;
-        let yes_no = read_yes_no(tok_dir)?;
-        let reranker = Reranker::new(model, yes_no.0, yes_no.1).map_err(model_err)?;
 
         // product ids and titles from the split stage, by row id, when it is upstream.
         let split_rows: HashMap<(String, String), (String, String)> = match ctx.upstream_of("split") {
@@ -132,6 +130,8 @@ impl Stage for Evaluate {
             .iter()
             .map(|s| TokenStore::read(tok_dir, s).map_err(|e| StageError::Upstream(e.to_string())))
             .collect::<Result<_, _>>()?;
+        let yes_no = yes_no_ids(&stores[0], tok_dir)?;
+        let reranker = Reranker::new(model, yes_no.0, yes_no.1).map_err(model_err)?;
         let total: usize = stores.iter().map(|s| s.len()).sum();
         let bar = ctx.bar(total as u64, "scoring");
         let mut preds: Vec<Vec<Prediction>> = Vec::new();
@@ -213,8 +213,13 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StageError> {
     f.write_all(bytes).map_err(|e| StageError::io(&path, e))
 }
 
-/// The yes/no ids the tokenize stage recorded, so scoring uses the very tokenizer that made the ids.
-fn read_yes_no(tok_dir: &Path) -> Result<(u32, u32), StageError> {
+/// The yes/no ids the tokenize stage recorded in its store, so scoring uses the very tokenizer that
+/// made the ids; only a store without them makes us parse the (11 MB) tokenizer.json again.
+fn yes_no_ids(store: &TokenStore, tok_dir: &Path) -> Result<(u32, u32), StageError> {
+    let id = |k: &str| store.metadata.get(k).and_then(|v| v.parse::<u32>().ok());
+    if let (Some(yes), Some(no)) = (id("yes_id"), id("no_id")) {
+        return Ok((yes, no));
+    }
     let tok = crate::text::load_tokenizer(&tok_dir.join("tokenizer.json").display().to_string(), tok_dir)
         .map_err(|e| StageError::Upstream(e.to_string()))?;
     let ids = crate::text::yes_no_ids(&tok).map_err(|e| StageError::Upstream(e.to_string()))?;
