@@ -160,6 +160,11 @@ pub trait Stage: Send + Sync {
     fn check(&self, _params: &Params) -> Result<(), (String, String)> {
         Ok(())
     }
+    /// Top-level parameters that change how the stage computes but never what it outputs (a
+    /// memory/speed trade-off): left out of the cache key, so switching one reuses the artifact.
+    fn unkeyed(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Files or remote ids outside the store that the output depends on.
     fn inputs(&self, _params: &Params) -> Vec<ExternalInput> {
         Vec::new()
