@@ -539,6 +539,31 @@ fn kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run() {
     assert_same_weights(&trained_model(&p), &reference, 1e-6);
 }
 
+/// `recompute` changes how gradients are computed, not what: a run that dies (as one that ran out
+/// of memory would) resumes from its checkpoint with recomputation switched on and ends with the
+/// weights of an uninterrupted run, and switching it back reuses the artifact instead of retraining.
+#[test]
+fn switching_recompute_on_resumes_the_same_run_and_keeps_the_cache() {
+    let whole = small_project();
+    whole.ok(&["run", "pipelines/p.toml", "--quiet"]);
+    let reference = trained_model(&whole);
+
+    let p = small_project();
+    let out = p.pipe_env(&["run", "pipelines/p.toml", "--quiet"], &[("PIPE_TRAIN_FAULT", "stop@4")]);
+    assert_eq!(out.code, 1, "{out}");
+    let out = p.ok(&["run", "pipelines/p.toml", "--set", "train.recompute=true"]);
+    assert!(out.stderr.contains("resuming training from step 4"), "{out}");
+    assert_same_weights(&trained_model(&p), &reference, 1e-6);
+    for value in ["false", "true"] {
+        let again = p.run_json(&["run", "pipelines/p.toml", "--json", "--set", &format!("train.recompute={value}")]);
+        assert!(again["stages"].as_array().unwrap().iter().all(|s| s["status"] == "cached"), "{value}: {again}");
+    }
+    // The artifact's key is the one the plain pipeline computes.
+    let dirs = artifact_dirs(&p, "train");
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    assert_eq!(dirs[0].file_name(), artifact_dirs(&whole, "train")[0].file_name());
+}
+
 /// The GPU's optimizer path (f32 tensors, tensor ops, scattered embedding rows) run on the CPU
 /// gives the weights of the host path: the two implementations check each other.
 #[test]
@@ -623,4 +648,51 @@ fn adamw_and_clipping_match_torch() {
         assert!(max_diff(&m[i], &vec(&fx["exp_avg"][i])) < 1e-7);
         assert!(max_diff(&v[i], &vec(&fx["exp_avg_sq"][i])) < 1e-7);
     }
+}
+
+/// Recomputing activations layer by layer changes how gradients are computed, not their values:
+/// for full fine-tuning (tied and untied heads, frozen embeddings) and LoRA with dropout (each
+/// layer replays the masks it drew), accumulated over two micro-batches, the gradients are the
+/// same bit for bit, every one of them non-zero (but LoRA's A, zero while B is); whole runs end
+/// with the same weights.
+#[test]
+fn recomputing_activations_gives_the_same_gradients_and_weights() {
+    let data = store(4, 4, 13);
+    let cases = [
+        (Mode::Full, true, false),
+        (Mode::Full, false, false),
+        (Mode::Full, true, true),
+        (lora(0.2), true, false),
+        (lora(0.2), false, false),
+    ];
+    for (mode, tied, freeze) in cases {
+        let mut grads = Vec::new();
+        for recompute in [false, true] {
+            let cfg = TrainConfig { mode: mode.clone(), freeze_embeddings: freeze, recompute, ..config() };
+            let mut l = Learner::new(tiny(tied, 21), YES, NO, &cfg, DType::F32).unwrap();
+            let mut loss = 0.0;
+            for (k, rows) in [vec![0, 3, 5, 6], vec![9, 10, 12, 15]].into_iter().enumerate() {
+                loss += l.accumulate(&data, &MicroBatch { rows, units: 4 }, 8, k as u64, false).unwrap().loss;
+            }
+            grads.push((loss, l.gradients().unwrap()));
+        }
+        let what = format!("{mode:?} tied={tied} freeze={freeze}");
+        assert_eq!(grads[0].0, grads[1].0, "{what}: loss");
+        assert_eq!(grads[0].1.keys().collect::<Vec<_>>(), grads[1].1.keys().collect::<Vec<_>>());
+        for (name, g) in &grads[0].1 {
+            // LoRA's B starts at zero, so A's first gradient is zero whatever the path.
+            if !name.contains("lora_A") {
+                assert!(g.iter().any(|&x| x != 0.0), "{what}: `{name}` has no gradient");
+            }
+            assert_eq!(max_diff(g, &grads[1].1[name]), 0.0, "{what}: `{name}` differs with recomputation");
+        }
+    }
+    let (train_data, val) = (store(6, 4, 43), store(2, 4, 44));
+    let mut out = Vec::new();
+    for recompute in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = TrainConfig { mode: lora(0.1), recompute, ..config() };
+        out.push(run(tiny(true, 9), &cfg, &train_data, &val, dir.path()).unwrap());
+    }
+    assert_same_weights(&out[0].model, &out[1].model, 0.0);
 }

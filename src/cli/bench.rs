@@ -23,58 +23,65 @@ pub enum BenchCommand {
     /// Time full fine-tuning steps (forward, backward, clipping, AdamW with f32 masters) of a Qwen3
     /// architecture with random weights on left-padded random batches; the PyTorch counterpart is
     /// benches/gpu/torch_step.py.
-    TrainStep {
-        /// qwen3-0.6b, qwen3-4b or tiny.
-        #[arg(long, default_value = "qwen3-0.6b")]
-        arch: String,
-        #[arg(long, default_value_t = 16)]
-        batch: usize,
-        #[arg(long, default_value_t = 512)]
-        seq: usize,
-        #[arg(long, default_value_t = 6)]
-        steps: usize,
-        #[arg(long, default_value_t = 2)]
-        warmup: usize,
-        #[arg(long, default_value = "bf16")]
-        dtype: String,
-        #[arg(long, default_value = "cuda")]
-        device: String,
-        /// Peak dense TFLOPS of the device for MFU (H100 SXM bf16: 989).
-        #[arg(long, default_value_t = 989.0)]
-        peak_tflops: f64,
-    },
+    TrainStep(TrainStepArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainStepArgs {
+    /// qwen3-0.6b, qwen3-4b, small (8 layers, hidden 256) or tiny (2 layers, hidden 64).
+    #[arg(long, default_value = "qwen3-0.6b")]
+    arch: String,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[arg(long, default_value_t = 512)]
+    seq: usize,
+    #[arg(long, default_value_t = 6)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Recompute each layer's activations in the backward pass (the train stage's `recompute`).
+    #[arg(long)]
+    recompute: bool,
+    /// Peak dense TFLOPS of the device for MFU (H100 SXM bf16: 989).
+    #[arg(long, default_value_t = 989.0)]
+    peak_tflops: f64,
+}
+
+/// The process's peak resident memory (Linux `VmHWM`), the CPU's counterpart of peak GPU memory.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn arch(name: &str) -> anyhow::Result<Qwen3Config> {
     let mut c = match name {
         "qwen3-0.6b" => Qwen3Config::tiny(151_669, 1024, 3072, 28, 16, 8, 128, true),
         "qwen3-4b" => Qwen3Config::tiny(151_669, 2560, 9728, 36, 32, 8, 128, true),
+        "small" => Qwen3Config::tiny(151_669, 256, 768, 8, 4, 2, 64, true),
         "tiny" => Qwen3Config::tiny(151_669, 64, 128, 2, 4, 2, 16, true),
-        other => anyhow::bail!("unknown arch `{other}`; expected qwen3-0.6b, qwen3-4b or tiny"),
+        other => anyhow::bail!("unknown arch `{other}`; expected qwen3-0.6b, qwen3-4b, small or tiny"),
     };
     c.rope_theta = 1_000_000.0;
     Ok(c)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn train_step(
-    arch_name: &str,
-    batch: usize,
-    seq: usize,
-    steps: usize,
-    warmup: usize,
-    dtype: &str,
-    device: &str,
-    peak_tflops: f64,
-) -> anyhow::Result<()> {
+fn train_step(args: &TrainStepArgs) -> anyhow::Result<()> {
+    let TrainStepArgs { ref arch, batch, seq, steps, warmup, ref dtype, ref device, recompute, peak_tflops } = *args;
+    let arch_name = arch.as_str();
     use crate::train::data::MicroBatch;
     use crate::train::{Learner, TrainConfig};
-    let cfg = arch(arch_name)?;
+    let cfg = self::arch(arch_name)?;
     let dev = parse_device(device)?;
     let dt = crate::model::device::parse_dtype(dtype)?;
     let model = crate::model::random(&cfg, 0, DType::F32, &dev, false)?;
     let params: usize = cfg.param_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum();
-    let tc = TrainConfig { batch_size: batch, grad_accum: 1, learning_rate: 5e-6, ..TrainConfig::default() };
+    let tc = TrainConfig { batch_size: batch, grad_accum: 1, learning_rate: 5e-6, recompute, ..TrainConfig::default() };
     let mut learner = Learner::new(model, 9693, 2152, &tc, dt)?;
     // Left padding of varying length, like real batches (the same pattern as torch_step.py).
     let mut store = crate::text::TokenStore::default();
@@ -118,8 +125,9 @@ fn train_step(
         serde_json::json!({
             "impl": "pipe", "arch": arch_name, "params": params, "batch": batch, "seq": seq, "dtype": dtype,
             "device": format!("{dev:?}"), "step_seconds": secs, "samples_per_sec": batch as f64 / secs,
-            "tokens_per_sec": tokens as f64 / secs, "loss": last_loss,
+            "tokens_per_sec": tokens as f64 / secs, "loss": last_loss, "recompute": recompute,
             "mfu": if gpu { Some(flops / secs / (peak_tflops * 1e12)) } else { None },
+            "peak_rss_bytes": if gpu { None } else { peak_rss_bytes() },
         })
     );
     Ok(())
@@ -167,9 +175,7 @@ fn max_rel(a: &[f32], b: &[f32]) -> f64 {
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
-        BenchCommand::TrainStep { arch, batch, seq, steps, warmup, dtype, device, peak_tflops } => {
-            train_step(&arch, batch, seq, steps, warmup, &dtype, &device, peak_tflops)
-        }
+        BenchCommand::TrainStep(args) => train_step(&args),
         BenchCommand::Parity { device, seed } => {
             let dev = parse_device(&device)?;
             // Small enough to run anywhere, large enough for GQA, several layers and the real vocabulary.

@@ -30,7 +30,7 @@ pub use checkpoint::{
 pub use config::Qwen3Config;
 pub use device::{device_name, dtype_name, parse_device, parse_dtype, DeviceSpec};
 pub use ops::{Linear, LoraAdapter, LoraDropout};
-pub use qwen3::{ParamMap, Qwen3};
+pub use qwen3::{LayerInputs, ParamMap, Qwen3};
 pub use reranker::{bce_with_logits, mse_on_probability, RerankOutput, RerankScore, Reranker};
 
 use std::path::PathBuf;

@@ -156,6 +156,13 @@ impl DecoderLayer {
     }
 }
 
+/// The rotary tables and attention bias of one forward pass: built once per batch, not per layer.
+#[derive(Debug, Clone)]
+pub struct LayerInputs {
+    rope: RopeTables,
+    bias: Tensor,
+}
+
 /// A Qwen3 decoder (`Qwen3ForCausalLM` without the full-vocabulary head).
 #[derive(Debug, Clone)]
 pub struct Qwen3 {
@@ -371,13 +378,33 @@ impl Qwen3 {
     }
 
     fn decode(&self, mut h: Tensor, attention_mask: &Tensor) -> Result<Tensor, ModelError> {
-        let t = h.dim(1)?;
-        let rope = RopeTables::new(t, self.cfg.head_dim, self.cfg.rope_theta, self.dtype(), self.device())?;
-        let bias = attention_bias(&attention_mask.to_device(self.device())?)?;
+        let shared = self.layer_inputs(h.dim(1)?, attention_mask)?;
         for layer in &self.layers {
-            h = layer.forward(&h, &rope, &bias)?;
+            h = layer.forward(&h, &shared.rope, &shared.bias)?;
         }
         Ok(h)
+    }
+
+    /// Decoder layers, for callers that run them one at a time ([`Self::layer`]).
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// What every layer of one forward pass over `seq_len` positions shares, for [`Self::layer`].
+    pub fn layer_inputs(&self, seq_len: usize, attention_mask: &Tensor) -> Result<LayerInputs, ModelError> {
+        let rope = RopeTables::new(seq_len, self.cfg.head_dim, self.cfg.rope_theta, self.dtype(), self.device())?;
+        let bias = attention_bias(&attention_mask.to_device(self.device())?)?;
+        Ok(LayerInputs { rope, bias })
+    }
+
+    /// Decoder layer `index` alone: `[B, T, hidden]` → `[B, T, hidden]`. Chaining every layer over
+    /// the embeddings is exactly [`Self::hidden_states_from_embeds`]; a trainer that recomputes
+    /// activations runs them one by one, keeping only each layer's input between passes.
+    pub fn layer(&self, index: usize, h: &Tensor, shared: &LayerInputs) -> Result<Tensor, ModelError> {
+        let layer = self.layers.get(index).ok_or_else(|| {
+            ModelError::Input(format!("layer {index} does not exist; the model has {}", self.layers.len()))
+        })?;
+        Ok(layer.forward(h, &shared.rope, &shared.bias)?)
     }
 
     /// The final RMSNorm, applied to any `[..., hidden]` slice of [`Self::hidden_states`] (the

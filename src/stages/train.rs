@@ -48,6 +48,7 @@ struct TrainParams {
     max_steps: i64,
     checkpoint_every: i64,
     bucket_batches: i64,
+    recompute: bool,
     lora: LoraParams,
     init: InitParams,
 }
@@ -119,6 +120,7 @@ impl TrainParams {
             max_steps: count("max_steps", self.max_steps, 0)? as u64,
             checkpoint_every: count("checkpoint_every", self.checkpoint_every, 1)? as u64,
             bucket_batches: count("bucket_batches", self.bucket_batches, 0)?,
+            recompute: self.recompute,
             adam: Default::default(),
             backend: Default::default(),
             fault: None,
@@ -234,6 +236,9 @@ impl Stage for Train {
     }
     fn defaults(&self) -> &'static str {
         include_str!("../../stages/train.toml")
+    }
+    fn unkeyed(&self) -> &'static [&'static str] {
+        &["recompute"]
     }
 
     fn check(&self, params: &Params) -> Result<(), (String, String)> {

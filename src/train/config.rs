@@ -181,6 +181,9 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Length bucketing window in batches (0: plain shuffled batches); see [`super::data`].
     pub bucket_batches: usize,
+    /// Recompute each decoder layer's activations in the backward pass instead of keeping them
+    /// (same gradients, about a third more compute, one layer's activations of memory).
+    pub recompute: bool,
     pub adam: AdamConfig,
     pub backend: OptimizerBackend,
     pub fault: Option<Fault>,
@@ -208,6 +211,7 @@ impl Default for TrainConfig {
             max_steps: 0,
             checkpoint_every: 50,
             bucket_batches: 64,
+            recompute: false,
             adam: AdamConfig::default(),
             backend: OptimizerBackend::Auto,
             fault: None,

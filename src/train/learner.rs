@@ -400,38 +400,109 @@ impl Learner {
             _ => self.model.lm_head_rows(&head_ids)?,
         };
 
-        let h = self.model.hidden_states_from_embeds(&embeds, &padded.mask)?;
-        let last = self.model.final_norm(&h.narrow(1, t - 1, 1)?.squeeze(1)?)?;
-        let logits = last.matmul(&head.t()?)?;
-        let logit = (logits.narrow(1, 0, 1)? - logits.narrow(1, 1, 1)?)?.squeeze(1)?;
-        let sum = super::loss::micro_loss(self.cfg.loss, &logit, store, &micro.rows)?;
+        // The loss of the group's mean, scaled for f16, from the last layer's hidden states.
         let scale = self.scaler.map_or(1.0, |s| s.scale);
-        let mut scaled = sum.affine(scale / denom.max(1) as f64, 0.0)?;
-        if inject_nan {
-            scaled = scaled.affine(f64::NAN, 0.0)?;
-        }
-        let value = scaled.to_scalar::<f32>()? as f64 / scale;
-        if !value.is_finite() {
-            return Err(TrainError::NonFinite { step: self.step + 1, what: "loss", value, last_checkpoint: None });
-        }
-        let grads = scaled.backward()?;
+        let step = self.step + 1;
+        let head_loss = |model: &Qwen3, h: &Tensor| -> Result<(Tensor, f64), TrainError> {
+            let last = model.final_norm(&h.narrow(1, t - 1, 1)?.squeeze(1)?)?;
+            let logits = last.matmul(&head.t()?)?;
+            let logit = (logits.narrow(1, 0, 1)? - logits.narrow(1, 1, 1)?)?.squeeze(1)?;
+            let sum = super::loss::micro_loss(self.cfg.loss, &logit, store, &micro.rows)?;
+            let mut scaled = sum.affine(scale / denom.max(1) as f64, 0.0)?;
+            if inject_nan {
+                scaled = scaled.affine(f64::NAN, 0.0)?;
+            }
+            let value = scaled.to_scalar::<f32>()? as f64 / scale;
+            if !value.is_finite() {
+                return Err(TrainError::NonFinite { step, what: "loss", value, last_checkpoint: None });
+            }
+            Ok((scaled, value))
+        };
 
+        // Gradients of the gathered rows, summed over the backward passes that reach them.
+        let (value, embed_grad, head_grad) = if !self.cfg.recompute {
+            let h = self.model.hidden_states_from_embeds(&embeds, &padded.mask)?;
+            let (scaled, value) = head_loss(&self.model, &h)?;
+            let grads = scaled.backward()?;
+            self.add_param_grads(&grads)?;
+            let embed_grad = embed_leaf.as_ref().and_then(|(leaf, _)| grads.get(leaf.as_tensor()).cloned());
+            let head_grad = head_leaf.as_ref().and_then(|leaf| grads.get(leaf.as_tensor()).cloned());
+            (value, embed_grad, head_grad)
+        } else {
+            // Activation recomputation: the forward pass keeps only each layer's input; the
+            // backward pass re-runs one layer at a time and back-propagates the gradient of its
+            // output through it (the gradient of Σ out ⊙ g with respect to anything upstream of
+            // `out` is exactly what the full graph would deliver). Same ops, same order: the
+            // same gradients as without recomputation, for one layer's activations of memory.
+            let shared = self.model.layer_inputs(t, &padded.mask)?;
+            let n = self.model.num_layers();
+            let mut inputs = Vec::with_capacity(n);
+            // LoRA dropout draws from a counter: replay each layer with the masks it drew.
+            let mut counters = Vec::with_capacity(n);
+            let mut h = embeds.detach();
+            for l in 0..n {
+                counters.push(self.dropout.as_ref().map(|s| s.load(Ordering::SeqCst)));
+                let out = self.model.layer(l, &h, &shared)?.detach();
+                inputs.push(h);
+                h = out;
+            }
+            let top = Var::from_tensor(&h)?;
+            drop(h);
+            let (scaled, value) = head_loss(&self.model, top.as_tensor())?;
+            let grads = scaled.backward()?;
+            self.add_param_grads(&grads)?;
+            let mut embed_grad = embed_leaf.as_ref().and_then(|(leaf, _)| grads.get(leaf.as_tensor()).cloned());
+            let head_grad = head_leaf.as_ref().and_then(|leaf| grads.get(leaf.as_tensor()).cloned());
+            let mut g = grads.get(top.as_tensor()).cloned();
+            drop(grads);
+            for l in (0..n).rev() {
+                let Some(grad_out) = g.take() else { break };
+                let input = inputs.pop().expect("one input per layer");
+                let leaf = if l > 0 { Some(Var::from_tensor(&input)?) } else { None };
+                let x = match &leaf {
+                    Some(v) => v.as_tensor().clone(),
+                    None => embeds.clone(),
+                };
+                if let (Some(s), Some(c)) = (&self.dropout, counters[l]) {
+                    s.store(c, Ordering::SeqCst);
+                }
+                let out = self.model.layer(l, &x, &shared)?;
+                let grads = out.mul(&grad_out)?.sum_all()?.backward()?;
+                self.add_param_grads(&grads)?;
+                match &leaf {
+                    Some(v) => g = grads.get(v.as_tensor()).cloned(),
+                    None => {
+                        if let Some((e, _)) = &embed_leaf {
+                            if let Some(ge) = grads.get(e.as_tensor()) {
+                                // Addition commutes exactly: the same sum autograd forms.
+                                embed_grad = Some(match embed_grad.take() {
+                                    Some(acc) => (acc + ge)?,
+                                    None => ge.clone(),
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+            (value, embed_grad, head_grad)
+        };
+        if let (Some(e), Some((_, uniq)), Some(g)) = (self.embed, &embed_leaf, &embed_grad) {
+            add_rows(&mut self.params[e].state, uniq, g, hidden, &self.device)?;
+        }
+        if let (Some(h), Some(g)) = (self.head, &head_grad) {
+            add_rows(&mut self.params[h].state, &head_ids, g, hidden, &self.device)?;
+        }
+        Ok(MicroReport { loss: value, tokens: padded.tokens, padded_tokens: b * t })
+    }
+
+    /// Adds the gradient of every dense trainable parameter that `grads` holds.
+    fn add_param_grads(&mut self, grads: &candle_core::backprop::GradStore) -> Result<(), TrainError> {
         for p in self.params.iter_mut().filter(|p| !p.rows) {
             if let Some(g) = grads.get(p.var.as_tensor()) {
                 add_dense(&mut p.state, g)?;
             }
         }
-        if let (Some(e), Some((leaf, uniq))) = (self.embed, &embed_leaf) {
-            if let Some(g) = grads.get(leaf.as_tensor()) {
-                add_rows(&mut self.params[e].state, uniq, g, hidden, &self.device)?;
-            }
-        }
-        if let (Some(h), Some(leaf)) = (self.head, &head_leaf) {
-            if let Some(g) = grads.get(leaf.as_tensor()) {
-                add_rows(&mut self.params[h].state, &head_ids, g, hidden, &self.device)?;
-            }
-        }
-        Ok(MicroReport { loss: value, tokens: padded.tokens, padded_tokens: b * t })
+        Ok(())
     }
 
     /// The accumulated gradients in f32 (after removing the loss scale), by parameter name.

@@ -70,8 +70,9 @@ pub enum TrainError {
     )]
     NonFinite { step: u64, what: &'static str, value: f64, last_checkpoint: Option<u64> },
     #[error(
-        "out of GPU memory{}: {message}. Lower batch_size (and raise grad_accum to keep the effective batch \
-         batch_size × grad_accum), or shorten prompts with the tokenize stage's max_length",
+        "out of GPU memory{}: {message}. Set recompute = true (resumes from the last checkpoint, same \
+         result), lower batch_size (and raise grad_accum to keep the effective batch batch_size × \
+         grad_accum), or shorten prompts with the tokenize stage's max_length",
         step.map(|s| format!(" at step {s}")).unwrap_or_default()
     )]
     OutOfMemory { step: Option<u64>, message: String },
@@ -125,7 +126,9 @@ mod tests {
         .at_step(12);
         let text = e.to_string();
         assert!(matches!(e, TrainError::OutOfMemory { step: Some(12), .. }), "{text}");
-        assert!(text.contains("batch_size") && text.contains("grad_accum") && text.contains("max_length"), "{text}");
+        for hint in ["recompute", "batch_size", "grad_accum", "max_length"] {
+            assert!(text.contains(hint), "{hint}: {text}");
+        }
         let other = TrainError::Candle(candle_core::Error::Msg("shape mismatch".into())).at_step(3);
         assert!(matches!(other, TrainError::Candle(_)));
     }

@@ -136,6 +136,9 @@ struct LoopState {
 fn fingerprint(cfg: &TrainConfig, learner: &Learner, data: &TrainData) -> String {
     let mut c = cfg.clone();
     c.fault = None;
+    // Changes how gradients are computed, not their values: a run that ran out of memory
+    // resumes from its checkpoint with recomputation switched on.
+    c.recompute = false;
     let text = format!(
         "{c:?}|{:?}|{:?}|{:?}|{}|{}",
         learner.model().config(),
