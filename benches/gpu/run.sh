@@ -10,6 +10,8 @@
 #       (random weights) on 16 sequences of 512 tokens in bf16: samples/s, tokens/s, peak memory, MFU;
 #   (c) the same step with PyTorch + transformers (SDPA, bf16 autocast, fused AdamW): torch_step.py;
 #   (d) a short end-to-end `pipe run` of pipelines/gpu_smoke.toml.
+#   Also: (b) again with activation recomputation (`--recompute`), and with GPU_CHECK_4B=1 a step of the
+#   Qwen3-4B architecture (batch 1 × 512, recomputation) to see whether it fits.
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -42,6 +44,14 @@ peak_of pipe_step timeout 240 ./pipe-gpu bench train-step --arch qwen3-0.6b --ba
   --steps 6 --device cuda > "$out/pipe_step.json" 2> "$out/pipe_step.err"
 peak_of torch_step timeout 240 python3 benches/gpu/torch_step.py --arch qwen3-0.6b --batch 16 --seq 512 \
   --dtype bf16 --steps 6 --device cuda > "$out/torch_step.json" 2> "$out/torch_step.err"
+# (b') the same step with activation recomputation: its peak memory and its cost in speed.
+peak_of pipe_step_recompute timeout 240 ./pipe-gpu bench train-step --arch qwen3-0.6b --batch 16 --seq 512 \
+  --dtype bf16 --steps 6 --device cuda --recompute > "$out/pipe_step_recompute.json" 2> "$out/pipe_step_recompute.err"
+# Optional (GPU_CHECK_4B=1, a few more minutes): does a 4B training step fit, with recomputation?
+if [ "${GPU_CHECK_4B:-0}" = 1 ]; then
+  peak_of pipe_step_4b timeout 420 ./pipe-gpu bench train-step --arch qwen3-4b --batch 1 --seq 512 --dtype bf16 \
+    --steps 2 --warmup 1 --device cuda --recompute > "$out/pipe_step_4b.json" 2> "$out/pipe_step_4b.err"
+fi
 start=$(date +%s.%N)
 timeout 240 ./pipe-gpu run pipelines/gpu_smoke.toml --json > "$out/e2e.json" 2> "$out/e2e.err"
 e2e_rc=$?
@@ -62,9 +72,13 @@ def peak(name):
         return max(int(x) for x in open(os.path.join(out, name + ".mem")).read().split()) * 2**20
     except Exception:
         return None
-res = {"gpu": gpu, "parity": load("parity.json"), "pipe_step": load("pipe_step.json"), "torch_step": load("torch_step.json")}
-for k in ("pipe_step", "torch_step"):
-    res[k]["nvidia_smi_peak_bytes"] = peak(k)
+res = {"gpu": gpu, "parity": load("parity.json"), "pipe_step": load("pipe_step.json"), "torch_step": load("torch_step.json"),
+       "pipe_step_recompute": load("pipe_step_recompute.json")}
+if os.path.exists(os.path.join(out, "pipe_step_4b.json")):
+    res["pipe_step_4b"] = load("pipe_step_4b.json")
+for k in ("pipe_step", "torch_step", "pipe_step_recompute", "pipe_step_4b"):
+    if k in res:
+        res[k]["nvidia_smi_peak_bytes"] = peak(k)
 p, t = res["pipe_step"], res["torch_step"]
 if "samples_per_sec" in p and "samples_per_sec" in t:
     res["ratio"] = {

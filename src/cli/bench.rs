@@ -2,7 +2,7 @@
 //!
 //! `parity` runs the Qwen3 reranker forward and backward on the CPU and on the chosen device with the
 //! same random weights and batch, and reports the largest differences (f32 must agree within 1e-4;
-//! bf16 within bf16 rounding). It is what `benches/gpu/run.sh` calls on the GPU machine; on a CPU-only
+//! bf16 within bf16 rounding), and the fused AdamW kernel against the CPU loop (within 1e-6). It is what `benches/gpu/run.sh` calls on the GPU machine; on a CPU-only
 //! build `--device cpu` exercises the same code path.
 
 use candle_core::{DType, Device, Tensor};
@@ -133,6 +133,27 @@ fn train_step(args: &TrainStepArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Five fused AdamW steps on DEVICE against the CPU's flat-buffer loop, same state and gradients:
+/// the largest difference of master, m or v (the kernel rounds like the loop, so about 0).
+fn fused_adamw_diff(dev: &Device) -> anyhow::Result<f64> {
+    use crate::train::config::AdamConfig;
+    use crate::train::fused::FusedAdamW;
+    use crate::train::optim::{adamw_dense, StepScalars};
+    let n = 100_003; // not a multiple of the block size
+    let mut p: Vec<f32> = (0..n).map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 700.0).collect();
+    let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+    let state = Tensor::from_vec([p.clone(), m.clone(), v.clone()].concat(), 3 * n, dev)?;
+    for step in 1..=5u64 {
+        let g: Vec<f32> = (0..n).map(|i| (((i as u64 * 104_729 + step * 31) % 4001) as f32 - 2000.0) / 900.0).collect();
+        let s = StepScalars::new(&AdamConfig::default(), 3e-3, 0.01, step, 0.8);
+        adamw_dense(&mut p, &mut m, &mut v, &g, &s);
+        state.inplace_op2(&Tensor::from_vec(g, n, dev)?, &FusedAdamW(s))?;
+    }
+    let got: Vec<f32> = state.to_device(&Device::Cpu)?.to_vec1()?;
+    let want = [p, m, v].concat();
+    Ok(got.iter().zip(&want).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max))
+}
+
 fn batch(device: &Device) -> anyhow::Result<(Tensor, Tensor, Tensor)> {
     // Six left-padded rows of different lengths with ids spread over the whole vocabulary.
     let lens = [37usize, 64, 12, 50, 64, 5];
@@ -194,7 +215,13 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                     "pass": logit_err <= tol_logit && grad_err <= tol_grad,
                 });
             }
-            let pass = report["f32"]["pass"] == true && report["bf16"]["pass"] == true;
+            let adamw_err = fused_adamw_diff(&dev)?;
+            report["fused_adamw"] = serde_json::json!({
+                "max_abs_diff": adamw_err, "tolerance": 1e-6, "pass": adamw_err <= 1e-6,
+            });
+            let pass = report["f32"]["pass"] == true
+                && report["bf16"]["pass"] == true
+                && report["fused_adamw"]["pass"] == true;
             report["pass"] = pass.into();
             println!("{report}");
             if !pass {

@@ -11,7 +11,8 @@
 //! - on the CPU, as flat `Vec<f32>` buffers updated by the loops of [`super::optim`] (for f32
 //!   compute the `Var`'s own storage is the master, updated in place through a candle in-place
 //!   op, so nothing is copied);
-//! - on a GPU, as f32 tensors updated with a handful of tensor ops per parameter.
+//! - on a GPU, as one f32 tensor per parameter (master | m | v) updated in place by one fused
+//!   kernel ([`super::fused`]).
 //!
 //! After each update the master is written back into the `Var` in the compute dtype.
 //!
@@ -46,10 +47,9 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::HostTensor;
 use super::config::{Mode, OptimizerBackend, TrainConfig};
 use super::data::{pad_left, stream, MicroBatch};
+use super::fused::FusedAdamW;
 use super::lora::{adapter_specs, check_modules, init_a, merge, AdapterSpec};
-use super::optim::{
-    adamw_dense, adamw_rows, adamw_tensors, apply_pending_decay, clip_factor, sum_squares, RowState, StepScalars,
-};
+use super::optim::{adamw_dense, adamw_rows, apply_pending_decay, clip_factor, sum_squares, RowState, StepScalars};
 use super::TrainError;
 use crate::model::{LoraAdapter, LoraDropout, ParamMap, Qwen3, Reranker};
 use crate::text::TokenStore;
@@ -83,11 +83,26 @@ struct LazyDecay {
     applied: Vec<u32>,
 }
 
+/// Optimizer state on the compute device: master weights and both moments in one f32 buffer
+/// `[3 × n]` (master | m | v), so that [`FusedAdamW`] updates all three in one in-place pass.
 struct DeviceState {
-    master: Tensor,
-    m: Tensor,
-    v: Tensor,
+    packed: Tensor,
+    shape: Vec<usize>,
     grad: Option<Tensor>,
+}
+
+impl DeviceState {
+    fn new(master: &Tensor) -> candle_core::Result<Self> {
+        let flat = master.to_dtype(DType::F32)?.flatten_all()?;
+        let zeros = flat.zeros_like()?;
+        Ok(Self { packed: Tensor::cat(&[&flat, &zeros, &zeros], 0)?, shape: master.dims().to_vec(), grad: None })
+    }
+
+    /// Part `k` (0 master, 1 m, 2 v) as a flat view.
+    fn part(&self, k: usize) -> candle_core::Result<Tensor> {
+        let n = self.packed.dim(0)? / 3;
+        self.packed.narrow(0, k * n, n)
+    }
 }
 
 enum State {
@@ -592,9 +607,8 @@ impl Learner {
                 }
                 State::Device(d) => {
                     let Some(g) = d.grad.take() else { continue };
-                    let (p, m, v) = adamw_tensors(&d.master, &d.m, &d.v, &g, &s)?;
-                    var.set(&p.to_dtype(dtype)?)?;
-                    (d.master, d.m, d.v) = (p, m, v);
+                    d.packed.inplace_op2(&g.flatten_all()?.contiguous()?, &FusedAdamW(s))?;
+                    var.set(&d.part(0)?.reshape(d.shape.as_slice())?.to_dtype(dtype)?)?;
                 }
             }
         }
@@ -705,7 +719,7 @@ impl Learner {
             let data = match &p.state {
                 State::Host(HostState { master: Some(w), .. }) => w.clone(),
                 State::Host(_) => p.var.as_tensor().flatten_all()?.to_vec1()?,
-                State::Device(d) => d.master.flatten_all()?.to_vec1()?,
+                State::Device(d) => d.part(0)?.to_vec1()?,
             };
             out.insert(p.name.clone(), HostTensor { shape: p.shape.clone(), data });
         }
@@ -721,7 +735,7 @@ impl Learner {
         for p in &self.params {
             let (m, v) = match &p.state {
                 State::Host(h) => (h.m.clone(), h.v.clone()),
-                State::Device(d) => (d.m.flatten_all()?.to_vec1()?, d.v.flatten_all()?.to_vec1()?),
+                State::Device(d) => (d.part(1)?.to_vec1()?, d.part(2)?.to_vec1()?),
             };
             out.insert(format!("m/{}", p.name), HostTensor { shape: p.shape.clone(), data: m });
             out.insert(format!("v/{}", p.name), HostTensor { shape: p.shape.clone(), data: v });
@@ -776,11 +790,9 @@ impl Learner {
                     h.v = v;
                 }
                 State::Device(d) => {
-                    let t = |x: Vec<f32>| Tensor::from_vec(x, p.shape.as_slice(), &device);
-                    d.master = t(w)?;
-                    d.m = t(m)?;
-                    d.v = t(v)?;
-                    p.var.set(&d.master.to_dtype(dtype)?)?;
+                    let n = w.len();
+                    d.packed = Tensor::from_vec([w, m, v].concat(), 3 * n, &device)?;
+                    p.var.set(&d.part(0)?.reshape(p.shape.as_slice())?.to_dtype(dtype)?)?;
                 }
             }
         }
@@ -852,8 +864,7 @@ fn new_state(t: &Tensor, rows: bool, host: bool, dtype: DType) -> Result<State, 
             lazy: (rows && dtype == DType::F32).then(|| LazyDecay { factors: Vec::new(), applied: vec![0; nrows] }),
         }))
     } else {
-        let master = t.to_dtype(DType::F32)?.copy()?;
-        Ok(State::Device(DeviceState { m: master.zeros_like()?, v: master.zeros_like()?, master, grad: None }))
+        Ok(State::Device(DeviceState::new(t)?))
     }
 }
 
@@ -900,7 +911,7 @@ fn add_rows(state: &mut State, ids: &[u32], g: &Tensor, cols: usize, device: &De
             let idx = Tensor::from_slice(ids, ids.len(), device)?;
             let acc = match d.grad.take() {
                 Some(acc) => acc,
-                None => d.master.zeros_like()?,
+                None => Tensor::zeros(d.shape.as_slice(), DType::F32, device)?,
             };
             d.grad = Some(acc.index_add(&idx, &g, 0)?);
         }

@@ -4,8 +4,9 @@
 //! - [`config`]: the hyperparameters as typed values ([`TrainConfig`]).
 //! - [`data`]: deterministic, length-bucketed batches and accumulation groups per epoch.
 //! - [`loss`]: BCE, MSE on P(yes), and RankNet pairwise, as differentiable sums and as f64 means.
-//! - [`optim`]: AdamW with torch's arithmetic over flat f32 buffers (CPU) or tensors (GPU),
-//!   global-norm clipping.
+//! - [`optim`]: AdamW with torch's arithmetic over flat f32 buffers, global-norm clipping.
+//! - [`fused`]: the same AdamW as one in-place op over a parameter's packed state on its device
+//!   (a CUDA kernel on the GPU).
 //! - [`schedule`]: linear warmup then linear decay, as transformers.
 //! - [`lora`]: adapters (PEFT's initialisation) and merging them for export.
 //! - [`learner`]: trainable parameters, f32 masters and moments, accumulation and the update.
@@ -18,6 +19,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod fused;
 pub mod learner;
 pub mod lora;
 pub mod loss;

@@ -167,8 +167,9 @@ pub fn clip_factor(norm: f64, max_norm: f64) -> f32 {
     coef.min(1.0)
 }
 
-/// The dense update with candle ops on f32 tensors (GPU path; also the CPU cross-check in the
-/// tests). Returns the new (p, m, v).
+/// The dense update written as candle tensor ops: the formulas once more, as an independent
+/// cross-check of the loops in the tests (the device path is fused: [`super::fused`]).
+/// Returns the new (p, m, v).
 pub fn adamw_tensors(
     p: &candle_core::Tensor,
     m: &candle_core::Tensor,

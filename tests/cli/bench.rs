@@ -9,6 +9,8 @@ fn bench_parity_runs_and_reports_json() {
     let v = p.run_json(&["bench", "parity", "--device", "cpu"]);
     assert_eq!(v["pass"], true, "{v}");
     assert_eq!(v["f32"]["max_abs_logit_diff"], 0.0);
+    // The fused AdamW op on the CPU runs the same loop as the reference: no difference at all.
+    assert_eq!(v["fused_adamw"]["max_abs_diff"], 0.0, "{v}");
     let bf16 = v["bf16"]["max_abs_logit_diff"].as_f64().unwrap();
     assert!(bf16 > 0.0 && bf16 < 0.05, "bf16 differs from f32, within bf16 rounding: {bf16}");
     if !cfg!(feature = "cuda") {
@@ -21,7 +23,7 @@ fn bench_parity_runs_and_reports_json() {
 #[test]
 fn bench_train_step_times_real_steps() {
     let p = Project::new();
-    let v = p.run_json(&[
+    let args = [
         "bench",
         "train-step",
         "--arch",
@@ -38,8 +40,14 @@ fn bench_train_step_times_real_steps() {
         "f32",
         "--device",
         "cpu",
-    ]);
+    ];
+    let v = p.run_json(&args);
     assert_eq!(v["impl"], "pipe");
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0, "{v}");
+    // Recomputing activations trains to the same loss.
+    let r = p.run_json(&[&args[..], &["--recompute"]].concat());
+    assert_eq!((v["recompute"].clone(), r["recompute"].clone()), (false.into(), true.into()));
+    assert_eq!(r["loss"], v["loss"], "{v}\n{r}");
     assert!(v["samples_per_sec"].as_f64().unwrap() > 0.0, "{v}");
     assert!(v["loss"].as_f64().unwrap().is_finite());
     assert_eq!(
