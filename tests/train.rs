@@ -393,22 +393,10 @@ fn small_project() -> Project {
     p.write("data/product_descriptions.csv", &desc);
     p.write(
         "pipelines/p.toml",
-        r#"[pipeline]
-name = "p"
-
-[stages.load]
-kind = "load"
-path = "data/train.csv"
-descriptions = "data/product_descriptions.csv"
-
-[stages.normalize]
-kind = "normalize"
-needs = ["load"]
-
-[stages.split]
-kind = "split"
-needs = ["normalize"]
-
+        &format!(
+            "{}{}",
+            util::SAMPLE_PIPELINE,
+            r#"
 [stages.tokenize]
 kind = "tokenize"
 needs = ["split"]
@@ -432,7 +420,8 @@ intermediate_size = 32
 num_attention_heads = 2
 num_key_value_heads = 1
 head_dim = 8
-"#,
+"#
+        ),
     );
     p
 }

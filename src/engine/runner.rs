@@ -174,11 +174,13 @@ impl<'a> Engine<'a> {
     fn key_inputs(&self, i: usize, upstream: &HashMap<usize, Done>) -> Result<KeyInputs, String> {
         let s = &self.pipeline.stages[i];
         let imp = self.stage_impl(&s.kind);
-        let mut params = s.params.0.clone();
-        for name in imp.unkeyed() {
-            params.remove(*name);
-        }
-        let mut k = KeyInputs::new(&s.kind, imp.version(), &params);
+        let mut k = if imp.unkeyed().is_empty() {
+            KeyInputs::new(&s.kind, imp.version(), &s.params.0)
+        } else {
+            let mut params = s.params.0.clone();
+            params.retain(|name, _| !imp.unkeyed().contains(&name));
+            KeyInputs::new(&s.kind, imp.version(), &params)
+        };
         for n in &s.needs {
             let j = self.index(n);
             if let Some(d) = upstream.get(&j) {

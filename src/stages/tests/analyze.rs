@@ -426,18 +426,8 @@ fn full_data_baselines() {
     use crate::stages::analyze::{AnalyzeParams, Part, ScoredPair};
     use crate::stages::{load::Load, normalize::Normalize, split::Split};
 
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/home_depot");
-    let train = dir.join("train.csv.gz");
-    let descriptions = dir.join("product_descriptions_prefix_100001-101387.csv.gz");
-    if !train.is_file() || !descriptions.is_file() {
-        eprintln!("skipped: the full data is not at {} (see data/README.md)", dir.display());
-        return;
-    }
+    let Some(p) = super::full_data_load_params() else { return };
     let h = Harness::new();
-    let p = params(
-        &Load,
-        &[("path", super::s(train.to_str().unwrap())), ("descriptions", super::s(descriptions.to_str().unwrap()))],
-    );
     let (res, load_out) = h.run(&Load, "load", &p, &[]);
     res.unwrap();
     let (res, norm_out) = h.run(&Normalize, "normalize", &params(&Normalize, &[]), &[upstream("load", &load_out)]);

@@ -1,9 +1,8 @@
 //! The whole Kaggle `train.csv` (74,067 rows) through load → normalize → split, when ../shared has it.
 
 use std::collections::HashMap;
-use std::path::Path;
 
-use super::{params, s, upstream, Harness};
+use super::{params, upstream, Harness};
 use crate::stages::load::Load;
 use crate::stages::normalize::Normalize;
 use crate::stages::split::{self, Split};
@@ -11,15 +10,8 @@ use crate::stages::table;
 
 #[test]
 fn full_kaggle_data_loads_and_splits_without_query_leakage() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/home_depot");
-    let train = dir.join("train.csv.gz");
-    let descriptions = dir.join("product_descriptions_prefix_100001-101387.csv.gz");
-    if !train.is_file() || !descriptions.is_file() {
-        eprintln!("skipped: the full data is not at {} (see data/README.md)", dir.display());
-        return;
-    }
+    let Some(p) = super::full_data_load_params() else { return };
     let h = Harness::new();
-    let p = params(&Load, &[("path", s(train.to_str().unwrap())), ("descriptions", s(descriptions.to_str().unwrap()))]);
     let (res, load_out) = h.run(&Load, "load", &p, &[]);
     let stats = res.unwrap().stats;
     // Figures from ../shared/data/home_depot/SOURCES.md.

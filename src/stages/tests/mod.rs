@@ -72,6 +72,20 @@ pub fn params(stage: &dyn Stage, overrides: &[(&str, toml::Value)]) -> Params {
     p
 }
 
+/// The full Home Depot data in ../shared as `load` parameters (path, descriptions), or `None` with a
+/// printed note when it is absent (CI clones without it; these tests are `#[ignore]`d anyway).
+pub fn full_data_load_params() -> Option<Params> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/home_depot");
+    let train = dir.join("train.csv.gz");
+    let descriptions = dir.join("product_descriptions_prefix_100001-101387.csv.gz");
+    if !train.is_file() || !descriptions.is_file() {
+        eprintln!("skipped: the full data is not at {} (see data/README.md)", dir.display());
+        return None;
+    }
+    let load = crate::stages::load::Load;
+    Some(params(&load, &[("path", s(train.to_str().unwrap())), ("descriptions", s(descriptions.to_str().unwrap()))]))
+}
+
 pub fn s(v: &str) -> toml::Value {
     toml::Value::String(v.to_string())
 }
