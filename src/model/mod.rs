@@ -4,6 +4,9 @@
 //! - [`device`]: the `device` / `dtype` parameters every computing stage shares.
 //! - [`ops`]: RMSNorm, RoPE, softmax, the attention mask and `Linear` (with a LoRA hook), built only
 //!   from candle ops that have a backward pass.
+//! - [`fused`]: the same RMSNorm, RoPE and attention through candle's fused kernels, with
+//!   hand-written backward passes that recompute rather than keep `seq × seq` tensors; their
+//!   row-wise kernels (CPU loops and CUDA) are in [`softmax`] and [`norm`].
 //! - [`qwen3`]: the decoder. Parameters live in a [`ParamMap`] keyed by their Hugging Face names, as
 //!   `candle_core::Var`s when trainable, so a trainer can run `loss.backward()` and read each
 //!   gradient from the `GradStore` by name.
@@ -19,10 +22,13 @@
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod fused;
+pub mod norm;
 pub mod ops;
 pub mod qwen3;
 pub mod reranker;
 pub mod score;
+pub mod softmax;
 
 pub use checkpoint::{
     load, load_files, random, resolve, save, HubOptions, LoadOptions, ModelFiles, ModelSource, SaveOptions,

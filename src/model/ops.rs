@@ -28,6 +28,21 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&sum)?.to_dtype(dtype)
 }
 
+/// `softmax(q kᵀ · scale + bias) v` from primitive ops, keeping every intermediate for the
+/// backward pass: the reference [`super::fused::attention`] is tested against. `q: [B, nh, T, d]`,
+/// `k, v: [B, nkv, T, d]` contiguous. GQA without materialising repeated keys: query heads are
+/// grouped by the key/value head they share, `[B, nkv, group·T, d]`, so one batched matmul per kv
+/// head serves its group (transformers' head order: query head `h` uses kv head `h / group`).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, nh, t, d) = q.dims4()?;
+    let nkv = k.dim(1)?;
+    let q = q.reshape((b, nkv, nh / nkv * t, d))?;
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = scores.reshape((b, nh, t, t))?.to_dtype(DType::F32)?.broadcast_add(bias)?;
+    let probs = softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
+    probs.reshape((b, nkv, nh / nkv * t, t))?.matmul(v)?.reshape((b, nh, t, d))
+}
+
 /// SiLU via candle's unary `silu`, which has a backward pass (checked in the tests).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
@@ -39,6 +54,11 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 pub struct RopeTables {
     cos: Tensor,
     sin: Tensor,
+    /// `[seq_len, head_dim / 2]`: the layout candle's fused RoPE kernel takes; `−sin` is its
+    /// backward.
+    cos_half: Tensor,
+    sin_half: Tensor,
+    neg_sin_half: Tensor,
 }
 
 impl RopeTables {
@@ -65,7 +85,17 @@ impl RopeTables {
         }
         let cos = Tensor::from_vec(cos, (seq_len, head_dim), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (seq_len, head_dim), device)?.to_dtype(dtype)?;
-        Ok(Self { cos, sin })
+        let cos_half = cos.narrow(1, 0, half)?.contiguous()?;
+        let sin_half = sin.narrow(1, 0, half)?.contiguous()?;
+        let neg_sin_half = sin_half.neg()?;
+        Ok(Self { cos, sin, cos_half, sin_half, neg_sin_half })
+    }
+
+    /// The same rotation through candle's fused kernel, with a backward pass
+    /// ([`super::fused::rope_thd`]), on `x: [batch, seq, heads, head_dim]` as a projection's
+    /// reshape leaves it.
+    pub fn apply_thd(&self, x: &Tensor) -> Result<Tensor> {
+        super::fused::rope_thd(x, &self.cos_half, &self.sin_half, &self.neg_sin_half)
     }
 
     /// Applies the rotation to `x: [batch, heads, seq, head_dim]` (any strides); the result is

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Module, Tensor, Var};
 
 use super::config::Qwen3Config;
-use super::ops::{attention_bias, rms_norm, silu, Linear, RopeTables};
+use super::fused::{attention, rms_norm};
+use super::ops::{attention_bias, silu, Linear, RopeTables};
 use super::ModelError;
 
 /// The model's parameters by Hugging Face tensor name (`model.layers.0.self_attn.q_proj.weight`…).
@@ -100,27 +101,18 @@ struct Attention {
 }
 
 impl Attention {
-    /// `x: [B, T, H]` → `[B, T, H]`.
-    ///
-    /// GQA without materialising repeated keys: query heads are grouped by the key/value head
-    /// they share, `[B, n_kv, group·T, d]`, so one batched matmul per kv head serves its group.
-    /// This relies on transformers' head order (query head `h` uses kv head `h / group`).
+    /// `x: [B, T, H]` → `[B, T, H]`. RMSNorm, RoPE and the attention core are the fused ops of
+    /// [`super::fused`], whose backward passes recompute instead of keeping `T × T` tensors.
     fn forward(&self, x: &Tensor, rope: &RopeTables, bias: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let group = nh / nkv;
         let q = self.q_proj.forward(x)?.reshape((b, t, nh, d))?;
-        let q = rope.apply(&rms_norm(&q, &self.q_norm, self.eps)?.transpose(1, 2)?)?;
+        let q = rope.apply_thd(&rms_norm(&q, &self.q_norm, self.eps)?)?.transpose(1, 2)?.contiguous()?;
         let k = self.k_proj.forward(x)?.reshape((b, t, nkv, d))?;
-        let k = rope.apply(&rms_norm(&k, &self.k_norm, self.eps)?.transpose(1, 2)?)?;
+        let k = rope.apply_thd(&rms_norm(&k, &self.k_norm, self.eps)?)?.transpose(1, 2)?.contiguous()?;
         let v = self.v_proj.forward(x)?.reshape((b, t, nkv, d))?.transpose(1, 2)?.contiguous()?;
-        let q = q.reshape((b, nkv, group * t, d))?;
-        let scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?;
-        let scores = scores.reshape((b, nh, t, t))?.to_dtype(DType::F32)?.broadcast_add(bias)?;
-        let probs = super::ops::softmax_last_dim(&scores)?.to_dtype(x.dtype())?;
-        let out = probs.reshape((b, nkv, group * t, t))?.matmul(&v)?;
-        let out = out.reshape((b, nh, t, d))?.transpose(1, 2)?.reshape((b, t, nh * d))?;
-        self.o_proj.forward(&out)
+        let out = attention(&q, &k, &v, bias, (d as f64).powf(-0.5))?;
+        self.o_proj.forward(&out.transpose(1, 2)?.reshape((b, t, nh * d))?)
     }
 }
 

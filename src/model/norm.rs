@@ -1,0 +1,377 @@
+//! RMSNorm's backward pass as two row-wise kernels (input gradient; weight-gradient partial sums).
+//!
+//! Why: as tensor ops the backward of `w · x / rms(x)` is about fourteen f32 kernels over the
+//! input's shape, four times per decoder layer (two of them over `[tokens, heads, head_dim]`); on
+//! the GPU each costs a launch and a full pass over memory. Here it is two passes. Both recompute
+//! `1 / rms(x)` per row; neither records a graph ([`super::fused::rms_norm`] calls them).
+//!
+//! With `n = x / rms(x)` (f32): `dx = (g·w − n · mean(g·w·n)) / rms(x)`, rounded to x's dtype, and
+//! `dw = Σ_rows g·n`, returned as partial sums `[P, H]` (f32) for the caller to add up, so that no
+//! kernel needs a global atomic. The CPU loops are the reference the CUDA kernels mirror.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, WithDType};
+use rayon::prelude::*;
+
+/// `dx` of RMSNorm; args: x `[..., H]`, w `[H]`, g (x's shape), all one float dtype, contiguous.
+#[derive(Debug, Clone, Copy)]
+pub struct RmsNormBackwardDx {
+    pub eps: f64,
+}
+
+/// Partial sums of `dw` of RMSNorm, `[P, H]` f32; args: x `[..., H]`, g (x's shape).
+#[derive(Debug, Clone, Copy)]
+pub struct RmsNormBackwardDw {
+    pub eps: f64,
+}
+
+/// Rows per partial sum on the CPU.
+const CPU_CHUNK: usize = 256;
+
+fn offset(l: &Layout, what: &str) -> Result<usize> {
+    Ok(l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("RMSNorm backward: {what} must be contiguous")))?
+        .0)
+}
+
+/// (rows, H) of x, after checking g (and w) against it.
+fn shape(x: &Layout, g: &Layout, w: Option<&Layout>) -> Result<(usize, usize)> {
+    let h =
+        *x.shape().dims().last().ok_or_else(|| candle_core::Error::Msg("RMSNorm backward: x is a scalar".into()))?;
+    if g.shape() != x.shape() || w.is_some_and(|w| w.shape().dims() != [h]) {
+        candle_core::bail!(
+            "RMSNorm backward: x {:?}, g {:?} and w {:?} do not fit",
+            x.shape(),
+            g.shape(),
+            w.map(|w| w.shape())
+        );
+    }
+    Ok((x.shape().elem_count() / h.max(1), h))
+}
+
+fn inv_rms<T: WithDType>(x: &[T], eps: f64) -> f32 {
+    let ss: f32 = x
+        .iter()
+        .map(|v| {
+            let v = v.to_f64() as f32;
+            v * v
+        })
+        .sum();
+    1.0 / (ss / x.len() as f32 + eps as f32).sqrt()
+}
+
+fn dx_cpu<T: WithDType>(x: &[T], w: &[T], g: &[T], h: usize, eps: f64) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(h).zip(x.par_chunks(h)).zip(g.par_chunks(h)).for_each(|((d, x), g)| {
+        let inv = inv_rms(x, eps);
+        let f = |v: &T| v.to_f64() as f32;
+        let dot: f32 = x.iter().zip(g).zip(w).map(|((x, g), w)| f(g) * f(w) * (f(x) * inv)).sum::<f32>() / h as f32;
+        for (((d, x), g), w) in d.iter_mut().zip(x).zip(g).zip(w) {
+            *d = T::from_f64(((f(g) * f(w) - f(x) * inv * dot) * inv) as f64);
+        }
+    });
+    out
+}
+
+fn dw_cpu<T: WithDType>(x: &[T], g: &[T], h: usize, eps: f64) -> Vec<f32> {
+    let parts: Vec<Vec<f32>> = x
+        .par_chunks(h * CPU_CHUNK)
+        .zip(g.par_chunks(h * CPU_CHUNK))
+        .map(|(x, g)| {
+            let mut acc = vec![0f32; h];
+            for (x, g) in x.chunks(h).zip(g.chunks(h)) {
+                let inv = inv_rms(x, eps);
+                for ((a, x), g) in acc.iter_mut().zip(x).zip(g) {
+                    *a += g.to_f64() as f32 * (x.to_f64() as f32 * inv);
+                }
+            }
+            acc
+        })
+        .collect();
+    parts.concat()
+}
+
+impl CustomOp3 for RmsNormBackwardDx {
+    fn name(&self) -> &'static str {
+        "pipe-rms-norm-backward-dx"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, h) = shape(lx, lg, Some(lw))?;
+        let (ox, ow, og, n) = (offset(lx, "x")?, offset(lw, "w")?, offset(lg, "g")?, rows * h);
+        let out = match (sx, sw, sg) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
+                CpuStorage::F32(dx_cpu(&x[ox..ox + n], &w[ow..ow + h], &g[og..og + n], h, self.eps))
+            }
+            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(g)) => {
+                CpuStorage::BF16(dx_cpu(&x[ox..ox + n], &w[ow..ow + h], &g[og..og + n], h, self.eps))
+            }
+            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(g)) => {
+                CpuStorage::F16(dx_cpu(&x[ox..ox + n], &w[ow..ow + h], &g[og..og + n], h, self.eps))
+            }
+            _ => candle_core::bail!("RMSNorm backward: x, w and g must share one float dtype"),
+        };
+        Ok((out, lx.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sw: &candle_core::CudaStorage,
+        lw: &Layout,
+        sg: &candle_core::CudaStorage,
+        lg: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, h) = shape(lx, lg, Some(lw))?;
+        let (ox, ow, og) = (offset(lx, "x")?, offset(lw, "w")?, offset(lg, "g")?);
+        let out = cuda::dx(sx, ox, sw, ow, sg, og, rows, h, self.eps)?;
+        Ok((out, lx.shape().clone()))
+    }
+}
+
+impl CustomOp2 for RmsNormBackwardDw {
+    fn name(&self) -> &'static str {
+        "pipe-rms-norm-backward-dw"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sg: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, h) = shape(lx, lg, None)?;
+        let (ox, og, n) = (offset(lx, "x")?, offset(lg, "g")?, rows * h);
+        let parts = match (sx, sg) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => dw_cpu(&x[ox..ox + n], &g[og..og + n], h, self.eps),
+            (CpuStorage::BF16(x), CpuStorage::BF16(g)) => dw_cpu(&x[ox..ox + n], &g[og..og + n], h, self.eps),
+            (CpuStorage::F16(x), CpuStorage::F16(g)) => dw_cpu(&x[ox..ox + n], &g[og..og + n], h, self.eps),
+            _ => candle_core::bail!("RMSNorm backward: x and g must share one float dtype"),
+        };
+        let p = parts.len() / h.max(1);
+        Ok((CpuStorage::F32(parts), Shape::from((p, h))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sg: &candle_core::CudaStorage,
+        lg: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, h) = shape(lx, lg, None)?;
+        let (ox, og) = (offset(lx, "x")?, offset(lg, "g")?);
+        let (out, p) = cuda::dw(sx, ox, sg, og, rows, h, self.eps)?;
+        Ok((out, Shape::from((p, h))))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::sync::OnceLock;
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaStorage, DType, Result};
+
+    /// A warp per row (grid-stride); 16-bit floats as raw words (see `super::super::softmax`).
+    const SOURCE: &str = r#"
+typedef unsigned short u16;
+struct F32 { typedef float S;
+  static __device__ __forceinline__ float to(float x) { return x; }
+  static __device__ __forceinline__ float from(float x) { return x; } };
+struct BF16 { typedef u16 S;
+  static __device__ __forceinline__ float to(u16 x) { return __uint_as_float(((unsigned int)x) << 16); }
+  static __device__ __forceinline__ u16 from(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16); } };
+struct F16 { typedef u16 S;
+  static __device__ __forceinline__ float to(u16 h) { float f; asm("{ cvt.f32.f16 %0, %1;}\n" : "=f"(f) : "h"(h)); return f; }
+  static __device__ __forceinline__ u16 from(float f) { u16 h; asm("{ cvt.rn.f16.f32 %0, %1;}\n" : "=h"(h) : "f"(f)); return h; } };
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename D>
+__device__ __forceinline__ float inv_rms(const typename D::S* x, int h, float eps, int lane) {
+  float ss = 0.0f;
+  for (int c = lane; c < h; c += 32) { float v = D::to(x[c]); ss += v * v; }
+  ss = warp_sum(ss);
+  return 1.0f / sqrtf(ss / h + eps);
+}
+
+template <typename D>
+__device__ void dx(const typename D::S* x, const typename D::S* w, const typename D::S* g, typename D::S* out,
+                   long long rows, int h, float eps) {
+  int lane = threadIdx.x & 31;
+  long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
+  long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
+  for (long long r = warp; r < rows; r += warps) {
+    const typename D::S* xr = x + r * h; const typename D::S* gr = g + r * h; typename D::S* o = out + r * h;
+    float inv = inv_rms<D>(xr, h, eps, lane);
+    float dot = 0.0f;
+    for (int c = lane; c < h; c += 32) dot += D::to(gr[c]) * D::to(w[c]) * (D::to(xr[c]) * inv);
+    dot = warp_sum(dot) / h;
+    for (int c = lane; c < h; c += 32) o[c] = D::from((D::to(gr[c]) * D::to(w[c]) - D::to(xr[c]) * inv * dot) * inv);
+  }
+}
+
+template <typename D>
+__device__ void dw(const typename D::S* x, const typename D::S* g, float* partial, long long rows, int h, float eps) {
+  extern __shared__ float acc[];
+  for (int c = threadIdx.x; c < h; c += blockDim.x) acc[c] = 0.0f;
+  __syncthreads();
+  int lane = threadIdx.x & 31;
+  long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
+  long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
+  for (long long r = warp; r < rows; r += warps) {
+    const typename D::S* xr = x + r * h; const typename D::S* gr = g + r * h;
+    float inv = inv_rms<D>(xr, h, eps, lane);
+    for (int c = lane; c < h; c += 32) atomicAdd(&acc[c], D::to(gr[c]) * (D::to(xr[c]) * inv));
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < h; c += blockDim.x) partial[(long long)blockIdx.x * h + c] = acc[c];
+}
+
+#define KERNELS(NAME, D) \
+extern "C" __global__ void pipe_rms_dx_##NAME(const D::S* x, const D::S* w, const D::S* g, D::S* out, long long rows, int h, float eps) \
+  { dx<D>(x, w, g, out, rows, h, eps); } \
+extern "C" __global__ void pipe_rms_dw_##NAME(const D::S* x, const D::S* g, float* partial, long long rows, int h, float eps) \
+  { dw<D>(x, g, partial, rows, h, eps); }
+KERNELS(f32, F32)
+KERNELS(bf16, BF16)
+KERNELS(f16, F16)
+"#;
+
+    const THREADS: u32 = 256;
+
+    fn ptx() -> Result<&'static str> {
+        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+        let compiled = PTX.get_or_init(|| {
+            use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+            let opts = CompileOptions {
+                fmad: Some(false),
+                prec_div: Some(true),
+                prec_sqrt: Some(true),
+                ftz: Some(false),
+                ..Default::default()
+            };
+            compile_ptx_with_opts(SOURCE, opts).map(|p| p.to_src()).map_err(|e| e.to_string())
+        });
+        compiled
+            .as_deref()
+            .map_err(|e| candle_core::Error::Msg(format!("compiling the RMSNorm backward kernels with NVRTC: {e}")))
+    }
+
+    fn suffix(dtype: DType) -> Result<&'static str> {
+        Ok(match dtype {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            other => candle_core::bail!("RMSNorm backward: {other:?} is not supported"),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn dx(
+        x: &CudaStorage,
+        ox: usize,
+        w: &CudaStorage,
+        ow: usize,
+        g: &CudaStorage,
+        og: usize,
+        rows: usize,
+        h: usize,
+        eps: f64,
+    ) -> Result<CudaStorage> {
+        let dev = x.device.clone();
+        let func =
+            dev.get_or_load_custom_func(&format!("pipe_rms_dx_{}", suffix(x.dtype())?), "pipe_rms_norm", ptx()?)?;
+        let n = rows * h;
+        let blocks = rows.div_ceil((THREADS / 32) as usize).clamp(1, 8192) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (rows64, h32, eps32) = (rows as i64, h as i32, eps as f32);
+        macro_rules! run {
+            ($t:ty) => {{
+                let xs = x.as_cuda_slice::<$t>()?.slice(ox..ox + n);
+                let ws = w.as_cuda_slice::<$t>()?.slice(ow..ow + h);
+                let gs = g.as_cuda_slice::<$t>()?.slice(og..og + n);
+                // SAFETY: every element is written: each row by one warp, every column of it.
+                let out = unsafe { dev.alloc::<$t>(n)? };
+                let mut b = func.builder();
+                b.arg(&xs);
+                b.arg(&ws);
+                b.arg(&gs);
+                b.arg(&out);
+                b.arg(&rows64);
+                b.arg(&h32);
+                b.arg(&eps32);
+                // SAFETY: arguments in the kernel's order and types; indices stay below rows·h.
+                unsafe { b.launch(cfg) }.w()?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match x.dtype() {
+            DType::F32 => run!(f32),
+            DType::BF16 => run!(half::bf16),
+            _ => run!(half::f16),
+        })
+    }
+
+    pub fn dw(
+        x: &CudaStorage,
+        ox: usize,
+        g: &CudaStorage,
+        og: usize,
+        rows: usize,
+        h: usize,
+        eps: f64,
+    ) -> Result<(CudaStorage, usize)> {
+        let dev = x.device.clone();
+        let func =
+            dev.get_or_load_custom_func(&format!("pipe_rms_dw_{}", suffix(x.dtype())?), "pipe_rms_norm", ptx()?)?;
+        let n = rows * h;
+        // About 64 rows per block (8 per warp), at most 1024 partial sums.
+        let blocks = rows.div_ceil(64).clamp(1, 1024);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: (h * 4) as u32,
+        };
+        let (rows64, h32, eps32) = (rows as i64, h as i32, eps as f32);
+        // SAFETY: each block writes its whole row of partial sums.
+        let out = unsafe { dev.alloc::<f32>(blocks * h)? };
+        macro_rules! run {
+            ($t:ty) => {{
+                let xs = x.as_cuda_slice::<$t>()?.slice(ox..ox + n);
+                let gs = g.as_cuda_slice::<$t>()?.slice(og..og + n);
+                let mut b = func.builder();
+                b.arg(&xs);
+                b.arg(&gs);
+                b.arg(&out);
+                b.arg(&rows64);
+                b.arg(&h32);
+                b.arg(&eps32);
+                // SAFETY: arguments in the kernel's order and types; `h` floats of dynamic shared
+                // memory; indices stay below rows·h and blocks·h.
+                unsafe { b.launch(cfg) }.w()?;
+            }};
+        }
+        match x.dtype() {
+            DType::F32 => run!(f32),
+            DType::BF16 => run!(half::bf16),
+            _ => run!(half::f16),
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), blocks))
+    }
+}

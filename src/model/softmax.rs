@@ -1,0 +1,398 @@
+//! The attention softmax, its mask and its backward pass as single row-wise kernels.
+//!
+//! Why: as tensor ops, `softmax(scale · S + bias)` over the `[B, heads, T, T]` scores is five
+//! kernels (scale, cast to f32, add the mask, softmax, cast back) and its backward about eight,
+//! each reading and writing `T × T` tensors of up to 4 bytes an element: on the GPU, for
+//! Qwen3-0.6B at 16 × 512 tokens, that was half of a decoder layer's time. Here each direction is
+//! one pass over a row. Neither op records a graph: [`super::fused::attention`] calls them on
+//! detached tensors and supplies the gradient itself.
+//!
+//! Both ops compute exactly what the tensor ops did, in the same order: the scale multiplies the
+//! score in the input dtype (the scale itself rounded to that dtype, as candle's `affine` does),
+//! the sum with the f32 bias and the softmax are in f32, and the probabilities are rounded to the
+//! input dtype. The backward recomputes the f32 probabilities from the scores (they are never
+//! stored) and returns `scale · P ⊙ (dP − Σ dP ⊙ P)`, rounded to the dtype before the scale, as the
+//! tensor ops' autograd did. The CPU loops below are the reference the CUDA kernels mirror.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, WithDType};
+use rayon::prelude::*;
+
+/// `[B, heads, T, T]` scores and a `[B, 1, T, T]` f32 bias, both contiguous: (B, heads, T) and
+/// the start offsets.
+fn dims(scores: &Layout, bias: &Layout) -> Result<(usize, usize, usize, usize, usize)> {
+    let (b, h, t, t2) = scores.shape().dims4()?;
+    if t != t2 || bias.shape().dims() != [b, 1, t, t] {
+        candle_core::bail!(
+            "masked softmax: scores {:?} and bias {:?} must be [B, H, T, T] and [B, 1, T, T]",
+            scores.shape(),
+            bias.shape()
+        );
+    }
+    let s0 = scores
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("masked softmax: scores must be contiguous".into()))?
+        .0;
+    let b0 = bias
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("masked softmax: bias must be contiguous".into()))?
+        .0;
+    Ok((b, h, t, s0, b0))
+}
+
+/// The scale as the dtype's `affine` applies it: rounded to the dtype.
+fn dtype_scale<T: WithDType>(scale: f64) -> f32 {
+    T::from_f64(scale).to_f64() as f32
+}
+
+/// One row's biased scores in f32, replaced by their exponentials `exp(v − max)`; returns the sum
+/// of those.
+fn row_exps<T: WithDType>(s: &[T], bias: &[f32], scale: f32, v: &mut [f32]) -> f32 {
+    let mut m = f32::NEG_INFINITY;
+    for ((x, b), out) in s.iter().zip(bias).zip(v.iter_mut()) {
+        *out = T::from_f64((x.to_f64() as f32 * scale) as f64).to_f64() as f32 + b;
+        m = m.max(*out);
+    }
+    let mut sum = 0f32;
+    for x in v.iter_mut() {
+        *x = (*x - m).exp();
+        sum += *x;
+    }
+    sum
+}
+
+/// `softmax(scale · scores + bias)` over the last dim, in the scores' dtype.
+#[derive(Debug, Clone, Copy)]
+pub struct MaskedSoftmax {
+    pub scale: f64,
+}
+
+/// `scale · P ⊙ (dP − Σ dP ⊙ P)` with `P` recomputed from (scores, bias); args: scores, bias, dP.
+#[derive(Debug, Clone, Copy)]
+pub struct MaskedSoftmaxBackward {
+    pub scale: f64,
+}
+
+fn forward_cpu<T: WithDType>(s: &[T], bias: &[f32], b: usize, h: usize, t: usize, scale: f64) -> Vec<T> {
+    let scale = dtype_scale::<T>(scale);
+    let mut out = vec![T::zero(); b * h * t * t];
+    out.par_chunks_mut(t).enumerate().for_each_init(
+        || vec![0f32; t],
+        |v, (r, dst)| {
+            let (bi, i) = (r / (h * t), r % t);
+            let sum = row_exps(&s[r * t..(r + 1) * t], &bias[(bi * t + i) * t..(bi * t + i + 1) * t], scale, v);
+            for (d, e) in dst.iter_mut().zip(v.iter()) {
+                *d = T::from_f64((e / sum) as f64);
+            }
+        },
+    );
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_cpu<T: WithDType>(s: &[T], bias: &[f32], dp: &[T], b: usize, h: usize, t: usize, scale: f64) -> Vec<T> {
+    let (in_scale, out_scale) = (dtype_scale::<T>(scale), dtype_scale::<T>(scale));
+    let mut out = vec![T::zero(); b * h * t * t];
+    out.par_chunks_mut(t).enumerate().for_each_init(
+        || vec![0f32; t],
+        |v, (r, dst)| {
+            let (bi, i) = (r / (h * t), r % t);
+            let sum = row_exps(&s[r * t..(r + 1) * t], &bias[(bi * t + i) * t..(bi * t + i + 1) * t], in_scale, v);
+            let g = &dp[r * t..(r + 1) * t];
+            let dot: f32 = v.iter().zip(g).map(|(e, g)| g.to_f64() as f32 * (e / sum)).sum();
+            for ((d, e), g) in dst.iter_mut().zip(v.iter()).zip(g) {
+                let p = e / sum;
+                let ds = T::from_f64((p * (g.to_f64() as f32 - dot)) as f64).to_f64() as f32;
+                *d = T::from_f64((ds * out_scale) as f64);
+            }
+        },
+    );
+    out
+}
+
+fn f32_slice(s: &CpuStorage) -> Result<&[f32]> {
+    match s {
+        CpuStorage::F32(x) => Ok(x),
+        _ => candle_core::bail!("masked softmax: the bias must be f32"),
+    }
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "pipe-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, h, t, s0, b0) = dims(l1, l2)?;
+        let bias = &f32_slice(s2)?[b0..];
+        let n = b * h * t * t;
+        let out = match s1 {
+            CpuStorage::F32(x) => CpuStorage::F32(forward_cpu(&x[s0..s0 + n], bias, b, h, t, self.scale)),
+            CpuStorage::BF16(x) => CpuStorage::BF16(forward_cpu(&x[s0..s0 + n], bias, b, h, t, self.scale)),
+            CpuStorage::F16(x) => CpuStorage::F16(forward_cpu(&x[s0..s0 + n], bias, b, h, t, self.scale)),
+            _ => candle_core::bail!("masked softmax: scores must be f32, bf16 or f16"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (b, h, t, s0, b0) = dims(l1, l2)?;
+        let out = cuda::launch(cuda::Kind::Forward, s1, s0, s2, b0, None, (b, h, t), self.scale)?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+impl CustomOp3 for MaskedSoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "pipe-masked-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, h, t, s0, b0) = dims(l1, l2)?;
+        if l3.shape() != l1.shape() {
+            candle_core::bail!(
+                "masked softmax backward: dP {:?} must have the scores' shape {:?}",
+                l3.shape(),
+                l1.shape()
+            );
+        }
+        let g0 = l3
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("masked softmax backward: dP must be contiguous".into()))?
+            .0;
+        let bias = &f32_slice(s2)?[b0..];
+        let n = b * h * t * t;
+        let out = match (s1, s3) {
+            (CpuStorage::F32(s), CpuStorage::F32(g)) => {
+                CpuStorage::F32(backward_cpu(&s[s0..s0 + n], bias, &g[g0..g0 + n], b, h, t, self.scale))
+            }
+            (CpuStorage::BF16(s), CpuStorage::BF16(g)) => {
+                CpuStorage::BF16(backward_cpu(&s[s0..s0 + n], bias, &g[g0..g0 + n], b, h, t, self.scale))
+            }
+            (CpuStorage::F16(s), CpuStorage::F16(g)) => {
+                CpuStorage::F16(backward_cpu(&s[s0..s0 + n], bias, &g[g0..g0 + n], b, h, t, self.scale))
+            }
+            _ => candle_core::bail!("masked softmax backward: scores and dP must share one float dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (b, h, t, s0, b0) = dims(l1, l2)?;
+        if l3.shape() != l1.shape() {
+            candle_core::bail!(
+                "masked softmax backward: dP {:?} must have the scores' shape {:?}",
+                l3.shape(),
+                l1.shape()
+            );
+        }
+        let g0 = l3
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("masked softmax backward: dP must be contiguous".into()))?
+            .0;
+        let out = cuda::launch(cuda::Kind::Backward, s1, s0, s2, b0, Some((s3, g0)), (b, h, t), self.scale)?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::sync::OnceLock;
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaStorage, DType, Result};
+
+    pub enum Kind {
+        Forward,
+        Backward,
+    }
+
+    /// One block per row; the row's scores are read three times (max, sum, write), from cache
+    /// after the first. bf16 and f16 are handled as raw 16-bit words so that the source needs no
+    /// header (NVRTC has none of the CUDA toolkit's on its include path).
+    pub const SOURCE: &str = r#"
+typedef unsigned short u16;
+struct F32 { typedef float S;
+  static __device__ __forceinline__ float to(float x) { return x; }
+  static __device__ __forceinline__ float from(float x) { return x; } };
+struct BF16 { typedef u16 S;
+  static __device__ __forceinline__ float to(u16 x) { return __uint_as_float(((unsigned int)x) << 16); }
+  static __device__ __forceinline__ u16 from(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16); } };
+struct F16 { typedef u16 S;
+  static __device__ __forceinline__ float to(u16 h) { float f; asm("{ cvt.f32.f16 %0, %1;}\n" : "=f"(f) : "h"(h)); return f; }
+  static __device__ __forceinline__ u16 from(float f) { u16 h; asm("{ cvt.rn.f16.f32 %0, %1;}\n" : "=h"(h) : "f"(f)); return h; } };
+
+__device__ float block_reduce(float v, bool is_max) {
+  __shared__ float part[32];
+  __shared__ float result;
+  for (int o = 16; o > 0; o >>= 1) { float w = __shfl_xor_sync(0xffffffffu, v, o); v = is_max ? fmaxf(v, w) : v + w; }
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  __syncthreads();
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < warps ? part[lane] : (is_max ? __int_as_float(0xff800000) : 0.0f);
+    for (int o = 16; o > 0; o >>= 1) { float w = __shfl_xor_sync(0xffffffffu, v, o); v = is_max ? fmaxf(v, w) : v + w; }
+    if (lane == 0) result = v;
+  }
+  __syncthreads();
+  return result;
+}
+
+template <typename D>
+__device__ __forceinline__ float biased(const typename D::S* s, const float* bias, int j, float scale) {
+  return D::to(D::from(D::to(s[j]) * scale)) + bias[j];
+}
+
+template <typename D>
+__device__ void forward(const typename D::S* s, const float* bias, typename D::S* p, int t, int heads, float scale) {
+  long long r = blockIdx.x;
+  long long b = r / ((long long)heads * t), i = r % t;
+  s += r * t; p += r * t; bias += (b * t + i) * t;
+  float m = __int_as_float(0xff800000);
+  for (int j = threadIdx.x; j < t; j += blockDim.x) m = fmaxf(m, biased<D>(s, bias, j, scale));
+  m = block_reduce(m, true);
+  float sum = 0.0f;
+  for (int j = threadIdx.x; j < t; j += blockDim.x) sum += expf(biased<D>(s, bias, j, scale) - m);
+  sum = block_reduce(sum, false);
+  for (int j = threadIdx.x; j < t; j += blockDim.x) p[j] = D::from(expf(biased<D>(s, bias, j, scale) - m) / sum);
+}
+
+template <typename D>
+__device__ void backward(const typename D::S* s, const float* bias, const typename D::S* dp, typename D::S* ds,
+                         int t, int heads, float scale) {
+  long long r = blockIdx.x;
+  long long b = r / ((long long)heads * t), i = r % t;
+  s += r * t; dp += r * t; ds += r * t; bias += (b * t + i) * t;
+  float m = __int_as_float(0xff800000);
+  for (int j = threadIdx.x; j < t; j += blockDim.x) m = fmaxf(m, biased<D>(s, bias, j, scale));
+  m = block_reduce(m, true);
+  float sum = 0.0f;
+  for (int j = threadIdx.x; j < t; j += blockDim.x) sum += expf(biased<D>(s, bias, j, scale) - m);
+  sum = block_reduce(sum, false);
+  float dot = 0.0f;
+  for (int j = threadIdx.x; j < t; j += blockDim.x) dot += D::to(dp[j]) * (expf(biased<D>(s, bias, j, scale) - m) / sum);
+  dot = block_reduce(dot, false);
+  for (int j = threadIdx.x; j < t; j += blockDim.x) {
+    float p = expf(biased<D>(s, bias, j, scale) - m) / sum;
+    ds[j] = D::from(D::to(D::from(p * (D::to(dp[j]) - dot))) * scale);
+  }
+}
+
+#define KERNELS(NAME, D) \
+extern "C" __global__ void pipe_softmax_fwd_##NAME(const D::S* s, const float* bias, D::S* p, int t, int heads, float scale) \
+  { forward<D>(s, bias, p, t, heads, scale); } \
+extern "C" __global__ void pipe_softmax_bwd_##NAME(const D::S* s, const float* bias, const D::S* dp, D::S* ds, int t, int heads, float scale) \
+  { backward<D>(s, bias, dp, ds, t, heads, scale); }
+KERNELS(f32, F32)
+KERNELS(bf16, BF16)
+KERNELS(f16, F16)
+"#;
+
+    fn ptx() -> Result<&'static str> {
+        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+        let compiled = PTX.get_or_init(|| {
+            use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+            let opts =
+                CompileOptions { fmad: Some(false), prec_div: Some(true), ftz: Some(false), ..Default::default() };
+            compile_ptx_with_opts(SOURCE, opts).map(|p| p.to_src()).map_err(|e| e.to_string())
+        });
+        compiled
+            .as_deref()
+            .map_err(|e| candle_core::Error::Msg(format!("compiling the attention softmax kernels with NVRTC: {e}")))
+    }
+
+    /// Runs the forward (`dp = None`) or backward kernel over contiguous scores at offset `s0`, the
+    /// bias at `b0` and dP at its offset; returns a new `[B, H, T, T]` tensor's storage.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch(
+        kind: Kind,
+        scores: &CudaStorage,
+        s0: usize,
+        bias: &CudaStorage,
+        b0: usize,
+        dp: Option<(&CudaStorage, usize)>,
+        (b, h, t): (usize, usize, usize),
+        scale: f64,
+    ) -> Result<CudaStorage> {
+        let dev = scores.device.clone();
+        let n = b * h * t * t;
+        let rows = (b * h * t) as u32;
+        let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let bias = bias.as_cuda_slice::<f32>()?.slice(b0..b0 + b * t * t);
+        let (t32, h32) = (t as i32, h as i32);
+        let dtype = scores.dtype();
+        let suffix = match dtype {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            other => candle_core::bail!("masked softmax: {other:?} scores are not supported"),
+        };
+        let name = match kind {
+            Kind::Forward => format!("pipe_softmax_fwd_{suffix}"),
+            Kind::Backward => format!("pipe_softmax_bwd_{suffix}"),
+        };
+        let func = dev.get_or_load_custom_func(&name, "pipe_masked_softmax", ptx()?)?;
+        macro_rules! run {
+            ($t:ty, $scale:expr) => {{
+                let s = scores.as_cuda_slice::<$t>()?.slice(s0..s0 + n);
+                // SAFETY: every element of `out` is written by the kernel (one block per row, every
+                // column of it) before it is read.
+                let out = unsafe { dev.alloc::<$t>(n)? };
+                let scale: f32 = $scale;
+                let g = match dp {
+                    Some((dp, g0)) => Some(dp.as_cuda_slice::<$t>()?.slice(g0..g0 + n)),
+                    None => None,
+                };
+                let mut builder = func.builder();
+                builder.arg(&s);
+                builder.arg(&bias);
+                if let Some(g) = &g {
+                    builder.arg(g);
+                }
+                builder.arg(&out);
+                builder.arg(&t32);
+                builder.arg(&h32);
+                builder.arg(&scale);
+                // SAFETY: the arguments match the kernel's signature in order and type; every index
+                // it forms is below n (scores, dP, out) or b·t·t (bias).
+                unsafe { builder.launch(cfg) }.w()?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match dtype {
+            DType::F32 => run!(f32, scale as f32),
+            DType::BF16 => run!(half::bf16, half::bf16::from_f64(scale).to_f32()),
+            _ => run!(half::f16, half::f16::from_f64(scale).to_f32()),
+        })
+    }
+}
