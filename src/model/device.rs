@@ -45,7 +45,7 @@ impl DeviceSpec {
             Self::Auto => {
                 if candle_core::utils::cuda_is_available() {
                     if let Ok(d) = Device::new_cuda(0) {
-                        return Ok(d);
+                        return Ok(tuned(d));
                     }
                 }
                 Ok(Device::Cpu)
@@ -58,10 +58,46 @@ impl DeviceSpec {
                             .into(),
                     ));
                 }
-                Device::new_cuda(n).map_err(|e| ModelError::Config(format!("cannot open CUDA device {n}: {e}")))
+                Device::new_cuda(n)
+                    .map(tuned)
+                    .map_err(|e| ModelError::Config(format!("cannot open CUDA device {n}: {e}")))
             }
         }
     }
+}
+
+/// Settings that make candle's CUDA allocations cheap for a training loop, applied once per device
+/// when it is opened.
+///
+/// - The stream-ordered memory pool (`cuMemAllocAsync`, which candle uses) returns freed memory
+///   to the driver at every synchronisation unless told to keep it; a training step synchronises
+///   (to read its loss) and then allocates the same buffers again, each a fresh mapping. Keeping
+///   the memory pooled makes those allocations cheap; the memory is still reused within the pool.
+/// - Per-tensor CUDA events (cudarc's cross-stream tracking: two events per allocation, records on
+///   every launch) are not needed: everything `pipe` runs on a device uses that device's one
+///   stream, in order.
+fn tuned(d: Device) -> Device {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = &d {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys};
+        let stream = c.cuda_stream();
+        let ctx = stream.context();
+        // SAFETY: the pool is the device's default one, alive as long as the context; the value
+        // is a u64 as CU_MEMPOOL_ATTR_RELEASE_THRESHOLD requires. Failure only loses the speed-up.
+        unsafe {
+            if let Ok(pool) = result::device::get_default_mem_pool(ctx.cu_device()) {
+                let mut keep = u64::MAX;
+                let _ = result::mem_pool::set_attribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut keep as *mut u64 as *mut std::ffi::c_void,
+                );
+            }
+            // SAFETY: see above — one stream per device, so no cross-stream hazards to track.
+            c.disable_event_tracking();
+        }
+    }
+    d
 }
 
 /// What a `device` parameter computes on here — `cpu` or `cuda` — for cache keys: results differ in

@@ -542,6 +542,10 @@ impl Learner {
     pub fn apply(&mut self, lr: f64) -> Result<StepReport, TrainError> {
         let loss_scale = self.scaler.map_or(1.0, |s| s.scale);
         let mut sq = 0.0f64;
+        // Device-held gradients: every parameter's sum of squares stays on the device until one
+        // transfer at the end (one sync per step instead of one per parameter); added in the same
+        // order, in f64, as before.
+        let mut on_device = Vec::new();
         for p in &self.params {
             sq += match &p.state {
                 State::Host(h) if p.rows => {
@@ -549,11 +553,18 @@ impl Learner {
                     h.touched_rows.iter().map(|&r| sum_squares(&h.grad[r * cols..(r + 1) * cols])).sum()
                 }
                 State::Host(h) => sum_squares(&h.grad),
-                State::Device(d) => match &d.grad {
-                    Some(g) => g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-                    None => 0.0,
-                },
+                State::Device(d) => {
+                    if let Some(g) = &d.grad {
+                        on_device.push(g.sqr()?.sum_all()?);
+                    }
+                    0.0
+                }
             };
+        }
+        if !on_device.is_empty() {
+            for x in Tensor::stack(&on_device, 0)?.to_vec1::<f32>()? {
+                sq += x as f64;
+            }
         }
         let grad_norm = sq.sqrt() / loss_scale;
         if !grad_norm.is_finite() {
