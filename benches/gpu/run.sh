@@ -13,8 +13,12 @@
 #   Also: (b) again with activation recomputation (`--recompute`), and with GPU_CHECK_4B=1 a step of the
 #   Qwen3-4B architecture (batch 1 × 512, recomputation) to see whether it fits.
 set -uo pipefail
+# The device returns at most a few files from $OUT, and only what is there when a step is cut short:
+# each step writes into $work, and after every step $work is packed into $OUT/all.tgz.
 out=${OUT:-gpu-out}
-mkdir -p "$out"
+work=${GPU_WORK:-/tmp/gpu-work}
+mkdir -p "$out" "$work"
+save() { tar -czf "$out/all.tgz" -C "$work" . 2>/dev/null; }
 gunzip -c .gpu/pipe.gz > ./pipe-gpu && chmod +x ./pipe-gpu
 libs=$(python3 - <<'PY'
 import glob, os, site
@@ -25,39 +29,56 @@ print(":".join(sorted(dirs)))
 PY
 )
 export LD_LIBRARY_PATH=$libs:${LD_LIBRARY_PATH:-}
-ldd ./pipe-gpu | grep "not found" > "$out/ldd-missing.txt"
+{ echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; ldd ./pipe-gpu; nvidia-smi; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } > "$work/diag.txt" 2>&1
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+save
 
-# Peak GPU memory of a command, sampled by nvidia-smi every 50 ms (MiB).
+# Peak GPU memory (MiB) and mean utilisation (%) of a command, sampled by nvidia-smi every 50 ms.
 peak_of() {
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$out/$1.mem" &
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader,nounits -lms 50 > "$work/$1.mem" &
   local mon=$!
   shift
   "$@"
   local rc=$?
   kill $mon 2>/dev/null
+  save
   return $rc
 }
+step() { echo "[$(date +%T)] $1" >&2; }
 
-timeout 120 ./pipe-gpu bench parity --device cuda > "$out/parity.json" 2> "$out/parity.err"
-peak_of pipe_step timeout 240 ./pipe-gpu bench train-step --arch qwen3-0.6b --batch 16 --seq 512 --dtype bf16 \
-  --steps 6 --device cuda > "$out/pipe_step.json" 2> "$out/pipe_step.err"
-peak_of torch_step timeout 240 python3 benches/gpu/torch_step.py --arch qwen3-0.6b --batch 16 --seq 512 \
-  --dtype bf16 --steps 6 --device cuda > "$out/torch_step.json" 2> "$out/torch_step.err"
-# (b') the same step with activation recomputation: its peak memory and its cost in speed.
-peak_of pipe_step_recompute timeout 240 ./pipe-gpu bench train-step --arch qwen3-0.6b --batch 16 --seq 512 \
-  --dtype bf16 --steps 6 --device cuda --recompute > "$out/pipe_step_recompute.json" 2> "$out/pipe_step_recompute.err"
-# Optional (GPU_CHECK_4B=1, a few more minutes): does a 4B training step fit, with recomputation?
-if [ "${GPU_CHECK_4B:-0}" = 1 ]; then
-  peak_of pipe_step_4b timeout 420 ./pipe-gpu bench train-step --arch qwen3-4b --batch 1 --seq 512 --dtype bf16 \
-    --steps 2 --warmup 1 --device cuda --recompute > "$out/pipe_step_4b.json" 2> "$out/pipe_step_4b.err"
-fi
+# In order of what matters most, each with a time limit, so that a slow or failing step leaves the rest.
+step parity
+timeout 90 ./pipe-gpu bench parity --device cuda > "$work/parity.json" 2> "$work/parity.err"
+save
+# Where a step's time goes: one decoder layer and its parts.
+step layer
+timeout 60 ./pipe-gpu bench layer --arch qwen3-0.6b --batch 16 --seq 512 --dtype bf16 --device cuda \
+  > "$work/layer.json" 2> "$work/layer.err"
+save
+step pipe_step
+peak_of pipe_step timeout 150 ./pipe-gpu bench train-step --arch qwen3-0.6b --batch 16 --seq 512 --dtype bf16 \
+  --steps 6 --device cuda > "$work/pipe_step.json" 2> "$work/pipe_step.err"
+step torch_step
+peak_of torch_step timeout 150 python3 benches/gpu/torch_step.py --arch qwen3-0.6b --batch 16 --seq 512 \
+  --dtype bf16 --steps 6 --device cuda > "$work/torch_step.json" 2> "$work/torch_step.err"
+step e2e
 start=$(date +%s.%N)
-timeout 240 ./pipe-gpu run pipelines/gpu_smoke.toml --json > "$out/e2e.json" 2> "$out/e2e.err"
+timeout 120 ./pipe-gpu run pipelines/gpu_smoke.toml --json > "$work/e2e.json" 2> "$work/e2e.err"
 e2e_rc=$?
 e2e_secs=$(python3 -c "import time,sys; print(round(time.time()-float(sys.argv[1]),1))" "$start")
+save
+# (b') the same step with activation recomputation: its peak memory and its cost in speed.
+step pipe_step_recompute
+peak_of pipe_step_recompute timeout 120 ./pipe-gpu bench train-step --arch qwen3-0.6b --batch 16 --seq 512 \
+  --dtype bf16 --steps 6 --device cuda --recompute > "$work/pipe_step_recompute.json" 2> "$work/pipe_step_recompute.err"
+# Optional (GPU_CHECK_4B=1): does a 4B training step fit, with recomputation?
+if [ "${GPU_CHECK_4B:-0}" = 1 ]; then
+  step pipe_step_4b
+  peak_of pipe_step_4b timeout 180 ./pipe-gpu bench train-step --arch qwen3-4b --batch 1 --seq 512 --dtype bf16 \
+    --steps 2 --warmup 1 --device cuda --recompute > "$work/pipe_step_4b.json" 2> "$work/pipe_step_4b.err"
+fi
 
-python3 - "$out" "$gpu" "$e2e_rc" "$e2e_secs" <<'PY'
+python3 - "$work" "$gpu" "$e2e_rc" "$e2e_secs" <<'PY'
 import json, sys, os
 out, gpu, e2e_rc, e2e_secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 def load(name):
@@ -67,18 +88,25 @@ def load(name):
         err = os.path.join(out, name.replace(".json", ".err"))
         tail = open(err).read()[-600:] if os.path.exists(err) else ""
         return {"error": str(e), "stderr_tail": tail}
-def peak(name):
+def samples(name):
     try:
-        return max(int(x) for x in open(os.path.join(out, name + ".mem")).read().split()) * 2**20
+        return [[int(v) for v in line.split(",")] for line in open(os.path.join(out, name + ".mem")) if line.strip()]
     except Exception:
-        return None
+        return []
+def peak(name):
+    s = samples(name)
+    return max(m for m, _ in s) * 2**20 if s else None
+def busy(name):
+    s = [u for _, u in samples(name)]
+    return round(sum(s) / len(s), 1) if s else None
 res = {"gpu": gpu, "parity": load("parity.json"), "pipe_step": load("pipe_step.json"), "torch_step": load("torch_step.json"),
-       "pipe_step_recompute": load("pipe_step_recompute.json")}
+       "pipe_step_recompute": load("pipe_step_recompute.json"), "layer": load("layer.json")}
 if os.path.exists(os.path.join(out, "pipe_step_4b.json")):
     res["pipe_step_4b"] = load("pipe_step_4b.json")
 for k in ("pipe_step", "torch_step", "pipe_step_recompute", "pipe_step_4b"):
     if k in res:
         res[k]["nvidia_smi_peak_bytes"] = peak(k)
+        res[k]["nvidia_smi_mean_utilization_pct"] = busy(k)
 p, t = res["pipe_step"], res["torch_step"]
 if "samples_per_sec" in p and "samples_per_sec" in t:
     res["ratio"] = {
@@ -91,3 +119,4 @@ res["e2e"] = {"rc": e2e_rc, "seconds": e2e_secs, "status": e2e.get("status"),
 print(json.dumps(res))
 open(os.path.join(out, "result.json"), "w").write(json.dumps(res, indent=2))
 PY
+cp "$out/result.json" "$work/" 2>/dev/null; save

@@ -24,6 +24,26 @@ pub enum BenchCommand {
     /// architecture with random weights on left-padded random batches; the PyTorch counterpart is
     /// benches/gpu/torch_step.py.
     TrainStep(TrainStepArgs),
+    /// Time one decoder layer of an architecture and its parts (forward, forward+backward, the
+    /// attention core, the projections' matmuls alone): where a training step's time goes.
+    Layer(LayerArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LayerArgs {
+    /// qwen3-0.6b, qwen3-4b, small or tiny.
+    #[arg(long, default_value = "qwen3-0.6b")]
+    arch: String,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[arg(long, default_value_t = 512)]
+    seq: usize,
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    #[arg(long, default_value = "cuda")]
+    device: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -104,19 +124,33 @@ fn train_step(args: &TrainStepArgs) -> anyhow::Result<()> {
         Ok(())
     };
     let mut last_loss = 0.0;
-    for _ in 0..warmup {
-        learner.accumulate(&store, &micro, batch, 0, false)?;
+    // A CUDA out-of-memory error becomes the trainer's, which says what to change.
+    for k in 0..warmup {
+        learner.accumulate(&store, &micro, batch, 0, false).map_err(|e| e.at_step(k as u64))?;
         learner.apply(5e-6)?;
     }
     sync(&dev)?;
+    // Phases, each ended by a device sync, so that where the time goes is visible.
+    let (mut t_acc, mut t_apply) = (0.0, 0.0);
     let t = std::time::Instant::now();
     for k in 0..steps {
-        let r = learner.accumulate(&store, &micro, batch, k as u64, false)?;
+        let t0 = std::time::Instant::now();
+        let r = learner.accumulate(&store, &micro, batch, k as u64, false).map_err(|e| e.at_step(k as u64))?;
+        sync(&dev)?;
+        t_acc += t0.elapsed().as_secs_f64();
         last_loss = r.loss;
+        let t0 = std::time::Instant::now();
         learner.apply(5e-6)?;
+        sync(&dev)?;
+        t_apply += t0.elapsed().as_secs_f64();
     }
     sync(&dev)?;
     let secs = t.elapsed().as_secs_f64() / steps.max(1) as f64;
+    let t0 = std::time::Instant::now();
+    learner.logits(&store, &micro.rows, batch)?;
+    sync(&dev)?;
+    let t_forward = t0.elapsed().as_secs_f64();
+    let n = steps.max(1) as f64;
     let flops = 6.0 * params as f64 * tokens as f64
         + 12.0 * cfg.num_hidden_layers as f64 * cfg.hidden_size as f64 * seq as f64 * tokens as f64;
     let gpu = !dev.is_cpu();
@@ -126,6 +160,7 @@ fn train_step(args: &TrainStepArgs) -> anyhow::Result<()> {
             "impl": "pipe", "arch": arch_name, "params": params, "batch": batch, "seq": seq, "dtype": dtype,
             "device": format!("{dev:?}"), "step_seconds": secs, "samples_per_sec": batch as f64 / secs,
             "tokens_per_sec": tokens as f64 / secs, "loss": last_loss, "recompute": recompute,
+            "phase_seconds": {"forward_backward": t_acc / n, "optimizer": t_apply / n, "forward_only": t_forward},
             "mfu": if gpu { Some(flops / secs / (peak_tflops * 1e12)) } else { None },
             "peak_rss_bytes": if gpu { None } else { peak_rss_bytes() },
         })
@@ -194,9 +229,102 @@ fn max_rel(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max) / scale
 }
 
+/// Mean seconds of `f` over `iters` runs after one warm-up, each ended by a device sync.
+fn time_it(dev: &Device, iters: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    f()?;
+    dev.synchronize()?;
+    let t = std::time::Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    dev.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() / iters.max(1) as f64)
+}
+
+fn layer(args: &LayerArgs) -> anyhow::Result<()> {
+    use candle_core::Var;
+    let mut cfg = arch(&args.arch)?;
+    let layers = cfg.num_hidden_layers;
+    cfg.num_hidden_layers = 1;
+    let dev = parse_device(&args.device)?;
+    let dt = crate::model::device::parse_dtype(&args.dtype)?;
+    let (b, t, h) = (args.batch, args.seq, cfg.hidden_size);
+    let m = crate::model::random(&cfg, 0, DType::F32, &dev, false)?;
+    let model = crate::model::Qwen3::new(cfg.clone(), m.params().to_dtype(dt)?)?.into_trainable()?;
+    let frozen = model.detached()?;
+    let mask: Vec<u32> = (0..b).flat_map(|i| (0..t).map(move |j| u32::from(j >= (i * 37) % (t / 4)))).collect();
+    let mask = Tensor::from_vec(mask, (b, t), &dev)?;
+    let shared = model.layer_inputs(t, &mask)?;
+    let x = (Tensor::randn(0f32, 1.0, (b, t, h), &dev)?).to_dtype(dt)?;
+    let g = (Tensor::randn(0f32, 1e-3, (b, t, h), &dev)?).to_dtype(dt)?;
+    let forward = time_it(&dev, args.iters, || {
+        frozen.layer(0, &x, &shared)?;
+        Ok(())
+    })?;
+    let forward_backward = time_it(&dev, args.iters, || {
+        let xv = Var::from_tensor(&x)?;
+        let out = model.layer(0, xv.as_tensor(), &shared)?;
+        out.mul(&g)?.sum_all()?.backward()?;
+        Ok(())
+    })?;
+    // The seven projections' forward matmuls alone: the floor a layer's forward cannot beat.
+    let (nh, nkv, d, inter) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
+    let rows = x.reshape((b * t, h))?;
+    let ws: Vec<(Tensor, Tensor)> =
+        [(nh * d, h), (nkv * d, h), (nkv * d, h), (h, nh * d), (inter, h), (inter, h), (h, inter)]
+            .iter()
+            .map(|&(o, i)| -> anyhow::Result<(Tensor, Tensor)> {
+                let w = Tensor::randn(0f32, 0.02, (o, i), &dev)?.to_dtype(dt)?;
+                let input = Tensor::randn(0f32, 1.0, (b * t, i), &dev)?.to_dtype(dt)?;
+                Ok((w, input))
+            })
+            .collect::<anyhow::Result<_>>()?;
+    drop(rows);
+    let matmuls = time_it(&dev, args.iters, || {
+        for (w, input) in &ws {
+            input.matmul(&w.t()?)?;
+        }
+        Ok(())
+    })?;
+    let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, nh, t, d), &dev)?.to_dtype(dt)?)?;
+    let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, nkv, t, d), &dev)?.to_dtype(dt)?)?;
+    let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, nkv, t, d), &dev)?.to_dtype(dt)?)?;
+    let go = Tensor::randn(0f32, 1e-3, (b, nh, t, d), &dev)?.to_dtype(dt)?;
+    let bias = crate::model::ops::attention_bias(&mask)?;
+    let scale = (d as f64).powf(-0.5);
+    let attention = time_it(&dev, args.iters, || {
+        let out = crate::model::fused::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, scale)?;
+        out.mul(&go)?.sum_all()?.backward()?;
+        Ok(())
+    })?;
+    let attention_primitive = time_it(&dev, args.iters, || {
+        let out = crate::model::ops::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, scale)?;
+        out.mul(&go)?.sum_all()?.backward()?;
+        Ok(())
+    })?;
+    let flops_fwd = 2.0 * (b * t) as f64 * (ws.iter().map(|(w, _)| w.elem_count()).sum::<usize>()) as f64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "arch": args.arch, "batch": b, "seq": t, "dtype": args.dtype, "device": format!("{dev:?}"),
+            "seconds": {
+                "layer_forward": forward, "layer_forward_backward": forward_backward,
+                "projection_matmuls_forward": matmuls,
+                "attention_core_forward_backward": attention,
+                "attention_core_forward_backward_primitive_ops": attention_primitive,
+            },
+            "projection_matmul_tflops": flops_fwd / matmuls / 1e12,
+            "layers": layers,
+            "estimated_step_body_seconds": forward_backward * layers as f64,
+        })
+    );
+    Ok(())
+}
+
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::TrainStep(args) => train_step(&args),
+        BenchCommand::Layer(args) => layer(&args),
         BenchCommand::Parity { device, seed } => {
             let dev = parse_device(&device)?;
             // Small enough to run anywhere, large enough for GQA, several layers and the real vocabulary.
