@@ -4,7 +4,9 @@
 //! `softmax_last_dim` have no backward: a loss computed through them silently yields no gradient
 //! for everything upstream. Each function here is written from `sqr`, `mean`, `sqrt`, `recip`,
 //! `exp`, `sum`, `narrow`, `cat`, `matmul` and broadcasting arithmetic, all of which candle can
-//! differentiate; the gradient test in `tests/model_parity.rs` checks the result against PyTorch.
+//! differentiate. The model runs RMSNorm, RoPE and attention through [`super::fused`] instead
+//! (same values, far less memory and time); the versions here are the references those are
+//! tested against, and the gradient tests below check them against finite differences.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
