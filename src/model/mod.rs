@@ -24,6 +24,8 @@ pub mod config;
 pub mod device;
 pub mod fused;
 pub mod norm;
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
 pub mod ops;
 pub mod qwen3;
 pub mod reranker;

@@ -180,23 +180,8 @@ mod cuda {
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, DType, Result};
 
-    /// A warp per row (grid-stride); 16-bit floats as raw words (see `super::super::softmax`).
+    /// A warp per row (grid-stride). `F32`, `BF16`, `F16`: [`crate::model::nvrtc::FLOAT_TYPES`].
     const SOURCE: &str = r#"
-typedef unsigned short u16;
-struct F32 { typedef float S;
-  static __device__ __forceinline__ float to(float x) { return x; }
-  static __device__ __forceinline__ float from(float x) { return x; } };
-struct BF16 { typedef u16 S;
-  static __device__ __forceinline__ float to(u16 x) { return __uint_as_float(((unsigned int)x) << 16); }
-  static __device__ __forceinline__ u16 from(float f) {
-    unsigned int u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (u16)(u >> 16); } };
-struct F16 { typedef u16 S;
-  static __device__ __forceinline__ float to(u16 h) { float f; asm("{ cvt.f32.f16 %0, %1;}\n" : "=f"(f) : "h"(h)); return f; }
-  static __device__ __forceinline__ u16 from(float f) { u16 h; asm("{ cvt.rn.f16.f32 %0, %1;}\n" : "=h"(h) : "f"(f)); return h; } };
-
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
@@ -257,20 +242,9 @@ KERNELS(f16, F16)
 
     fn ptx() -> Result<&'static str> {
         static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        let compiled = PTX.get_or_init(|| {
-            use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
-            let opts = CompileOptions {
-                fmad: Some(false),
-                prec_div: Some(true),
-                prec_sqrt: Some(true),
-                ftz: Some(false),
-                ..Default::default()
-            };
-            compile_ptx_with_opts(SOURCE, opts).map(|p| p.to_src()).map_err(|e| e.to_string())
-        });
-        compiled
-            .as_deref()
-            .map_err(|e| candle_core::Error::Msg(format!("compiling the RMSNorm backward kernels with NVRTC: {e}")))
+        crate::model::nvrtc::ptx(&PTX, "RMSNorm backward kernels", || {
+            format!("{}{SOURCE}", crate::model::nvrtc::FLOAT_TYPES)
+        })
     }
 
     fn suffix(dtype: DType) -> Result<&'static str> {

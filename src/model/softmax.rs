@@ -233,24 +233,8 @@ mod cuda {
     }
 
     /// One block per row; the row's scores are read three times (max, sum, write), from cache
-    /// after the first. bf16 and f16 are handled as raw 16-bit words so that the source needs no
-    /// header (NVRTC has none of the CUDA toolkit's on its include path).
-    pub const SOURCE: &str = r#"
-typedef unsigned short u16;
-struct F32 { typedef float S;
-  static __device__ __forceinline__ float to(float x) { return x; }
-  static __device__ __forceinline__ float from(float x) { return x; } };
-struct BF16 { typedef u16 S;
-  static __device__ __forceinline__ float to(u16 x) { return __uint_as_float(((unsigned int)x) << 16); }
-  static __device__ __forceinline__ u16 from(float f) {
-    unsigned int u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (u16)(u >> 16); } };
-struct F16 { typedef u16 S;
-  static __device__ __forceinline__ float to(u16 h) { float f; asm("{ cvt.f32.f16 %0, %1;}\n" : "=f"(f) : "h"(h)); return f; }
-  static __device__ __forceinline__ u16 from(float f) { u16 h; asm("{ cvt.rn.f16.f32 %0, %1;}\n" : "=h"(h) : "f"(f)); return h; } };
-
+    /// after the first. `F32`, `BF16`, `F16`: [`crate::model::nvrtc::FLOAT_TYPES`].
+    const SOURCE: &str = r#"
 __device__ float block_reduce(float v, bool is_max) {
   __shared__ float part[32];
   __shared__ float result;
@@ -320,15 +304,9 @@ KERNELS(f16, F16)
 
     fn ptx() -> Result<&'static str> {
         static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        let compiled = PTX.get_or_init(|| {
-            use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
-            let opts =
-                CompileOptions { fmad: Some(false), prec_div: Some(true), ftz: Some(false), ..Default::default() };
-            compile_ptx_with_opts(SOURCE, opts).map(|p| p.to_src()).map_err(|e| e.to_string())
-        });
-        compiled
-            .as_deref()
-            .map_err(|e| candle_core::Error::Msg(format!("compiling the attention softmax kernels with NVRTC: {e}")))
+        crate::model::nvrtc::ptx(&PTX, "attention softmax kernels", || {
+            format!("{}{SOURCE}", crate::model::nvrtc::FLOAT_TYPES)
+        })
     }
 
     /// Runs the forward (`dp = None`) or backward kernel over contiguous scores at offset `s0`, the

@@ -130,24 +130,11 @@ extern "C" __global__ void pipe_adamw_f32(
 }
 "#;
 
-    /// Compiled once per process with NVRTC: no FMA contraction, IEEE division and square root,
-    /// no flush-to-zero — the CPU loop's rounding.
+    /// Compiled once per process with NVRTC, rounding like the CPU loop
+    /// ([`crate::model::nvrtc::ieee_options`]).
     pub fn ptx() -> candle_core::Result<&'static str> {
         static PTX: OnceLock<Result<String, String>> = OnceLock::new();
-        let compiled = PTX.get_or_init(|| {
-            use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
-            let opts = CompileOptions {
-                fmad: Some(false),
-                prec_div: Some(true),
-                prec_sqrt: Some(true),
-                ftz: Some(false),
-                ..Default::default()
-            };
-            compile_ptx_with_opts(SOURCE, opts).map(|p| p.to_src()).map_err(|e| e.to_string())
-        });
-        compiled
-            .as_deref()
-            .map_err(|e| candle_core::Error::Msg(format!("compiling the fused AdamW kernel with NVRTC: {e}")))
+        crate::model::nvrtc::ptx(&PTX, "fused AdamW kernel", || SOURCE.to_string())
     }
 }
 
