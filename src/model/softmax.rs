@@ -7,7 +7,7 @@
 //! one pass over a row. Neither op records a graph: [`super::fused::attention`] calls them on
 //! detached tensors and supplies the gradient itself.
 //!
-//! Both ops compute exactly what the tensor ops did, in the same order: the scale multiplies the
+//! Both ops do the tensor ops' arithmetic, up to the order of the f32 sums: the scale multiplies the
 //! score in the input dtype (the scale itself rounded to that dtype, as candle's `affine` does),
 //! the sum with the f32 bias and the softmax are in f32, and the probabilities are rounded to the
 //! input dtype. The backward recomputes the f32 probabilities from the scores (they are never
@@ -90,19 +90,19 @@ fn forward_cpu<T: WithDType>(s: &[T], bias: &[f32], b: usize, h: usize, t: usize
 
 #[allow(clippy::too_many_arguments)]
 fn backward_cpu<T: WithDType>(s: &[T], bias: &[f32], dp: &[T], b: usize, h: usize, t: usize, scale: f64) -> Vec<T> {
-    let (in_scale, out_scale) = (dtype_scale::<T>(scale), dtype_scale::<T>(scale));
+    let scale = dtype_scale::<T>(scale);
     let mut out = vec![T::zero(); b * h * t * t];
     out.par_chunks_mut(t).enumerate().for_each_init(
         || vec![0f32; t],
         |v, (r, dst)| {
             let (bi, i) = (r / (h * t), r % t);
-            let sum = row_exps(&s[r * t..(r + 1) * t], &bias[(bi * t + i) * t..(bi * t + i + 1) * t], in_scale, v);
+            let sum = row_exps(&s[r * t..(r + 1) * t], &bias[(bi * t + i) * t..(bi * t + i + 1) * t], scale, v);
             let g = &dp[r * t..(r + 1) * t];
             let dot: f32 = v.iter().zip(g).map(|(e, g)| g.to_f64() as f32 * (e / sum)).sum();
             for ((d, e), g) in dst.iter_mut().zip(v.iter()).zip(g) {
                 let p = e / sum;
                 let ds = T::from_f64((p * (g.to_f64() as f32 - dot)) as f64).to_f64() as f32;
-                *d = T::from_f64((ds * out_scale) as f64);
+                *d = T::from_f64((ds * scale) as f64);
             }
         },
     );
