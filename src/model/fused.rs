@@ -6,13 +6,14 @@
 //! probabilities): about 1.7 GB per layer for 16 × 512 tokens of Qwen3-0.6B, 49 GB over its 28
 //! layers, which does not fit an 80 GB GPU next to the optimizer state. Each function here instead
 //! computes its output on detached inputs (so its intermediates are freed at once; the forward
-//! uses candle's fused kernels where they exist), then attaches that output to the graph through
+//! uses candle's fused kernels, or ours in [`super::softmax`]), then attaches that output to the graph through
 //! a custom op whose backward recomputes what it needs from the inputs alone. The attention
 //! backward recomputes the probabilities from q and k, as FlashAttention does, so no
 //! `seq × seq` tensor outlives the layer that made it.
 //!
-//! Each is checked against its primitive-op twin in [`super::ops`] (values and gradients, f32
-//! and bf16) in the tests below, and the whole model against PyTorch in `tests/model_parity.rs`.
+//! Each is checked against its primitive-op twin in [`super::ops`] (values and gradients, f32,
+//! bf16 and f16) in the tests below, and the whole model against PyTorch in
+//! `tests/model_parity.rs`. On the GPU, `pipe bench parity` holds CUDA to the CPU.
 
 use std::sync::Mutex;
 
