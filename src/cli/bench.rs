@@ -29,25 +29,9 @@ pub enum BenchCommand {
     Layer(LayerArgs),
 }
 
+/// What is being timed: an architecture at a batch shape, dtype and device.
 #[derive(clap::Args, Debug)]
-pub struct LayerArgs {
-    /// qwen3-0.6b, qwen3-4b, small or tiny.
-    #[arg(long, default_value = "qwen3-0.6b")]
-    arch: String,
-    #[arg(long, default_value_t = 16)]
-    batch: usize,
-    #[arg(long, default_value_t = 512)]
-    seq: usize,
-    #[arg(long, default_value_t = 5)]
-    iters: usize,
-    #[arg(long, default_value = "bf16")]
-    dtype: String,
-    #[arg(long, default_value = "cuda")]
-    device: String,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct TrainStepArgs {
+pub struct Workload {
     /// qwen3-0.6b, qwen3-4b, small (8 layers, hidden 256) or tiny (2 layers, hidden 64).
     #[arg(long, default_value = "qwen3-0.6b")]
     arch: String,
@@ -55,14 +39,28 @@ pub struct TrainStepArgs {
     batch: usize,
     #[arg(long, default_value_t = 512)]
     seq: usize,
-    #[arg(long, default_value_t = 6)]
-    steps: usize,
-    #[arg(long, default_value_t = 2)]
-    warmup: usize,
     #[arg(long, default_value = "bf16")]
     dtype: String,
     #[arg(long, default_value = "cuda")]
     device: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LayerArgs {
+    #[command(flatten)]
+    work: Workload,
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainStepArgs {
+    #[command(flatten)]
+    work: Workload,
+    #[arg(long, default_value_t = 6)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
     /// Recompute each layer's activations in the backward pass (the train stage's `recompute`).
     #[arg(long)]
     recompute: bool,
@@ -92,7 +90,8 @@ fn arch(name: &str) -> anyhow::Result<Qwen3Config> {
 }
 
 fn train_step(args: &TrainStepArgs) -> anyhow::Result<()> {
-    let TrainStepArgs { ref arch, batch, seq, steps, warmup, ref dtype, ref device, recompute, peak_tflops } = *args;
+    let TrainStepArgs { ref work, steps, warmup, recompute, peak_tflops } = *args;
+    let Workload { ref arch, batch, seq, ref dtype, ref device } = *work;
     let arch_name = arch.as_str();
     use crate::train::data::MicroBatch;
     use crate::train::{Learner, TrainConfig};
@@ -243,12 +242,13 @@ fn time_it(dev: &Device, iters: usize, mut f: impl FnMut() -> anyhow::Result<()>
 
 fn layer(args: &LayerArgs) -> anyhow::Result<()> {
     use candle_core::Var;
-    let mut cfg = arch(&args.arch)?;
+    let work = &args.work;
+    let mut cfg = arch(&work.arch)?;
     let layers = cfg.num_hidden_layers;
     cfg.num_hidden_layers = 1;
-    let dev = parse_device(&args.device)?;
-    let dt = crate::model::device::parse_dtype(&args.dtype)?;
-    let (b, t, h) = (args.batch, args.seq, cfg.hidden_size);
+    let dev = parse_device(&work.device)?;
+    let dt = crate::model::device::parse_dtype(&work.dtype)?;
+    let (b, t, h) = (work.batch, work.seq, cfg.hidden_size);
     let m = crate::model::random(&cfg, 0, DType::F32, &dev, false)?;
     let model = crate::model::Qwen3::new(cfg.clone(), m.params().to_dtype(dt)?)?.into_trainable()?;
     let frozen = model.detached()?;
@@ -306,7 +306,7 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "arch": args.arch, "batch": b, "seq": t, "dtype": args.dtype, "device": format!("{dev:?}"),
+            "arch": work.arch, "batch": b, "seq": t, "dtype": work.dtype, "device": format!("{dev:?}"),
             "seconds": {
                 "layer_forward": forward, "layer_forward_backward": forward_backward,
                 "projection_matmuls_forward": matmuls,

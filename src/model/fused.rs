@@ -248,14 +248,7 @@ mod tests {
     use candle_core::{DType, Device, Var};
 
     fn sample(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|i| {
-                let x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15 ^ seed);
-                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+        ops::tests::sample(shape, seed).to_dtype(dtype).unwrap()
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -227,7 +227,7 @@ impl Module for Linear {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::Var;
 
@@ -236,7 +236,8 @@ mod tests {
         assert!(d <= tol, "max abs diff {d} > {tol}");
     }
 
-    fn sample(shape: &[usize], seed: u64) -> Tensor {
+    /// Deterministic values in [-1, 1) on the CPU (also used by `super::super::fused`'s tests).
+    pub(crate) fn sample(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n)
             .map(|i| {

@@ -39,6 +39,23 @@ fn dims(scores: &Layout, bias: &Layout) -> Result<(usize, usize, usize, usize, u
     Ok((b, h, t, s0, b0))
 }
 
+/// [`dims`], and the start offset of dP, which must have the scores' shape and be contiguous.
+fn backward_dims(scores: &Layout, bias: &Layout, dp: &Layout) -> Result<(usize, usize, usize, usize, usize, usize)> {
+    let (b, h, t, s0, b0) = dims(scores, bias)?;
+    if dp.shape() != scores.shape() {
+        candle_core::bail!(
+            "masked softmax backward: dP {:?} must have the scores' shape {:?}",
+            dp.shape(),
+            scores.shape()
+        );
+    }
+    let g0 = dp
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("masked softmax backward: dP must be contiguous".into()))?
+        .0;
+    Ok((b, h, t, s0, b0, g0))
+}
+
 /// The scale as the dtype's `affine` applies it: rounded to the dtype.
 fn dtype_scale<T: WithDType>(scale: f64) -> f32 {
     T::from_f64(scale).to_f64() as f32
@@ -162,18 +179,7 @@ impl CustomOp3 for MaskedSoftmaxBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, h, t, s0, b0) = dims(l1, l2)?;
-        if l3.shape() != l1.shape() {
-            candle_core::bail!(
-                "masked softmax backward: dP {:?} must have the scores' shape {:?}",
-                l3.shape(),
-                l1.shape()
-            );
-        }
-        let g0 = l3
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("masked softmax backward: dP must be contiguous".into()))?
-            .0;
+        let (b, h, t, s0, b0, g0) = backward_dims(l1, l2, l3)?;
         let bias = &f32_slice(s2)?[b0..];
         let n = b * h * t * t;
         let out = match (s1, s3) {
@@ -201,18 +207,7 @@ impl CustomOp3 for MaskedSoftmaxBackward {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (b, h, t, s0, b0) = dims(l1, l2)?;
-        if l3.shape() != l1.shape() {
-            candle_core::bail!(
-                "masked softmax backward: dP {:?} must have the scores' shape {:?}",
-                l3.shape(),
-                l1.shape()
-            );
-        }
-        let g0 = l3
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("masked softmax backward: dP must be contiguous".into()))?
-            .0;
+        let (b, h, t, s0, b0, g0) = backward_dims(l1, l2, l3)?;
         let out = cuda::launch(cuda::Kind::Backward, s1, s0, s2, b0, Some((s3, g0)), (b, h, t), self.scale)?;
         Ok((out, l1.shape().clone()))
     }
