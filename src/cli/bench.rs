@@ -302,6 +302,44 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
         out.mul(&go)?.sum_all()?.backward()?;
         Ok(())
     })?;
+    // The other parts of a layer, forward + backward each: its two RMSNorms, the q/k norm and RoPE
+    // (with the transpose the attention needs), and the SwiGLU MLP.
+    let var = |shape: &[usize], std: f32| -> anyhow::Result<Var> {
+        Ok(Var::from_tensor(&Tensor::randn(0f32, std, shape, &dev)?.to_dtype(dt)?)?)
+    };
+    let (xv, wn) = (var(&[b, t, h], 1.0)?, var(&[h], 1.0)?);
+    let norms = time_it(&dev, args.iters, || {
+        for _ in 0..2 {
+            let y = crate::model::fused::rms_norm(xv.as_tensor(), wn.as_tensor(), 1e-6)?;
+            y.mul(&g)?.sum_all()?.backward()?;
+        }
+        Ok(())
+    })?;
+    let rope = crate::model::ops::RopeTables::new(t, d, cfg.rope_theta, dt, &dev)?;
+    let (qv, qn) = (var(&[b, t, nh, d], 1.0)?, var(&[d], 1.0)?);
+    let (kv, kn) = (var(&[b, t, nkv, d], 1.0)?, var(&[d], 1.0)?);
+    let gk = Tensor::randn(0f32, 1e-3, (b, nkv, t, d), &dev)?.to_dtype(dt)?;
+    let qk_norm_rope = time_it(&dev, args.iters, || {
+        for (x, w, g) in [(&qv, &qn, &go), (&kv, &kn, &gk)] {
+            let y = crate::model::fused::rms_norm(x.as_tensor(), w.as_tensor(), 1e-6)?;
+            let y = rope.apply_thd(&y)?.transpose(1, 2)?.contiguous()?;
+            y.mul(g)?.sum_all()?.backward()?;
+        }
+        Ok(())
+    })?;
+    let linear = |o: usize, i: usize| -> anyhow::Result<(Var, crate::model::Linear)> {
+        let w = var(&[o, i], 0.02)?;
+        let l = crate::model::Linear::new(w.as_tensor().clone(), None);
+        Ok((w, l))
+    };
+    let ((_wg, gate), (_wu, up), (_wd, down)) = (linear(inter, h)?, linear(inter, h)?, linear(h, inter)?);
+    let mlp = time_it(&dev, args.iters, || {
+        use candle_core::Module;
+        let y =
+            down.forward(&(crate::model::ops::silu(&gate.forward(xv.as_tensor())?)? * up.forward(xv.as_tensor())?)?)?;
+        y.mul(&g)?.sum_all()?.backward()?;
+        Ok(())
+    })?;
     let flops_fwd = 2.0 * (b * t) as f64 * (ws.iter().map(|(w, _)| w.elem_count()).sum::<usize>()) as f64;
     println!(
         "{}",
@@ -312,6 +350,9 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
                 "projection_matmuls_forward": matmuls,
                 "attention_core_forward_backward": attention,
                 "attention_core_forward_backward_primitive_ops": attention_primitive,
+                "two_rms_norms_forward_backward": norms,
+                "qk_norm_rope_forward_backward": qk_norm_rope,
+                "mlp_forward_backward": mlp,
             },
             "projection_matmul_tflops": flops_fwd / matmuls / 1e12,
             "layers": layers,

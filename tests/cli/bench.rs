@@ -55,3 +55,29 @@ fn bench_train_step_times_real_steps() {
         151_669 * 64 + 2 * (4 * 16 * 64 * 2 + 2 * 16 * 64 * 2 + 3 * 64 * 128 + 2 * 64 + 2 * 16) + 64
     );
 }
+
+#[test]
+fn bench_layer_times_a_layer_and_its_parts() {
+    let p = Project::new();
+    let v = p.run_json(&[
+        "bench", "layer", "--arch", "tiny", "--batch", "2", "--seq", "24", "--iters", "1", "--dtype", "f32",
+        "--device", "cpu",
+    ]);
+    assert_eq!(v["layers"], 2, "{v}");
+    let s = v["seconds"].as_object().expect("a `seconds` object");
+    for part in [
+        "layer_forward",
+        "layer_forward_backward",
+        "projection_matmuls_forward",
+        "attention_core_forward_backward",
+        "attention_core_forward_backward_primitive_ops",
+        "two_rms_norms_forward_backward",
+        "qk_norm_rope_forward_backward",
+        "mlp_forward_backward",
+    ] {
+        let secs = s.get(part).and_then(|x| x.as_f64()).unwrap_or_else(|| panic!("no {part} in {v}"));
+        assert!(secs > 0.0 && secs.is_finite(), "{part}: {secs}");
+    }
+    let est = v["estimated_step_body_seconds"].as_f64().unwrap();
+    assert!((est - 2.0 * s["layer_forward_backward"].as_f64().unwrap()).abs() < 1e-12, "{v}");
+}
