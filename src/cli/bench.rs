@@ -269,7 +269,6 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
     })?;
     // The seven projections' forward matmuls alone: the floor a layer's forward cannot beat.
     let (nh, nkv, d, inter) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
-    let rows = x.reshape((b * t, h))?;
     let ws: Vec<(Tensor, Tensor)> =
         [(nh * d, h), (nkv * d, h), (nkv * d, h), (h, nh * d), (inter, h), (inter, h), (h, inter)]
             .iter()
@@ -279,7 +278,6 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
                 Ok((w, input))
             })
             .collect::<anyhow::Result<_>>()?;
-    drop(rows);
     let matmuls = time_it(&dev, args.iters, || {
         for (w, input) in &ws {
             input.matmul(&w.t()?)?;

@@ -248,12 +248,7 @@ KERNELS(f16, F16)
     }
 
     fn suffix(dtype: DType) -> Result<&'static str> {
-        Ok(match dtype {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            other => candle_core::bail!("RMSNorm backward: {other:?} is not supported"),
-        })
+        crate::model::nvrtc::dtype_suffix(dtype, "RMSNorm backward")
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -29,6 +29,18 @@ struct F16 { typedef u16 S;
   static __device__ __forceinline__ u16 from(float f) { u16 h; asm("{ cvt.rn.f16.f32 %0, %1;}\n" : "=h"(h) : "f"(f)); return h; } };
 "#;
 
+/// The suffix of a kernel instantiated for `dtype` (`KERNELS(f32, F32)` … in the sources); `what`
+/// names the op in the error for other dtypes.
+pub fn dtype_suffix(dtype: candle_core::DType, what: &str) -> candle_core::Result<&'static str> {
+    use candle_core::DType;
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => candle_core::bail!("{what}: {other:?} is not supported (f32, bf16 or f16)"),
+    })
+}
+
 /// Options that round like the CPU loops the kernels mirror: no FMA contraction, IEEE division and
 /// square root, no flush-to-zero.
 pub fn ieee_options() -> CompileOptions {

@@ -324,12 +324,7 @@ KERNELS(f16, F16)
         let bias = bias.as_cuda_slice::<f32>()?.slice(b0..b0 + b * t * t);
         let (t32, h32) = (t as i32, h as i32);
         let dtype = scores.dtype();
-        let suffix = match dtype {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            other => candle_core::bail!("masked softmax: {other:?} scores are not supported"),
-        };
+        let suffix = crate::model::nvrtc::dtype_suffix(dtype, "masked softmax")?;
         let name = match kind {
             Kind::Forward => format!("pipe_softmax_fwd_{suffix}"),
             Kind::Backward => format!("pipe_softmax_bwd_{suffix}"),
