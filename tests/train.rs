@@ -81,7 +81,7 @@ fn run(
 ) -> Result<train::Outcome, TrainError> {
     let cancel = AtomicBool::new(false);
     let env = RunEnv { scratch, cancel: &cancel, progress: ProgressBar::hidden(), quiet: true };
-    train::train(model, YES, NO, DType::F32, cfg, &TrainData { train, val: Some(val) }, &env)
+    train::train(model, YES, NO, DType::F32, cfg, &TrainData { train, val: Some(val), matching: None }, &env)
 }
 
 fn values(m: &Qwen3) -> BTreeMap<String, Vec<f32>> {
@@ -468,6 +468,18 @@ fn the_train_stage_runs_through_the_engine_and_its_model_loads_back() {
     assert!(scratch_checkpoint(&p).is_none());
     let again = p.run_json(&["run", "pipelines/p.toml", "--json"]);
     assert!(again["stages"].as_array().unwrap().iter().all(|s| s["status"] == "cached"), "{again}");
+
+    // The token-matching loss finds the query and document in the real prompts and is logged.
+    let matched = p.run_json(&["run", "pipelines/p.toml", "--set", "train.match_loss=1.0", "--json"]);
+    let status =
+        |id: &str| matched["stages"].as_array().unwrap().iter().find(|s| s["id"] == id).unwrap()["status"].clone();
+    assert_eq!((status("tokenize"), status("train")), ("cached".into(), "ran".into()), "{matched}");
+    let dir = artifact_dirs(&p, "train")
+        .into_iter()
+        .find(|d| std::fs::read_to_string(d.join("train_log.jsonl")).is_ok_and(|l| l.contains("match_loss")));
+    let log = log_without_timing(&dir.expect("a train artifact with match_loss").join("train_log.jsonl"));
+    let steps: Vec<f64> = log.iter().filter_map(|l| l.get("match_loss").and_then(|v| v.as_f64())).collect();
+    assert!(!steps.is_empty() && steps.iter().all(|m| *m > 0.0 && m.is_finite()), "{steps:?}");
 }
 
 #[test]
@@ -684,4 +696,97 @@ fn recomputing_activations_gives_the_same_gradients_and_weights() {
         out.push(run(tiny(true, 9), &cfg, &train_data, &val, dir.path()).unwrap());
     }
     assert_same_weights(&out[0].model, &out[1].model, 0.0);
+}
+
+/// Prompts shaped like the reranker's: prefix [1, 2], query marker [3, 4], query, document
+/// marker [3, 6], document, suffix [2]; about half of each document's tokens come from its query.
+fn marked_store(n: usize, seed: u64) -> (TokenStore, train::Matching) {
+    let mut s = TokenStore::default();
+    s.offsets.push(0);
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for i in 0..n {
+        let query: Vec<u32> = (0..3).map(|_| 8 + (next() % 56) as u32).collect();
+        let doc: Vec<u32> = (0..4)
+            .map(|_| if next() % 2 == 0 { query[(next() % 3) as usize] } else { 8 + (next() % 56) as u32 })
+            .collect();
+        s.ids.extend([1, 2, 3, 4]);
+        s.ids.extend(&query);
+        s.ids.extend([3, 6]);
+        s.ids.extend(&doc);
+        s.ids.push(2);
+        s.offsets.push(s.ids.len() as i64);
+        let overlap = doc.iter().filter(|t| query.contains(t)).count();
+        s.relevance.push(1.0 + overlap as f32 / 2.0);
+        s.labels.push(u8::from(overlap >= 2));
+        s.query_ids.push(i as u32);
+        s.pair_ids.push(i as i64);
+    }
+    s.queries = (0..n).map(|q| format!("query {q}")).collect();
+    s.validate().unwrap();
+    (s, train::Matching::new(vec![3, 4], vec![3, 6], 2, 1).unwrap())
+}
+
+#[test]
+fn the_match_loss_is_learned_and_kept_out_of_the_reported_loss() {
+    let (data, matching) = marked_store(16, 3);
+    let rows: Vec<usize> = (0..16).collect();
+    let micro = MicroBatch { rows: rows.clone(), units: 16 };
+    let plain_cfg = config();
+    let cfg = TrainConfig { match_loss: 1.0, ..config() };
+    let mut plain = Learner::new(tiny(true, 5), YES, NO, &plain_cfg, DType::F32).unwrap();
+    let mut l = Learner::new(tiny(true, 5), YES, NO, &cfg, DType::F32).unwrap();
+    l.set_matching(matching.clone());
+
+    // Same weights, same batch: the reported loss is the relevance loss alone, and the match
+    // loss is the per-prompt mean BCE of the head read at each document token.
+    let a = plain.accumulate(&data, &micro, 16, 0, false).unwrap();
+    let b = l.accumulate(&data, &micro, 16, 0, false).unwrap();
+    assert!((a.loss - b.loss).abs() < 1e-6, "{} vs {}", a.loss, b.loss);
+    assert_eq!(a.match_loss, 0.0);
+    assert!(b.match_loss > 0.1, "{}", b.match_loss);
+    // ...and it adds a gradient: the two learners' updates differ.
+    plain.apply(1e-2).unwrap();
+    l.apply(1e-2).unwrap();
+    let (pa, pb) = (values(plain.model()), values(l.model()));
+    assert!(pa.iter().any(|(k, v)| max_diff(v, &pb[k]) > 0.0));
+
+    let mut losses = vec![b.match_loss];
+    for step in 1..40 {
+        losses.push(l.accumulate(&data, &micro, 16, step, false).unwrap().match_loss);
+        l.apply(1e-2).unwrap();
+    }
+    let last = *losses.last().unwrap();
+    assert!(last < 0.5 * losses[0], "match loss {} → {last}", losses[0]);
+}
+
+#[test]
+fn the_log_has_the_match_loss_only_when_it_is_on() {
+    let (train_data, matching) = marked_store(16, 7);
+    let (val, _) = marked_store(8, 8);
+    let cancel = AtomicBool::new(false);
+    for weight in [0.0, 0.5] {
+        let dir = tempfile::tempdir().unwrap();
+        let env = RunEnv { scratch: dir.path(), cancel: &cancel, progress: ProgressBar::hidden(), quiet: true };
+        let cfg = TrainConfig { match_loss: weight, ..config() };
+        let data = TrainData { train: &train_data, val: Some(&val), matching: Some(&matching) };
+        let out = train::train(tiny(true, 1), YES, NO, DType::F32, &cfg, &data, &env).unwrap();
+        for line in log_without_timing(&out.log).iter().filter(|l| l.get("loss").is_some()) {
+            let m = line.get("match_loss").and_then(|v| v.as_f64());
+            assert_eq!(m.is_some_and(|v| v > 0.0), weight > 0.0, "{line}");
+        }
+    }
+    let cfg = TrainConfig { match_loss: 1.0, ..config() };
+    let dir = tempfile::tempdir().unwrap();
+    let env = RunEnv { scratch: dir.path(), cancel: &cancel, progress: ProgressBar::hidden(), quiet: true };
+    let data = TrainData { train: &train_data, val: Some(&val), matching: None };
+    let Err(err) = train::train(tiny(true, 1), YES, NO, DType::F32, &cfg, &data, &env) else {
+        panic!("match_loss without markers must fail")
+    };
+    assert!(err.to_string().contains("match_loss"), "{err}");
 }

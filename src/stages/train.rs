@@ -49,6 +49,7 @@ struct TrainParams {
     checkpoint_every: i64,
     bucket_batches: i64,
     recompute: bool,
+    match_loss: f64,
     lora: LoraParams,
     init: InitParams,
 }
@@ -121,6 +122,7 @@ impl TrainParams {
             checkpoint_every: count("checkpoint_every", self.checkpoint_every, 1)? as u64,
             bucket_batches: count("bucket_batches", self.bucket_batches, 0)?,
             recompute: self.recompute,
+            match_loss: self.match_loss,
             adam: Default::default(),
             backend: Default::default(),
             fault: None,
@@ -135,6 +137,7 @@ impl TrainParams {
                 "learning_rate",
                 "weight_decay",
                 "max_grad_norm",
+                "match_loss",
             ]
             .into_iter()
             .find(|k| msg.contains(k))
@@ -312,7 +315,22 @@ impl Stage for Train {
             ));
         }
 
-        let data = TrainData { train: &train_store, val: Some(&val_store) };
+        let matching = if cfg.match_loss > 0.0 {
+            let path = tok_dir.join("tokenizer.json");
+            let tok = tokenizers::Tokenizer::from_file(&path)
+                .map_err(|e| StageError::Upstream(format!("{}: {e}", path.display())))?;
+            let m = train::Matching::for_store(&tok, &train_store).map_err(|e| param("match_loss", e))?;
+            if m.coverage(&train_store) == 0.0 {
+                return Err(param(
+                    "match_loss",
+                    "no training prompt has a query between `<Query>:` and `<Document>:` and a document after                      it (the Qwen3-Reranker prompt); set match_loss = 0",
+                ));
+            }
+            Some(m)
+        } else {
+            None
+        };
+        let data = TrainData { train: &train_store, val: Some(&val_store), matching: matching.as_ref() };
         let env = RunEnv { scratch: ctx.scratch, cancel: ctx.cancel, progress: bar(ctx), quiet: ctx.quiet };
         let outcome = train::train(base, yes, no, dtype, &cfg, &data, &env).map_err(to_stage)?;
 

@@ -184,6 +184,8 @@ pub struct TrainConfig {
     /// Recompute each decoder layer's activations in the backward pass instead of keeping them
     /// (same gradients, about a third more compute, one layer's activations of memory).
     pub recompute: bool,
+    /// Weight of the auxiliary token-matching loss ([`super::matching`]); 0 switches it off.
+    pub match_loss: f64,
     pub adam: AdamConfig,
     pub backend: OptimizerBackend,
     pub fault: Option<Fault>,
@@ -212,6 +214,7 @@ impl Default for TrainConfig {
             checkpoint_every: 50,
             bucket_batches: 64,
             recompute: false,
+            match_loss: 0.0,
             adam: AdamConfig::default(),
             backend: OptimizerBackend::Auto,
             fault: None,
@@ -240,6 +243,9 @@ impl TrainConfig {
         }
         if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
             return bad(format!("max_grad_norm must be >= 0 (0 = no clipping), got {}", self.max_grad_norm));
+        }
+        if !(self.match_loss.is_finite() && self.match_loss >= 0.0) {
+            return bad(format!("match_loss must be >= 0 (0 = off), got {}", self.match_loss));
         }
         if self.checkpoint_every == 0 {
             return bad("checkpoint_every must be at least 1".into());

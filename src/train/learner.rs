@@ -210,6 +210,7 @@ pub struct Learner {
     dtype: DType,
     device: Device,
     scaler: Option<LossScaler>,
+    matching: Option<super::Matching>,
 }
 
 /// The result of one micro-batch.
@@ -221,6 +222,8 @@ pub struct MicroReport {
     pub tokens: usize,
     /// Padded positions computed (batch × longest prompt).
     pub padded_tokens: usize,
+    /// This micro-batch's share of the group's mean token-matching loss (unweighted; 0 when off).
+    pub match_loss: f64,
 }
 
 impl Learner {
@@ -315,7 +318,13 @@ impl Learner {
             dtype,
             device,
             scaler: (dtype == DType::F16).then(LossScaler::new),
+            matching: None,
         })
+    }
+
+    /// Switches on the auxiliary token-matching loss, weighted by the config's `match_loss`.
+    pub fn set_matching(&mut self, matching: super::Matching) {
+        self.matching = Some(matching);
     }
 
     /// The model as it computes now (trainable tensors are views of the current weights). Rows of
@@ -418,16 +427,35 @@ impl Learner {
         // The loss of the group's mean, scaled for f16, from the last layer's hidden states.
         let scale = self.scaler.map_or(1.0, |s| s.scale);
         let step = self.step + 1;
+        let matching = match &self.matching {
+            Some(m) if self.cfg.match_loss > 0.0 => Some(m.batch(store, &micro.rows, t, &self.device)?),
+            _ => None,
+        };
+        let match_value = std::cell::Cell::new(0.0f64);
         let head_loss = |model: &Qwen3, h: &Tensor| -> Result<(Tensor, f64), TrainError> {
-            let last = model.final_norm(&h.narrow(1, t - 1, 1)?.squeeze(1)?)?;
-            let logits = last.matmul(&head.t()?)?;
-            let logit = (logits.narrow(1, 0, 1)? - logits.narrow(1, 1, 1)?)?.squeeze(1)?;
-            let sum = super::loss::micro_loss(self.cfg.loss, &logit, store, &micro.rows)?;
-            let mut scaled = sum.affine(scale / denom.max(1) as f64, 0.0)?;
+            let mut sum = if let Some((y, w)) = &matching {
+                // The same yes/no head read at every position: "is this document token in the
+                // query" shares the direction of "is this document relevant" (see super::matching).
+                let all = model.final_norm(h)?.reshape((b * t, hidden))?;
+                let logits = all.matmul(&head.t()?)?;
+                let z = (logits.narrow(1, 0, 1)? - logits.narrow(1, 1, 1)?)?.reshape((b, t))?;
+                let aux = super::matching::weighted_bce_sum(&z, y, w)?;
+                match_value.set(aux.to_scalar::<f32>()? as f64 / denom.max(1) as f64);
+                let logit = z.narrow(1, t - 1, 1)?.squeeze(1)?;
+                let main = super::loss::micro_loss(self.cfg.loss, &logit, store, &micro.rows)?;
+                (main + aux.affine(self.cfg.match_loss, 0.0)?)?
+            } else {
+                let last = model.final_norm(&h.narrow(1, t - 1, 1)?.squeeze(1)?)?;
+                let logits = last.matmul(&head.t()?)?;
+                let logit = (logits.narrow(1, 0, 1)? - logits.narrow(1, 1, 1)?)?.squeeze(1)?;
+                super::loss::micro_loss(self.cfg.loss, &logit, store, &micro.rows)?
+            };
             if inject_nan {
-                scaled = scaled.affine(f64::NAN, 0.0)?;
+                sum = sum.affine(f64::NAN, 0.0)?;
             }
-            let value = scaled.to_scalar::<f32>()? as f64 / scale;
+            let scaled = sum.affine(scale / denom.max(1) as f64, 0.0)?;
+            // Reported: the training objective alone, comparable with the validation loss.
+            let value = scaled.to_scalar::<f32>()? as f64 / scale - self.cfg.match_loss * match_value.get();
             if !value.is_finite() {
                 return Err(TrainError::NonFinite { step, what: "loss", value, last_checkpoint: None });
             }
@@ -507,7 +535,7 @@ impl Learner {
         if let (Some(h), Some(g)) = (self.head, &head_grad) {
             add_rows(&mut self.params[h].state, &head_ids, g, hidden, &self.device)?;
         }
-        Ok(MicroReport { loss: value, tokens: padded.tokens, padded_tokens: b * t })
+        Ok(MicroReport { loss: value, tokens: padded.tokens, padded_tokens: b * t, match_loss: match_value.get() })
     }
 
     /// Adds the gradient of every dense trainable parameter that `grads` holds.

@@ -3,6 +3,8 @@
 //!
 //! - [`config`]: the hyperparameters as typed values ([`TrainConfig`]).
 //! - [`data`]: deterministic, length-bucketed batches and accumulation groups per epoch.
+//! - [`matching`]: an auxiliary per-token objective (is this document token in the query?) that
+//!   lets models trained from scratch find lexical matching.
 //! - [`loss`]: BCE, MSE on P(yes), and RankNet pairwise, as differentiable sums and as f64 means.
 //! - [`optim`]: AdamW with torch's arithmetic over flat f32 buffers, global-norm clipping.
 //! - [`fused`]: the same AdamW as one in-place op over a parameter's packed state on its device
@@ -23,6 +25,7 @@ pub mod fused;
 pub mod learner;
 pub mod lora;
 pub mod loss;
+pub mod matching;
 pub mod optim;
 pub mod schedule;
 pub mod trainer;
@@ -31,6 +34,7 @@ use std::path::{Path, PathBuf};
 
 pub use config::{AdamConfig, BestMetric, Fault, LoraConfig, LossKind, Mode, OptimizerBackend, TrainConfig};
 pub use learner::Learner;
+pub use matching::Matching;
 pub use schedule::Schedule;
 pub use trainer::{train, Outcome, RunEnv, Summary, TrainData, ValResult};
 

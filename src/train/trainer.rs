@@ -49,6 +49,8 @@ pub struct TrainData<'a> {
     pub train: &'a TokenStore,
     /// `None` or empty: no validation; the last weights are exported.
     pub val: Option<&'a TokenStore>,
+    /// Where the train split's queries and documents are, for `match_loss`; `None` when it is 0.
+    pub matching: Option<&'a super::Matching>,
 }
 
 /// Where and how the loop runs.
@@ -221,6 +223,10 @@ pub fn train(
     env: &RunEnv,
 ) -> Result<Outcome, TrainError> {
     let mut learner = Learner::new(model, yes, no, cfg, dtype)?;
+    if cfg.match_loss > 0.0 {
+        let m = data.matching.ok_or_else(|| TrainError::Config("match_loss > 0 needs the prompts' markers".into()))?;
+        learner.set_matching(m.clone());
+    }
     let items = Items::new(data.train, cfg.loss);
     if items.is_empty() {
         return Err(TrainError::Config(match cfg.loss {
@@ -324,7 +330,7 @@ pub fn train(
 
         let t0 = Instant::now();
         let inject_nan = cfg.fault == Some(Fault::NanLoss(this_step));
-        let (mut loss, mut tokens) = (0.0, 0usize);
+        let (mut loss, mut tokens, mut match_loss) = (0.0, 0usize, 0.0);
         for (k, micro) in group.micro.iter().enumerate() {
             if env.cancel.load(Ordering::Relaxed) {
                 return Err(TrainError::Cancelled);
@@ -335,6 +341,7 @@ pub fn train(
                 .map_err(|e| fix(e, st.last_checkpoint))?;
             loss += r.loss;
             tokens += r.tokens;
+            match_loss += r.match_loss;
         }
         let lr = schedule.lr(st.step);
         let report = learner.apply(lr).map_err(|e| fix(e, st.last_checkpoint))?;
@@ -349,7 +356,7 @@ pub fn train(
         st.step_seconds += dt;
         let epoch_done = st.group == groups.len();
         let epoch_pos = st.epoch as f64 + st.group as f64 / groups.len() as f64;
-        write_log(json!({
+        let mut line = json!({
             "step": st.step,
             "epoch": round(epoch_pos, 4),
             "loss": loss,
@@ -357,7 +364,11 @@ pub fn train(
             "grad_norm": report.grad_norm,
             "samples_per_sec": round(rows as f64 / dt, 3),
             "tokens_per_sec": round(tokens as f64 / dt, 1),
-        }))?;
+        });
+        if cfg.match_loss > 0.0 {
+            line["match_loss"] = json!(match_loss);
+        }
+        write_log(line)?;
         ema = Some(match ema {
             Some(e) => 0.9 * e + 0.1 * loss,
             None => loss,
