@@ -49,7 +49,9 @@ use super::config::{Mode, OptimizerBackend, TrainConfig};
 use super::data::{pad_left, stream, MicroBatch};
 use super::fused::FusedAdamW;
 use super::lora::{adapter_specs, check_modules, init_a, merge, AdapterSpec};
-use super::optim::{adamw_dense, adamw_rows, apply_pending_decay, clip_factor, sum_squares, RowState, StepScalars};
+use super::optim::{
+    adamw_dense, adamw_rows, apply_pending_decay, clip_factor, sum_squares, sum_squares_tensor, RowState, StepScalars,
+};
 use super::TrainError;
 use crate::model::{LoraAdapter, LoraDropout, ParamMap, Qwen3, Reranker};
 use crate::text::TokenStore;
@@ -510,7 +512,9 @@ impl Learner {
                     s.store(c, Ordering::SeqCst);
                 }
                 let out = self.model.layer(l, &x, &shared)?;
-                let grads = out.mul(&grad_out)?.sum_all()?.backward()?;
+                // Summed over the hidden size first: a whole-tensor sum is one CUDA block (see
+                // `sum_squares_tensor`); the gradient is the same.
+                let grads = out.mul(&grad_out)?.sum(candle_core::D::Minus1)?.sum_all()?.backward()?;
                 self.add_param_grads(&grads)?;
                 match &leaf {
                     Some(v) => g = grads.get(v.as_tensor()).cloned(),
@@ -583,7 +587,7 @@ impl Learner {
                 State::Host(h) => sum_squares(&h.grad),
                 State::Device(d) => {
                     if let Some(g) = &d.grad {
-                        on_device.push(g.sqr()?.sum_all()?);
+                        on_device.push(sum_squares_tensor(g)?);
                     }
                     0.0
                 }
