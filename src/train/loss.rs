@@ -16,7 +16,7 @@ pub fn mse_target(relevance: f32) -> f32 {
     (relevance - 1.0) / 2.0
 }
 
-fn softplus(x: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn softplus(x: &Tensor) -> candle_core::Result<Tensor> {
     x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
 }
 

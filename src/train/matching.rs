@@ -114,8 +114,8 @@ fn find(hay: &[u32], needle: &[u32], from: usize) -> Option<usize> {
 /// `Σ w · BCE(x, y)` in f32, differentiable in `x` (`[B, T]` logits).
 pub fn weighted_bce_sum(x: &Tensor, y: &Tensor, w: &Tensor) -> Result<Tensor, TrainError> {
     let x = x.to_dtype(DType::F32)?;
-    let softplus = (x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
-    Ok(((softplus - (&x * y)?)? * w)?.sum_all()?)
+    // BCE(x, y) = softplus(x) − x·y, as the relevance loss.
+    Ok(((super::loss::softplus(&x)? - (&x * y)?)? * w)?.sum_all()?)
 }
 
 #[cfg(test)]
