@@ -912,6 +912,9 @@ fn new_state(t: &Tensor, rows: bool, host: bool, dtype: DType) -> Result<State, 
 }
 
 fn add_dense(state: &mut State, g: &Tensor) -> Result<(), TrainError> {
+    // A 16-bit gradient widened to f32 is a new tensor already; an f32 one is autograd's own and
+    // must be copied before it becomes the accumulator that later micro-batches add into.
+    let widened = g.dtype() != DType::F32;
     let g = g.to_dtype(DType::F32)?;
     match state {
         State::Host(h) => {
@@ -926,6 +929,7 @@ fn add_dense(state: &mut State, g: &Tensor) -> Result<(), TrainError> {
         State::Device(d) => {
             d.grad = Some(match d.grad.take() {
                 Some(acc) => (acc + g)?,
+                None if widened => g,
                 None => g.copy()?,
             });
         }
