@@ -320,10 +320,11 @@ impl Stage for Train {
             let tok = tokenizers::Tokenizer::from_file(&path)
                 .map_err(|e| StageError::Upstream(format!("{}: {e}", path.display())))?;
             let m = train::Matching::for_store(&tok, &train_store).map_err(|e| param("match_loss", e))?;
-            if m.coverage(&train_store) == 0.0 {
+            if !m.finds_any(&train_store) {
                 return Err(param(
                     "match_loss",
-                    "no training prompt has a query between `<Query>:` and `<Document>:` and a document after                      it (the Qwen3-Reranker prompt); set match_loss = 0",
+                    "no training prompt has a query between `<Query>:` and `<Document>:` and a document after it \
+                     (the Qwen3-Reranker prompt); set match_loss = 0",
                 ));
             }
             Some(m)

@@ -70,13 +70,10 @@ impl Matching {
         Some((self.prefix + d + self.doc_marker.len(), hits))
     }
 
-    /// The share of `rows` whose prompts carry targets (to refuse a loss that would see nothing).
-    pub fn coverage(&self, store: &TokenStore) -> f64 {
-        if store.is_empty() {
-            return 0.0;
-        }
-        let found = (0..store.len()).filter(|&r| self.targets(store.sequence(r)).is_some_and(|(_, h)| !h.is_empty()));
-        found.count() as f64 / store.len() as f64
+    /// Whether any prompt of `store` has a document with targets (a loss that would see nothing
+    /// is refused rather than silently skipped).
+    pub fn finds_any(&self, store: &TokenStore) -> bool {
+        (0..store.len()).any(|r| self.targets(store.sequence(r)).is_some_and(|(_, h)| !h.is_empty()))
     }
 
     /// Targets and weights `[B, T]` for a left-padded batch of `rows` (longest prompt `t`): each
