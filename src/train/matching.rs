@@ -7,7 +7,7 @@
 //! parts lowers the relevance loss on its own, so a few hundred CPU steps find only the shortcut of
 //! memorising which query words tend to be relevant. A dense per-token signal for the middle step
 //! ("is this document token in the query") is cheap to derive from the prompt itself and lets the
-//! model build the circuit in the first hundred steps; the relevance loss then learns to use it.
+//! model build the circuit within about 300 steps; the relevance loss then learns to use it.
 //! The targets are the prompt's own token ids, so nothing outside the training pairs is used.
 //!
 //! The targets come from the prompt's structure: the query is what lies between the `\n<Query>:`
