@@ -175,12 +175,18 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
     let out = candle_nn::ops::rms_norm(&x.detach(), &weight.detach(), eps as f32)?;
     let backward: Backward = Box::new(move |args, g| {
-        let (x, w, g) = (args[0].detach(), args[1].detach().contiguous()?, g.contiguous()?);
-        let dx = x.apply_op3_no_bwd(&w, &g, &super::norm::RmsNormBackwardDx { eps })?;
-        let dw = x.apply_op2_no_bwd(&g, &super::norm::RmsNormBackwardDw { eps })?.sum(0)?.to_dtype(w.dtype())?;
+        let (dx, dw) = rms_norm_backward(&args[0].detach(), &args[1].detach(), g, eps)?;
         Ok(vec![Some(dx), Some(dw)])
     });
     attach("fused-rms-norm", &[&x, weight], out, backward)
+}
+
+/// `(dx, dw)` of [`rms_norm`] for the output gradient `g`, without a graph.
+pub fn rms_norm_backward(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let (x, w, g) = (x.contiguous()?, w.contiguous()?, g.contiguous()?);
+    let dx = x.apply_op3_no_bwd(&w, &g, &super::norm::RmsNormBackwardDx { eps })?;
+    let dw = x.apply_op2_no_bwd(&g, &super::norm::RmsNormBackwardDw { eps })?.sum(0)?.to_dtype(w.dtype())?;
+    Ok((dx, dw))
 }
 
 /// RoPE over `x: [batch, seq, heads, head_dim]` (contiguous, as a projection reshapes to), with
@@ -203,30 +209,47 @@ pub fn rope_thd(x: &Tensor, cos: &Tensor, sin: &Tensor, neg_sin: &Tensor) -> Res
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let bias = bias.contiguous()?;
-    let out = {
-        let (b, nh, t, d) = q.dims4()?;
-        let nkv = k.dim(1)?;
-        let p = probabilities(&scores(&q.detach(), &k.detach())?, &bias, scale)?;
-        p.reshape((b, nkv, nh / nkv * t, t))?.matmul(&v.detach())?.reshape((b, nh, t, d))?
-    };
+    let out = attention_forward(&q.detach(), &k.detach(), &v.detach(), &bias, scale)?;
     let backward: Backward = Box::new(move |args, g| {
-        let (q, k, v) = (args[0].detach(), args[1].detach(), args[2].detach());
-        let (b, nh, t, d) = q.dims4()?;
-        let nkv = k.dim(1)?;
-        let rows = nh / nkv * t;
-        let s = scores(&q, &k)?;
-        let p = probabilities(&s, &bias, scale)?;
-        let g = g.contiguous()?.reshape((b, nkv, rows, d))?;
-        let dv = p.reshape((b, nkv, rows, t))?.t()?.matmul(&g)?;
-        drop(p);
-        let dp = g.matmul(&v.t()?)?.reshape((b, nh, t, t))?;
-        let ds = s.apply_op3_no_bwd(&bias, &dp, &super::softmax::MaskedSoftmaxBackward { scale })?;
-        let ds = ds.reshape((b, nkv, rows, t))?;
-        let dq = ds.matmul(&k)?.reshape((b, nh, t, d))?;
-        let dk = ds.t()?.matmul(&q.reshape((b, nkv, rows, d))?)?;
+        let (dq, dk, dv) =
+            attention_backward(&args[0].detach(), &args[1].detach(), &args[2].detach(), &bias, scale, g)?;
         Ok(vec![Some(dq), Some(dk), Some(dv)])
     });
     attach("fused-attention", &[&q, &k, &v], out, backward)
+}
+
+/// [`attention`]'s output without a graph; `q`, `k`, `v` contiguous.
+pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, nh, t, d) = q.dims4()?;
+    let nkv = k.dim(1)?;
+    let p = probabilities(&scores(q, k)?, bias, scale)?;
+    p.reshape((b, nkv, nh / nkv * t, t))?.matmul(v)?.reshape((b, nh, t, d))
+}
+
+/// `(dq, dk, dv)` of [`attention`] for the output gradient `g`, recomputing the probabilities from
+/// `q` and `k` (contiguous); no graph.
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    g: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, nh, t, d) = q.dims4()?;
+    let nkv = k.dim(1)?;
+    let rows = nh / nkv * t;
+    let s = scores(q, k)?;
+    let p = probabilities(&s, bias, scale)?;
+    let g = g.contiguous()?.reshape((b, nkv, rows, d))?;
+    let dv = p.reshape((b, nkv, rows, t))?.t()?.matmul(&g)?;
+    drop(p);
+    let dp = g.matmul(&v.t()?)?.reshape((b, nh, t, t))?;
+    let ds = s.apply_op3_no_bwd(bias, &dp, &super::softmax::MaskedSoftmaxBackward { scale })?;
+    let ds = ds.reshape((b, nkv, rows, t))?;
+    let dq = ds.matmul(k)?.reshape((b, nh, t, d))?;
+    let dk = ds.t()?.matmul(&q.reshape((b, nkv, rows, d))?)?;
+    Ok((dq, dk, dv))
 }
 
 /// The raw scores `q kᵀ`, `[B, nh, T, T]`, in the input dtype.

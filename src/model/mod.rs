@@ -7,6 +7,8 @@
 //! - [`fused`]: the same RMSNorm, RoPE and attention through candle's fused kernels, with
 //!   hand-written backward passes that recompute rather than keep `seq × seq` tensors; their
 //!   row-wise kernels (CPU loops and CUDA) are in [`softmax`] and [`norm`].
+//! - [`backward`]: a decoder layer's backward pass written out by hand (matmuls and the fused
+//!   kernels, SwiGLU's in [`swiglu`]), which full fine-tuning uses instead of autograd.
 //! - [`qwen3`]: the decoder. Parameters live in a [`ParamMap`] keyed by their Hugging Face names, as
 //!   `candle_core::Var`s when trainable, so a trainer can run `loss.backward()` and read each
 //!   gradient from the `GradStore` by name.
@@ -19,6 +21,7 @@
 //! left padding does not shift them. RoPE only sees position differences between real tokens, so
 //! a sequence's score does not depend on how much padding its batch added (up to float rounding).
 
+pub mod backward;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
@@ -31,6 +34,7 @@ pub mod qwen3;
 pub mod reranker;
 pub mod score;
 pub mod softmax;
+pub mod swiglu;
 
 pub use checkpoint::{
     load, load_files, random, resolve, save, HubOptions, LoadOptions, ModelFiles, ModelSource, SaveOptions,

@@ -87,17 +87,17 @@ impl ParamMap {
 }
 
 #[derive(Debug, Clone)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    q_norm: Tensor,
-    k_norm: Tensor,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    eps: f64,
+pub(super) struct Attention {
+    pub(super) q_proj: Linear,
+    pub(super) k_proj: Linear,
+    pub(super) v_proj: Linear,
+    pub(super) o_proj: Linear,
+    pub(super) q_norm: Tensor,
+    pub(super) k_norm: Tensor,
+    pub(super) num_heads: usize,
+    pub(super) num_kv_heads: usize,
+    pub(super) head_dim: usize,
+    pub(super) eps: f64,
 }
 
 impl Attention {
@@ -117,10 +117,10 @@ impl Attention {
 }
 
 #[derive(Debug, Clone)]
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+pub(super) struct Mlp {
+    pub(super) gate_proj: Linear,
+    pub(super) up_proj: Linear,
+    pub(super) down_proj: Linear,
 }
 
 impl Mlp {
@@ -131,12 +131,12 @@ impl Mlp {
 }
 
 #[derive(Debug, Clone)]
-struct DecoderLayer {
-    input_layernorm: Tensor,
-    post_attention_layernorm: Tensor,
-    self_attn: Attention,
-    mlp: Mlp,
-    eps: f64,
+pub(super) struct DecoderLayer {
+    pub(super) input_layernorm: Tensor,
+    pub(super) post_attention_layernorm: Tensor,
+    pub(super) self_attn: Attention,
+    pub(super) mlp: Mlp,
+    pub(super) eps: f64,
 }
 
 impl DecoderLayer {
@@ -151,8 +151,8 @@ impl DecoderLayer {
 /// The rotary tables and attention bias of one forward pass: built once per batch, not per layer.
 #[derive(Debug, Clone)]
 pub struct LayerInputs {
-    rope: RopeTables,
-    bias: Tensor,
+    pub(super) rope: RopeTables,
+    pub(super) bias: Tensor,
 }
 
 /// A Qwen3 decoder (`Qwen3ForCausalLM` without the full-vocabulary head).
@@ -393,10 +393,13 @@ impl Qwen3 {
     /// the embeddings is exactly [`Self::hidden_states_from_embeds`]; a trainer that recomputes
     /// activations runs them one by one, keeping only each layer's input between passes.
     pub fn layer(&self, index: usize, h: &Tensor, shared: &LayerInputs) -> Result<Tensor, ModelError> {
-        let layer = self.layers.get(index).ok_or_else(|| {
+        Ok(self.decoder_layer(index)?.forward(h, &shared.rope, &shared.bias)?)
+    }
+
+    pub(super) fn decoder_layer(&self, index: usize) -> Result<&DecoderLayer, ModelError> {
+        self.layers.get(index).ok_or_else(|| {
             ModelError::Input(format!("layer {index} does not exist; the model has {}", self.layers.len()))
-        })?;
-        Ok(layer.forward(h, &shared.rope, &shared.bias)?)
+        })
     }
 
     /// The final RMSNorm, applied to any `[..., hidden]` slice of [`Self::hidden_states`] (the

@@ -1,0 +1,227 @@
+//! The backward pass of the MLP's gate, `a = silu(gate) · up`, as one element-wise kernel.
+//!
+//! Why: differentiated op by op, `silu` alone is about six kernels over `[tokens, intermediate]`
+//! (the widest activation of a layer, three times the hidden size) and the product two more, each
+//! a full pass over memory plus the zero-fill and add candle's autograd does for every input. This
+//! is one pass that reads `gate`, `up` and `da` and writes both gradients. With `s = σ(gate)` in
+//! f32: `dgate = da · up · s · (1 + gate · (1 − s))`, `dup = da · gate · s`, each rounded once to
+//! the inputs' dtype. The result is `[2, ...]`: `dgate` then `dup`, so that one allocation holds
+//! both and each is a contiguous view. The CPU loop is the reference the CUDA kernel mirrors.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// `[dgate; dup]` of `silu(gate) · up`; args: gate, up, da — one shape, one float dtype, contiguous.
+#[derive(Debug, Clone, Copy)]
+pub struct SwigluBackward;
+
+fn offset(l: &Layout, what: &str) -> Result<usize> {
+    Ok(l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("SwiGLU backward: {what} must be contiguous")))?
+        .0)
+}
+
+fn check(g: &Layout, u: &Layout, da: &Layout) -> Result<(usize, usize, usize, Shape)> {
+    if g.shape() != u.shape() || g.shape() != da.shape() {
+        candle_core::bail!("SwiGLU backward: gate {:?}, up {:?} and da {:?} differ", g.shape(), u.shape(), da.shape());
+    }
+    let mut dims = vec![2];
+    dims.extend_from_slice(g.shape().dims());
+    Ok((offset(g, "gate")?, offset(u, "up")?, offset(da, "da")?, Shape::from(dims)))
+}
+
+/// The two gradients of one element, in f32.
+#[inline]
+fn grads(g: f32, u: f32, da: f32) -> (f32, f32) {
+    let s = 1.0 / (1.0 + (-g).exp());
+    (da * u * (s * (1.0 + g * (1.0 - s))), da * (g * s))
+}
+
+fn cpu<T: WithDType>(g: &[T], u: &[T], da: &[T]) -> Vec<T> {
+    let n = g.len();
+    let mut out = vec![T::zero(); 2 * n];
+    let (dg, du) = out.split_at_mut(n);
+    const CHUNK: usize = 4096;
+    dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (dg, du))| {
+        let base = c * CHUNK;
+        for (i, (dg, du)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
+            let j = base + i;
+            let (a, b) = grads(g[j].to_f64() as f32, u[j].to_f64() as f32, da[j].to_f64() as f32);
+            *dg = T::from_f64(a as f64);
+            *du = T::from_f64(b as f64);
+        }
+    });
+    out
+}
+
+impl CustomOp3 for SwigluBackward {
+    fn name(&self) -> &'static str {
+        "pipe-swiglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sg: &CpuStorage,
+        lg: &Layout,
+        su: &CpuStorage,
+        lu: &Layout,
+        sd: &CpuStorage,
+        ld: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (og, ou, od, shape) = check(lg, lu, ld)?;
+        let n = lg.shape().elem_count();
+        let out = match (sg, su, sd) {
+            (CpuStorage::F32(g), CpuStorage::F32(u), CpuStorage::F32(d)) => {
+                CpuStorage::F32(cpu(&g[og..og + n], &u[ou..ou + n], &d[od..od + n]))
+            }
+            (CpuStorage::BF16(g), CpuStorage::BF16(u), CpuStorage::BF16(d)) => {
+                CpuStorage::BF16(cpu(&g[og..og + n], &u[ou..ou + n], &d[od..od + n]))
+            }
+            (CpuStorage::F16(g), CpuStorage::F16(u), CpuStorage::F16(d)) => {
+                CpuStorage::F16(cpu(&g[og..og + n], &u[ou..ou + n], &d[od..od + n]))
+            }
+            _ => candle_core::bail!("SwiGLU backward: gate, up and da must share one float dtype"),
+        };
+        Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sg: &candle_core::CudaStorage,
+        lg: &Layout,
+        su: &candle_core::CudaStorage,
+        lu: &Layout,
+        sd: &candle_core::CudaStorage,
+        ld: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (og, ou, od, shape) = check(lg, lu, ld)?;
+        let out = cuda::backward(sg, og, su, ou, sd, od, lg.shape().elem_count())?;
+        Ok((out, shape))
+    }
+}
+
+/// `[dgate; dup]` split into its two halves (contiguous views, no copy).
+pub fn swiglu_backward(gate: &Tensor, up: &Tensor, da: &Tensor) -> Result<(Tensor, Tensor)> {
+    let both = gate.contiguous()?.apply_op3_no_bwd(&up.contiguous()?, &da.contiguous()?, &SwigluBackward)?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda {
+    use std::sync::OnceLock;
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaStorage, DType, Result};
+
+    /// Grid-stride over elements. `F32`, `BF16`, `F16`: [`crate::model::nvrtc::FLOAT_TYPES`].
+    pub(crate) const SOURCE: &str = r#"
+template <typename D>
+__device__ void swiglu_bwd(const typename D::S* g, const typename D::S* u, const typename D::S* da,
+                           typename D::S* out, long long n) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    float x = D::to(g[i]), y = D::to(u[i]), d = D::to(da[i]);
+    float s = 1.0f / (1.0f + expf(-x));
+    out[i] = D::from(d * y * (s * (1.0f + x * (1.0f - s))));
+    out[n + i] = D::from(d * (x * s));
+  }
+}
+#define KERNELS(NAME, D) \
+extern "C" __global__ void pipe_swiglu_bwd_##NAME(const D::S* g, const D::S* u, const D::S* da, D::S* out, long long n) \
+  { swiglu_bwd<D>(g, u, da, out, n); }
+KERNELS(f32, F32)
+KERNELS(bf16, BF16)
+KERNELS(f16, F16)
+"#;
+
+    const THREADS: u32 = 256;
+
+    pub(crate) fn ptx() -> Result<&'static str> {
+        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+        crate::model::nvrtc::ptx(&PTX, "SwiGLU backward kernel", || {
+            format!("{}{SOURCE}", crate::model::nvrtc::FLOAT_TYPES)
+        })
+    }
+
+    pub fn backward(
+        g: &CudaStorage,
+        og: usize,
+        u: &CudaStorage,
+        ou: usize,
+        da: &CudaStorage,
+        od: usize,
+        n: usize,
+    ) -> Result<CudaStorage> {
+        let dev = g.device.clone();
+        let suffix = crate::model::nvrtc::dtype_suffix(g.dtype(), "SwiGLU backward")?;
+        let func = dev.get_or_load_custom_func(&format!("pipe_swiglu_bwd_{suffix}"), "pipe_swiglu", ptx()?)?;
+        let blocks = n.div_ceil(THREADS as usize).clamp(1, 65_536) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let n64 = n as i64;
+        macro_rules! run {
+            ($t:ty) => {{
+                let gs = g.as_cuda_slice::<$t>()?.slice(og..og + n);
+                let us = u.as_cuda_slice::<$t>()?.slice(ou..ou + n);
+                let ds = da.as_cuda_slice::<$t>()?.slice(od..od + n);
+                // SAFETY: the grid-stride loop writes both halves of every element.
+                let out = unsafe { dev.alloc::<$t>(2 * n)? };
+                let mut b = func.builder();
+                b.arg(&gs);
+                b.arg(&us);
+                b.arg(&ds);
+                b.arg(&out);
+                b.arg(&n64);
+                // SAFETY: arguments in the kernel's order and types; indices stay below 2n.
+                unsafe { b.launch(cfg) }.w()?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match g.dtype() {
+            DType::F32 => run!(f32),
+            DType::BF16 => run!(half::bf16),
+            _ => run!(half::f16),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::tests::sample;
+    use candle_core::{DType, Var};
+
+    #[test]
+    fn equals_autograd_of_silu_times_up_within_one_rounding() {
+        for (dtype, tol) in [(DType::F32, 1e-6f32), (DType::BF16, 4e-3), (DType::F16, 5e-4)] {
+            let g = (sample(&[3, 7, 11], 1) * 6.0).unwrap().to_dtype(dtype).unwrap();
+            let u = sample(&[3, 7, 11], 2).to_dtype(dtype).unwrap();
+            let da = sample(&[3, 7, 11], 3).to_dtype(dtype).unwrap();
+            // The reference: autograd in f32 on the same (rounded) inputs; 16-bit results may differ
+            // from it by their one final rounding.
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let (gv, uv) = (Var::from_tensor(&f32(&g)).unwrap(), Var::from_tensor(&f32(&u)).unwrap());
+            let y = (gv.as_tensor().silu().unwrap() * uv.as_tensor()).unwrap();
+            let grads = (y * f32(&da)).unwrap().sum_all().unwrap().backward().unwrap();
+            let (dg, du) = swiglu_backward(&g, &u, &da).unwrap();
+            assert_eq!(dg.dims(), g.dims());
+            for (ours, reference) in
+                [(dg, grads.get(gv.as_tensor()).unwrap()), (du, grads.get(uv.as_tensor()).unwrap())]
+            {
+                let max =
+                    |t: Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                let reference = reference.to_dtype(DType::F32).unwrap();
+                let d = max((ours.to_dtype(DType::F32).unwrap() - &reference).unwrap()) / max(reference);
+                assert!(d <= tol, "{dtype:?}: max relative difference {d} > {tol}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_wrong_shape_is_an_error() {
+        let a = sample(&[2, 3], 1);
+        let b = sample(&[3, 2], 2);
+        assert!(swiglu_backward(&a, &b, &a).unwrap_err().to_string().contains("differ"));
+    }
+}
