@@ -36,7 +36,7 @@
 //! `batch_size × grad_accum` rows in micro-batches behave as one batch of that size.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -53,6 +53,7 @@ use super::optim::{
     adamw_dense, adamw_rows, apply_pending_decay, clip_factor, sum_squares, sum_squares_tensor, RowState, StepScalars,
 };
 use super::TrainError;
+use crate::model::backward::LayerTape;
 use crate::model::{LoraAdapter, LoraDropout, ParamMap, Qwen3, Reranker};
 use crate::text::TokenStore;
 
@@ -213,6 +214,18 @@ pub struct Learner {
     device: Device,
     scaler: Option<LossScaler>,
     matching: Option<super::Matching>,
+    /// Index into `params` by name.
+    by_name: HashMap<String, usize>,
+    /// Differentiate the decoder layers with autograd even where the hand-written backward
+    /// applies (the reference the tests and `pipe bench` compare it with).
+    autograd_layers: bool,
+}
+
+/// What the forward pass keeps of one layer for the hand-written backward.
+enum Saved {
+    Tape(LayerTape),
+    /// With recomputation: only the input, from which the backward re-runs the layer.
+    Input(Tensor),
 }
 
 /// The result of one micro-batch.
@@ -305,6 +318,7 @@ impl Learner {
         }
         let embed = params.iter().position(|p| p.name == EMBED);
         let head = params.iter().position(|p| p.name == LM_HEAD);
+        let by_name = params.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
         Ok(Self {
             model,
             yes,
@@ -321,7 +335,16 @@ impl Learner {
             device,
             scaler: (dtype == DType::F16).then(LossScaler::new),
             matching: None,
+            by_name,
+            autograd_layers: false,
         })
+    }
+
+    /// Differentiates the decoder layers with candle's autograd instead of the hand-written
+    /// backward (which full fine-tuning uses by default; LoRA always uses autograd). Same
+    /// gradients up to rounding; for comparisons.
+    pub fn set_autograd_layers(&mut self, on: bool) {
+        self.autograd_layers = on;
     }
 
     /// Switches on the auxiliary token-matching loss, weighted by the config's `match_loss`.
@@ -383,7 +406,7 @@ impl Learner {
         let head_ids = [self.yes, self.no];
 
         // Gather the embedding rows this batch uses into a leaf of its own (see the module docs).
-        let mut embed_leaf: Option<(Var, Vec<u32>)> = None;
+        let mut embed_leaf: Option<(Var, Vec<u32>, Tensor)> = None;
         if let Some(h) = self.head {
             self.catch_up(h, Some(&head_ids))?;
         }
@@ -401,8 +424,9 @@ impl Learner {
                     Var::from_tensor(&table.index_select(&Tensor::from_slice(&uniq, uniq.len(), &self.device)?, 0)?)?;
                 let local: Vec<u32> =
                     padded.flat_ids.iter().map(|id| uniq.binary_search(id).expect("id is in uniq") as u32).collect();
-                let x = leaf.as_tensor().index_select(&Tensor::from_vec(local, b * t, &self.device)?, 0)?;
-                embed_leaf = Some((leaf, uniq));
+                let local = Tensor::from_vec(local, b * t, &self.device)?;
+                let x = leaf.as_tensor().index_select(&local, 0)?;
+                embed_leaf = Some((leaf, uniq, local));
                 x.reshape((b, t, hidden))?
             }
             None => {
@@ -412,7 +436,7 @@ impl Learner {
         };
         let mut head_leaf: Option<Var> = None;
         let head = match (&embed_leaf, self.head) {
-            (Some((leaf, uniq)), _) if tied => {
+            (Some((leaf, uniq, _)), _) if tied => {
                 let pos: Vec<u32> = head_ids.iter().map(|id| uniq.binary_search(id).expect("added") as u32).collect();
                 leaf.as_tensor().index_select(&Tensor::from_vec(pos, 2, &self.device)?, 0)?
             }
@@ -465,12 +489,58 @@ impl Learner {
         };
 
         // Gradients of the gathered rows, summed over the backward passes that reach them.
-        let (value, embed_grad, head_grad) = if !self.cfg.recompute {
+        let (value, embed_grad, head_grad) = if self.adapters.is_empty() && !self.autograd_layers {
+            // Full fine-tuning: each layer's backward by hand (crate::model::backward); autograd
+            // only from the top hidden states to the loss. With recomputation the forward keeps
+            // each layer's input and the backward re-runs the layer to get its tape.
+            let shared = self.model.layer_inputs(t, &padded.mask)?;
+            let n = self.model.num_layers();
+            let mut saved = Vec::with_capacity(n);
+            let mut h = embeds.detach();
+            for l in 0..n {
+                let (out, tape) = self.model.layer_taped(l, &h, &shared)?;
+                saved.push(if self.cfg.recompute { Saved::Input(h) } else { Saved::Tape(tape) });
+                h = out;
+            }
+            let top = Var::from_tensor(&h)?;
+            drop(h);
+            let (scaled, value) = head_loss(&self.model, top.as_tensor())?;
+            let grads = scaled.backward()?;
+            self.add_param_grads(&grads)?;
+            let mut embed_grad = embed_leaf.as_ref().and_then(|(leaf, ..)| grads.get(leaf.as_tensor()).cloned());
+            let head_grad = head_leaf.as_ref().and_then(|leaf| grads.get(leaf.as_tensor()).cloned());
+            let mut g = grads.get(top.as_tensor()).cloned();
+            drop(grads);
+            for l in (0..n).rev() {
+                let Some(dy) = g.take() else { break };
+                let tape = match saved.pop().expect("one entry per layer") {
+                    Saved::Tape(tape) => tape,
+                    Saved::Input(x) => self.model.layer_taped(l, &x, &shared)?.1,
+                };
+                let (dx, layer_grads) = self.model.layer_backward(tape, &dy, &shared)?;
+                for (name, grad) in layer_grads {
+                    if let Some(&i) = self.by_name.get(&name) {
+                        add_dense(&mut self.params[i].state, &grad)?;
+                    }
+                }
+                g = Some(dx);
+            }
+            // The embedding lookup's backward: each position's gradient added into its row.
+            if let (Some((leaf, _, local)), Some(dx)) = (&embed_leaf, &g) {
+                let rows = Tensor::zeros(leaf.dims(), leaf.dtype(), &self.device)?;
+                let ge = rows.index_add(local, &dx.reshape((b * t, hidden))?, 0)?;
+                embed_grad = Some(match embed_grad.take() {
+                    Some(acc) => (acc + ge)?,
+                    None => ge,
+                });
+            }
+            (value, embed_grad, head_grad)
+        } else if !self.cfg.recompute {
             let h = self.model.hidden_states_from_embeds(&embeds, &padded.mask)?;
             let (scaled, value) = head_loss(&self.model, &h)?;
             let grads = scaled.backward()?;
             self.add_param_grads(&grads)?;
-            let embed_grad = embed_leaf.as_ref().and_then(|(leaf, _)| grads.get(leaf.as_tensor()).cloned());
+            let embed_grad = embed_leaf.as_ref().and_then(|(leaf, ..)| grads.get(leaf.as_tensor()).cloned());
             let head_grad = head_leaf.as_ref().and_then(|leaf| grads.get(leaf.as_tensor()).cloned());
             (value, embed_grad, head_grad)
         } else {
@@ -496,7 +566,7 @@ impl Learner {
             let (scaled, value) = head_loss(&self.model, top.as_tensor())?;
             let grads = scaled.backward()?;
             self.add_param_grads(&grads)?;
-            let mut embed_grad = embed_leaf.as_ref().and_then(|(leaf, _)| grads.get(leaf.as_tensor()).cloned());
+            let mut embed_grad = embed_leaf.as_ref().and_then(|(leaf, ..)| grads.get(leaf.as_tensor()).cloned());
             let head_grad = head_leaf.as_ref().and_then(|leaf| grads.get(leaf.as_tensor()).cloned());
             let mut g = grads.get(top.as_tensor()).cloned();
             drop(grads);
@@ -519,7 +589,7 @@ impl Learner {
                 match &leaf {
                     Some(v) => g = grads.get(v.as_tensor()).cloned(),
                     None => {
-                        if let Some((e, _)) = &embed_leaf {
+                        if let Some((e, ..)) = &embed_leaf {
                             if let Some(ge) = grads.get(e.as_tensor()) {
                                 // Addition commutes exactly: the same sum autograd forms.
                                 embed_grad = Some(match embed_grad.take() {
@@ -533,7 +603,7 @@ impl Learner {
             }
             (value, embed_grad, head_grad)
         };
-        if let (Some(e), Some((_, uniq)), Some(g)) = (self.embed, &embed_leaf, &embed_grad) {
+        if let (Some(e), Some((_, uniq, _)), Some(g)) = (self.embed, &embed_leaf, &embed_grad) {
             add_rows(&mut self.params[e].state, uniq, g, hidden, &self.device)?;
         }
         if let (Some(h), Some(g)) = (self.head, &head_grad) {
