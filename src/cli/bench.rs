@@ -24,6 +24,9 @@ pub enum BenchCommand {
     /// architecture with random weights on left-padded random batches; the PyTorch counterpart is
     /// benches/gpu/torch_step.py.
     TrainStep(TrainStepArgs),
+    /// Compile every CUDA kernel pipe builds at run time with NVRTC (needs the CUDA libraries, not
+    /// a GPU): catches a kernel that does not compile before a GPU run would.
+    Kernels,
     /// Time one decoder layer of an architecture and its parts (forward, forward+backward, the
     /// attention core, the projections' matmuls alone): where a training step's time goes.
     Layer(LayerArgs),
@@ -64,6 +67,10 @@ pub struct TrainStepArgs {
     /// Recompute each layer's activations in the backward pass (the train stage's `recompute`).
     #[arg(long)]
     recompute: bool,
+    /// Differentiate the decoder layers with candle's autograd instead of by hand (the reference
+    /// the hand-written backward is measured against).
+    #[arg(long)]
+    autograd_layers: bool,
     /// Peak dense TFLOPS of the device for MFU (H100 SXM bf16: 989).
     #[arg(long, default_value_t = 989.0)]
     peak_tflops: f64,
@@ -90,7 +97,7 @@ fn arch(name: &str) -> anyhow::Result<Qwen3Config> {
 }
 
 fn train_step(args: &TrainStepArgs) -> anyhow::Result<()> {
-    let TrainStepArgs { ref work, steps, warmup, recompute, peak_tflops } = *args;
+    let TrainStepArgs { ref work, steps, warmup, recompute, autograd_layers, peak_tflops } = *args;
     let Workload { ref arch, batch, seq, ref dtype, ref device } = *work;
     let arch_name = arch.as_str();
     use crate::train::data::MicroBatch;
@@ -102,6 +109,7 @@ fn train_step(args: &TrainStepArgs) -> anyhow::Result<()> {
     let params: usize = cfg.param_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum();
     let tc = TrainConfig { batch_size: batch, grad_accum: 1, learning_rate: 5e-6, recompute, ..TrainConfig::default() };
     let mut learner = Learner::new(model, 9693, 2152, &tc, dt)?;
+    learner.set_autograd_layers(autograd_layers);
     // Left padding of varying length, like real batches (the same pattern as torch_step.py).
     let mut store = crate::text::TokenStore::default();
     store.offsets.push(0);
@@ -159,6 +167,7 @@ fn train_step(args: &TrainStepArgs) -> anyhow::Result<()> {
             "impl": "pipe", "arch": arch_name, "params": params, "batch": batch, "seq": seq, "dtype": dtype,
             "device": format!("{dev:?}"), "step_seconds": secs, "samples_per_sec": batch as f64 / secs,
             "tokens_per_sec": tokens as f64 / secs, "loss": last_loss, "recompute": recompute,
+            "layers_differentiated": if autograd_layers { "autograd" } else { "by hand" },
             "phase_seconds": {"forward_backward": t_acc / n, "optimizer": t_apply / n, "forward_only": t_forward},
             "mfu": if gpu { Some(flops / secs / (peak_tflops * 1e12)) } else { None },
             "peak_rss_bytes": if gpu { None } else { peak_rss_bytes() },
@@ -223,6 +232,41 @@ fn run_once(cfg: &Qwen3Config, seed: u64, dtype: DType, device: &Device) -> anyh
     Ok((logits, g))
 }
 
+/// The decoder layers' gradients (by name, f32, on the CPU) of the same loss as [`run_once`], with
+/// each layer differentiated by hand ([`crate::model::backward`]) as full fine-tuning does.
+fn layer_grads_by_hand(cfg: &Qwen3Config, seed: u64, dtype: DType, device: &Device) -> anyhow::Result<Grads> {
+    use candle_core::Var;
+    let model = crate::model::random(cfg, seed, dtype, device, true)?;
+    let (ids, mask, targets) = batch(device)?;
+    let (b, t) = ids.dims2()?;
+    let embed = model.params().get("model.embed_tokens.weight").expect("every Qwen3 has one").detach();
+    let mut h = embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?;
+    let shared = model.layer_inputs(t, &mask)?;
+    let mut tapes = Vec::new();
+    for l in 0..model.num_layers() {
+        let (out, tape) = model.layer_taped(l, &h, &shared)?;
+        tapes.push(tape);
+        h = out;
+    }
+    let top = Var::from_tensor(&h)?;
+    let last = model.final_norm(&top.as_tensor().narrow(1, t - 1, 1)?.squeeze(1)?)?;
+    let logits = last.matmul(&model.lm_head_rows(&[9693, 2152])?.t()?)?;
+    let logit = (logits.narrow(1, 0, 1)? - logits.narrow(1, 1, 1)?)?.squeeze(1)?;
+    let grads = bce_with_logits(&logit.to_dtype(DType::F32)?, &targets)?.backward()?;
+    let mut dy =
+        grads.get(top.as_tensor()).ok_or_else(|| anyhow::anyhow!("no gradient reached the top layer"))?.clone();
+    let mut out = Vec::new();
+    while let Some(tape) = tapes.pop() {
+        let (dx, layer) = model.layer_backward(tape, &dy, &shared)?;
+        for (name, g) in layer {
+            out.push((name, g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?));
+        }
+        dy = dx;
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
 fn max_rel(a: &[f32], b: &[f32]) -> f64 {
     let scale = a.iter().map(|x| x.abs() as f64).fold(0.0, f64::max).max(1e-12);
     a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max) / scale
@@ -265,6 +309,11 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
         let xv = Var::from_tensor(&x)?;
         let out = model.layer(0, xv.as_tensor(), &shared)?;
         out.mul(&g)?.sum_all()?.backward()?;
+        Ok(())
+    })?;
+    let forward_backward_by_hand = time_it(&dev, args.iters, || {
+        let (_, tape) = frozen.layer_taped(0, &x, &shared)?;
+        frozen.layer_backward(tape, &g, &shared)?;
         Ok(())
     })?;
     // The seven projections' forward matmuls alone: the floor a layer's forward cannot beat.
@@ -345,6 +394,7 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
             "arch": work.arch, "batch": b, "seq": t, "dtype": work.dtype, "device": format!("{dev:?}"),
             "seconds": {
                 "layer_forward": forward, "layer_forward_backward": forward_backward,
+                "layer_forward_backward_by_hand": forward_backward_by_hand,
                 "projection_matmuls_forward": matmuls,
                 "attention_core_forward_backward": attention,
                 "attention_core_forward_backward_primitive_ops": attention_primitive,
@@ -354,14 +404,38 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
             },
             "projection_matmul_tflops": flops_fwd / matmuls / 1e12,
             "layers": layers,
-            "estimated_step_body_seconds": forward_backward * layers as f64,
+            "estimated_step_body_seconds": forward_backward_by_hand * layers as f64,
         })
     );
     Ok(())
 }
 
+/// Compiles each kernel source, printing `{kernels: {name: ptx_bytes}}`; fails on the first error.
+#[cfg(feature = "cuda")]
+fn kernels() -> anyhow::Result<()> {
+    let sets: [(&str, fn() -> candle_core::Result<&'static str>); 5] = [
+        ("rms_norm_backward", crate::model::norm::cuda::ptx),
+        ("masked_softmax", crate::model::softmax::cuda::ptx),
+        ("swiglu_backward", crate::model::swiglu::cuda::ptx),
+        ("fused_adamw", crate::train::fused::cuda::ptx),
+        ("scatter_rows", crate::train::scatter::cuda::ptx),
+    ];
+    let mut report = serde_json::Map::new();
+    for (name, ptx) in sets {
+        report.insert(name.into(), ptx()?.len().into());
+    }
+    println!("{}", serde_json::json!({ "kernels": report }));
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn kernels() -> anyhow::Result<()> {
+    anyhow::bail!("`pipe bench kernels` needs a build with the `cuda` feature (cargo build --features cuda)")
+}
+
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::Kernels => kernels(),
         BenchCommand::TrainStep(args) => train_step(&args),
         BenchCommand::Layer(args) => layer(&args),
         BenchCommand::Parity { device, seed } => {
@@ -376,10 +450,19 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 let (logits, grads) = run_once(&cfg, seed, dtype, &dev)?;
                 let logit_err = cpu_logits.iter().zip(&logits).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
                 let grad_err = cpu_grads.iter().zip(&grads).map(|((_, a), (_, b))| max_rel(a, b)).fold(0.0, f64::max);
+                // The layers differentiated by hand on the device, against autograd on the CPU.
+                let by_hand = layer_grads_by_hand(&cfg, seed, dtype, &dev)?;
+                let reference: std::collections::HashMap<&str, &Vec<f32>> =
+                    cpu_grads.iter().map(|(n, g)| (n.as_str(), g)).collect();
+                if by_hand.len() != cfg.num_hidden_layers * 11 {
+                    anyhow::bail!("the hand-written backward returned {} gradients", by_hand.len());
+                }
+                let by_hand_err = by_hand.iter().map(|(n, g)| max_rel(reference[n.as_str()], g)).fold(0.0, f64::max);
                 report[name] = serde_json::json!({
                     "max_abs_logit_diff": logit_err, "max_rel_grad_diff": grad_err,
+                    "max_rel_layer_grad_diff_by_hand": by_hand_err,
                     "tolerance": {"logit": tol_logit, "grad": tol_grad},
-                    "pass": logit_err <= tol_logit && grad_err <= tol_grad,
+                    "pass": logit_err <= tol_logit && grad_err <= tol_grad && by_hand_err <= tol_grad,
                 });
             }
             let adamw_err = fused_adamw_diff(&dev)?;

@@ -172,7 +172,7 @@ impl CustomOp2 for RmsNormBackwardDw {
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(crate) mod cuda {
     use std::sync::OnceLock;
 
     use candle_core::backend::BackendStorage;
@@ -240,7 +240,7 @@ KERNELS(f16, F16)
 
     const THREADS: u32 = 256;
 
-    fn ptx() -> Result<&'static str> {
+    pub(crate) fn ptx() -> Result<&'static str> {
         static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
         crate::model::nvrtc::ptx(&PTX, "RMSNorm backward kernels", || {
             format!("{}{SOURCE}", crate::model::nvrtc::FLOAT_TYPES)

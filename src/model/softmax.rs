@@ -214,7 +214,7 @@ impl CustomOp3 for MaskedSoftmaxBackward {
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(crate) mod cuda {
     use std::sync::OnceLock;
 
     use candle_core::backend::BackendStorage;
@@ -297,7 +297,7 @@ KERNELS(bf16, BF16)
 KERNELS(f16, F16)
 "#;
 
-    fn ptx() -> Result<&'static str> {
+    pub(crate) fn ptx() -> Result<&'static str> {
         static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
         crate::model::nvrtc::ptx(&PTX, "attention softmax kernels", || {
             format!("{}{SOURCE}", crate::model::nvrtc::FLOAT_TYPES)

@@ -101,7 +101,7 @@ impl InplaceOp2 for FusedAdamW {
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(crate) mod cuda {
     use std::sync::OnceLock;
 
     /// [`super::super::optim`]'s `update_one`, one thread per element (grid-stride).
@@ -132,7 +132,7 @@ extern "C" __global__ void pipe_adamw_f32(
 
     /// Compiled once per process with NVRTC, rounding like the CPU loop
     /// ([`crate::model::nvrtc::ieee_options`]).
-    pub fn ptx() -> candle_core::Result<&'static str> {
+    pub(crate) fn ptx() -> candle_core::Result<&'static str> {
         static PTX: OnceLock<Result<String, String>> = OnceLock::new();
         crate::model::nvrtc::ptx(&PTX, "fused AdamW kernel", || SOURCE.to_string())
     }

@@ -406,7 +406,7 @@ impl Learner {
         let head_ids = [self.yes, self.no];
 
         // Gather the embedding rows this batch uses into a leaf of its own (see the module docs).
-        let mut embed_leaf: Option<(Var, Vec<u32>, Tensor)> = None;
+        let mut embed_leaf: Option<(Var, Vec<u32>)> = None;
         if let Some(h) = self.head {
             self.catch_up(h, Some(&head_ids))?;
         }
@@ -424,9 +424,8 @@ impl Learner {
                     Var::from_tensor(&table.index_select(&Tensor::from_slice(&uniq, uniq.len(), &self.device)?, 0)?)?;
                 let local: Vec<u32> =
                     padded.flat_ids.iter().map(|id| uniq.binary_search(id).expect("id is in uniq") as u32).collect();
-                let local = Tensor::from_vec(local, b * t, &self.device)?;
-                let x = leaf.as_tensor().index_select(&local, 0)?;
-                embed_leaf = Some((leaf, uniq, local));
+                let x = leaf.as_tensor().index_select(&Tensor::from_vec(local, b * t, &self.device)?, 0)?;
+                embed_leaf = Some((leaf, uniq));
                 x.reshape((b, t, hidden))?
             }
             None => {
@@ -436,7 +435,7 @@ impl Learner {
         };
         let mut head_leaf: Option<Var> = None;
         let head = match (&embed_leaf, self.head) {
-            (Some((leaf, uniq, _)), _) if tied => {
+            (Some((leaf, uniq)), _) if tied => {
                 let pos: Vec<u32> = head_ids.iter().map(|id| uniq.binary_search(id).expect("added") as u32).collect();
                 leaf.as_tensor().index_select(&Tensor::from_vec(pos, 2, &self.device)?, 0)?
             }
@@ -507,7 +506,7 @@ impl Learner {
             let (scaled, value) = head_loss(&self.model, top.as_tensor())?;
             let grads = scaled.backward()?;
             self.add_param_grads(&grads)?;
-            let mut embed_grad = embed_leaf.as_ref().and_then(|(leaf, ..)| grads.get(leaf.as_tensor()).cloned());
+            let embed_grad = embed_leaf.as_ref().and_then(|(leaf, ..)| grads.get(leaf.as_tensor()).cloned());
             let head_grad = head_leaf.as_ref().and_then(|leaf| grads.get(leaf.as_tensor()).cloned());
             let mut g = grads.get(top.as_tensor()).cloned();
             drop(grads);
@@ -525,14 +524,17 @@ impl Learner {
                 }
                 g = Some(dx);
             }
-            // The embedding lookup's backward: each position's gradient added into its row.
-            if let (Some((leaf, _, local)), Some(dx)) = (&embed_leaf, &g) {
-                let rows = Tensor::zeros(leaf.dims(), leaf.dtype(), &self.device)?;
-                let ge = rows.index_add(local, &dx.reshape((b * t, hidden))?, 0)?;
-                embed_grad = Some(match embed_grad.take() {
-                    Some(acc) => (acc + ge)?,
-                    None => ge,
-                });
+            // The embedding lookup's backward: each position's gradient goes straight into its
+            // row of the accumulator (with the gathered rows' own gradient, from a tied head,
+            // added below).
+            if let (Some(e), Some(dx)) = (self.embed, &g) {
+                add_rows(
+                    &mut self.params[e].state,
+                    &padded.flat_ids,
+                    &dx.reshape((b * t, hidden))?,
+                    hidden,
+                    &self.device,
+                )?;
             }
             (value, embed_grad, head_grad)
         } else if !self.cfg.recompute {
@@ -603,7 +605,7 @@ impl Learner {
             }
             (value, embed_grad, head_grad)
         };
-        if let (Some(e), Some((_, uniq, _)), Some(g)) = (self.embed, &embed_leaf, &embed_grad) {
+        if let (Some(e), Some((_, uniq)), Some(g)) = (self.embed, &embed_leaf, &embed_grad) {
             add_rows(&mut self.params[e].state, uniq, g, hidden, &self.device)?;
         }
         if let (Some(h), Some(g)) = (self.head, &head_grad) {
@@ -1009,10 +1011,9 @@ fn add_dense(state: &mut State, g: &Tensor) -> Result<(), TrainError> {
 
 /// Adds the gradient of gathered rows (`g: [ids.len(), cols]`) into a row-sparse parameter.
 fn add_rows(state: &mut State, ids: &[u32], g: &Tensor, cols: usize, device: &Device) -> Result<(), TrainError> {
-    let g = g.to_dtype(DType::F32)?;
     match state {
         State::Host(h) => {
-            let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
+            let g: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             for (k, &id) in ids.iter().enumerate() {
                 let r = id as usize;
                 let dst = &mut h.grad[r * cols..(r + 1) * cols];
@@ -1025,12 +1026,11 @@ fn add_rows(state: &mut State, ids: &[u32], g: &Tensor, cols: usize, device: &De
             h.has_grad = true;
         }
         State::Device(d) => {
-            let idx = Tensor::from_slice(ids, ids.len(), device)?;
-            let acc = match d.grad.take() {
-                Some(acc) => acc,
-                None => Tensor::zeros(d.shape.as_slice(), DType::F32, device)?,
-            };
-            d.grad = Some(acc.index_add(&idx, &g, 0)?);
+            if d.grad.is_none() {
+                d.grad = Some(Tensor::zeros(d.shape.as_slice(), DType::F32, device)?);
+            }
+            let acc = d.grad.as_ref().expect("set above");
+            super::scatter::Plan::new(ids, device)?.add_into(acc, g)?;
         }
     }
     Ok(())

@@ -9,6 +9,8 @@
 //! - [`optim`]: AdamW with torch's arithmetic over flat f32 buffers, global-norm clipping.
 //! - [`fused`]: the same AdamW as one in-place op over a parameter's packed state on its device
 //!   (a CUDA kernel on the GPU).
+//! - [`scatter`]: token positions' gradients added into the embedding's accumulator in place (a
+//!   CUDA kernel on the GPU), deterministically.
 //! - [`schedule`]: linear warmup then linear decay, as transformers.
 //! - [`lora`]: adapters (PEFT's initialisation) and merging them for export.
 //! - [`learner`]: trainable parameters, f32 masters and moments, accumulation and the update.
@@ -27,6 +29,7 @@ pub mod lora;
 pub mod loss;
 pub mod matching;
 pub mod optim;
+pub mod scatter;
 pub mod schedule;
 pub mod trainer;
 
