@@ -10,7 +10,8 @@
 #       (random weights) on 16 sequences of 512 tokens in bf16: samples/s, tokens/s, peak memory, MFU;
 #   (c) the same step with PyTorch + transformers (SDPA, bf16 autocast, fused AdamW): torch_step.py;
 #   (d) a short end-to-end `pipe run` of pipelines/gpu_smoke.toml.
-#   Also: (b) again with activation recomputation (`--recompute`), and with GPU_CHECK_4B=1 a step of the
+#   Also: (b) again with activation recomputation (`--recompute`), (b) with the layers differentiated by
+#   autograd instead of by hand (`--autograd-layers`), and with GPU_CHECK_4B=1 a step of the
 #   Qwen3-4B architecture (batch 1 × 512, recomputation) to see whether it fits.
 set -uo pipefail
 # The device returns at most a few files from $OUT, and only what is there when a step is cut short:
@@ -71,6 +72,11 @@ save
 step pipe_step_recompute
 peak_of pipe_step_recompute timeout 120 ./pipe-gpu bench train-step --arch qwen3-0.6b --batch 16 --seq 512 \
   --dtype bf16 --steps 6 --device cuda --recompute > "$work/pipe_step_recompute.json" 2> "$work/pipe_step_recompute.err"
+# (b'') the same step with the decoder layers differentiated by candle's autograd, as before the
+# hand-written backward (src/model/backward.rs): what that backward gains, on the same GPU.
+step pipe_step_autograd
+peak_of pipe_step_autograd timeout 120 ./pipe-gpu bench train-step --arch qwen3-0.6b --batch 16 --seq 512 \
+  --dtype bf16 --steps 6 --device cuda --autograd-layers > "$work/pipe_step_autograd.json" 2> "$work/pipe_step_autograd.err"
 # Optional (GPU_CHECK_4B=1): does a 4B training step fit, with recomputation?
 if [ "${GPU_CHECK_4B:-0}" = 1 ]; then
   step pipe_step_4b
@@ -100,10 +106,11 @@ def busy(name):
     s = [u for _, u in samples(name)]
     return round(sum(s) / len(s), 1) if s else None
 res = {"gpu": gpu, "parity": load("parity.json"), "pipe_step": load("pipe_step.json"), "torch_step": load("torch_step.json"),
-       "pipe_step_recompute": load("pipe_step_recompute.json"), "layer": load("layer.json")}
+       "pipe_step_recompute": load("pipe_step_recompute.json"), "pipe_step_autograd": load("pipe_step_autograd.json"),
+       "layer": load("layer.json")}
 if os.path.exists(os.path.join(out, "pipe_step_4b.json")):
     res["pipe_step_4b"] = load("pipe_step_4b.json")
-for k in ("pipe_step", "torch_step", "pipe_step_recompute", "pipe_step_4b"):
+for k in ("pipe_step", "torch_step", "pipe_step_recompute", "pipe_step_autograd", "pipe_step_4b"):
     if k in res:
         res[k]["nvidia_smi_peak_bytes"] = peak(k)
         res[k]["nvidia_smi_mean_utilization_pct"] = busy(k)

@@ -387,6 +387,50 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
         y.mul(&g)?.sum_all()?.backward()?;
         Ok(())
     })?;
+    // The hand-written backward's parts on the layer's shapes (no graph anywhere): the fourteen
+    // matmuls, SwiGLU's kernel, the four RMSNorm backward passes, attention's backward, and RoPE's
+    // backward with the transposes around it.
+    let rows = b * t;
+    let dys: Vec<Tensor> = ws
+        .iter()
+        .map(|(w, _)| Ok(Tensor::randn(0f32, 1e-3, (rows, w.dim(0)?), &dev)?.to_dtype(dt)?))
+        .collect::<anyhow::Result<_>>()?;
+    let backward_matmuls = time_it(&dev, args.iters, || {
+        for ((w, input), dy) in ws.iter().zip(&dys) {
+            dy.matmul(w)?;
+            dy.t()?.matmul(input)?;
+        }
+        Ok(())
+    })?;
+    let (gate_t, up_t, da_t) = (
+        Tensor::randn(0f32, 1.0, (rows, inter), &dev)?.to_dtype(dt)?,
+        Tensor::randn(0f32, 1.0, (rows, inter), &dev)?.to_dtype(dt)?,
+        Tensor::randn(0f32, 1e-3, (rows, inter), &dev)?.to_dtype(dt)?,
+    );
+    let swiglu_backward = time_it(&dev, args.iters, || {
+        crate::model::swiglu::swiglu_backward(&gate_t, &up_t, &da_t)?;
+        Ok(())
+    })?;
+    let rms_norm_backwards = time_it(&dev, args.iters, || {
+        use crate::model::fused::rms_norm_backward;
+        for _ in 0..2 {
+            rms_norm_backward(xv.as_tensor(), wn.as_tensor(), &g, 1e-6)?;
+        }
+        rms_norm_backward(qv.as_tensor(), qn.as_tensor(), &go.transpose(1, 2)?.contiguous()?, 1e-6)?;
+        rms_norm_backward(kv.as_tensor(), kn.as_tensor(), &gk.transpose(1, 2)?.contiguous()?, 1e-6)?;
+        Ok(())
+    })?;
+    let attention_backward = time_it(&dev, args.iters, || {
+        let (q, k, v) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        crate::model::fused::attention_backward(q, k, v, &bias, scale, &go)?;
+        Ok(())
+    })?;
+    let rope_backward_transposes = time_it(&dev, args.iters, || {
+        for g in [&go, &gk] {
+            rope.backward_thd(&g.transpose(1, 2)?.contiguous()?)?;
+        }
+        Ok(())
+    })?;
     let flops_fwd = 2.0 * (b * t) as f64 * (ws.iter().map(|(w, _)| w.elem_count()).sum::<usize>()) as f64;
     println!(
         "{}",
@@ -401,6 +445,10 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
                 "two_rms_norms_forward_backward": norms,
                 "qk_norm_rope_forward_backward": qk_norm_rope,
                 "mlp_forward_backward": mlp,
+            },
+            "by_hand_backward_parts_seconds": {
+                "matmuls": backward_matmuls, "swiglu": swiglu_backward, "rms_norms": rms_norm_backwards,
+                "attention": attention_backward, "rope_and_transposes": rope_backward_transposes,
             },
             "projection_matmul_tflops": flops_fwd / matmuls / 1e12,
             "layers": layers,

@@ -11,12 +11,18 @@ fn bench_parity_runs_and_reports_json() {
     assert_eq!(v["f32"]["max_abs_logit_diff"], 0.0);
     // The fused AdamW op on the CPU runs the same loop as the reference: no difference at all.
     assert_eq!(v["fused_adamw"]["max_abs_diff"], 0.0, "{v}");
+    // The layers differentiated by hand agree with autograd's gradients.
+    let by_hand = v["f32"]["max_rel_layer_grad_diff_by_hand"].as_f64().unwrap();
+    assert!(by_hand < 1e-5, "{v}");
     let bf16 = v["bf16"]["max_abs_logit_diff"].as_f64().unwrap();
     assert!(bf16 > 0.0 && bf16 < 0.05, "bf16 differs from f32, within bf16 rounding: {bf16}");
     if !cfg!(feature = "cuda") {
         let out = p.pipe(&["bench", "parity", "--device", "cuda"]);
         assert_eq!(out.code, 1);
         assert!(out.stderr.contains("--features cuda"), "{out}");
+        let out = p.pipe(&["bench", "kernels"]);
+        assert_eq!(out.code, 1);
+        assert!(out.stderr.contains("needs a build with the `cuda` feature"), "{out}");
     }
 }
 
@@ -48,6 +54,15 @@ fn bench_train_step_times_real_steps() {
     let r = p.run_json(&[&args[..], &["--recompute"]].concat());
     assert_eq!((v["recompute"].clone(), r["recompute"].clone()), (false.into(), true.into()));
     assert_eq!(r["loss"], v["loss"], "{v}\n{r}");
+    // So does differentiating the layers with autograd instead of by hand
+    let a = p.run_json(&[&args[..], &["--autograd-layers"]].concat());
+    assert_eq!(
+        (v["layers_differentiated"].as_str(), a["layers_differentiated"].as_str()),
+        (Some("by hand"), Some("autograd"))
+    );
+    // (after three updates from gradients equal up to rounding)
+    let (la, lv) = (a["loss"].as_f64().unwrap(), v["loss"].as_f64().unwrap());
+    assert!((la - lv).abs() <= 1e-5 * lv.abs(), "{v}\n{a}");
     assert!(v["samples_per_sec"].as_f64().unwrap() > 0.0, "{v}");
     assert!(v["loss"].as_f64().unwrap().is_finite());
     assert_eq!(
@@ -68,6 +83,7 @@ fn bench_layer_times_a_layer_and_its_parts() {
     for part in [
         "layer_forward",
         "layer_forward_backward",
+        "layer_forward_backward_by_hand",
         "projection_matmuls_forward",
         "attention_core_forward_backward",
         "attention_core_forward_backward_primitive_ops",
@@ -78,6 +94,11 @@ fn bench_layer_times_a_layer_and_its_parts() {
         let secs = s.get(part).and_then(|x| x.as_f64()).unwrap_or_else(|| panic!("no {part} in {v}"));
         assert!(secs > 0.0 && secs.is_finite(), "{part}: {secs}");
     }
+    let parts = v["by_hand_backward_parts_seconds"].as_object().expect("the hand-written backward's parts");
+    for part in ["matmuls", "swiglu", "rms_norms", "attention", "rope_and_transposes"] {
+        let secs = parts.get(part).and_then(|x| x.as_f64()).unwrap_or_else(|| panic!("no {part} in {v}"));
+        assert!(secs > 0.0 && secs.is_finite(), "{part}: {secs}");
+    }
     let est = v["estimated_step_body_seconds"].as_f64().unwrap();
-    assert!((est - 2.0 * s["layer_forward_backward"].as_f64().unwrap()).abs() < 1e-12, "{v}");
+    assert!((est - 2.0 * s["layer_forward_backward_by_hand"].as_f64().unwrap()).abs() < 1e-12, "{v}");
 }
