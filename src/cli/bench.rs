@@ -461,7 +461,8 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
 /// Compiles each kernel source, printing `{kernels: {name: ptx_bytes}}`; fails on the first error.
 #[cfg(feature = "cuda")]
 fn kernels() -> anyhow::Result<()> {
-    let sets: [(&str, fn() -> candle_core::Result<&'static str>); 5] = [
+    type Ptx = fn() -> candle_core::Result<&'static str>;
+    let sets: [(&str, Ptx); 5] = [
         ("rms_norm_backward", crate::model::norm::cuda::ptx),
         ("masked_softmax", crate::model::softmax::cuda::ptx),
         ("swiglu_backward", crate::model::swiglu::cuda::ptx),
