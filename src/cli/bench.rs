@@ -425,6 +425,44 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
         crate::model::fused::attention_backward(q, k, v, &bias, scale, &go)?;
         Ok(())
     })?;
+    // Attention's own parts (forward, then what its backward adds): which of the `T × T` passes
+    // and matmuls cost what.
+    let group_rows = nh / nkv * t;
+    let (qg, kt, vt) = (q.as_tensor().reshape((b, nkv, group_rows, d))?, k.as_tensor().t()?, v.as_tensor().clone());
+    let att_scores = time_it(&dev, args.iters, || {
+        qg.matmul(&kt)?;
+        Ok(())
+    })?;
+    let s_att = qg.matmul(&kt)?.reshape((b, nh, t, t))?;
+    let softmax_op = crate::model::softmax::MaskedSoftmax { scale };
+    let att_softmax = time_it(&dev, args.iters, || {
+        s_att.apply_op2_no_bwd(&bias, &softmax_op)?;
+        Ok(())
+    })?;
+    let p_att = s_att.apply_op2_no_bwd(&bias, &softmax_op)?.reshape((b, nkv, group_rows, t))?;
+    let att_pv = time_it(&dev, args.iters, || {
+        p_att.matmul(&vt)?;
+        Ok(())
+    })?;
+    let go_g = go.reshape((b, nkv, group_rows, d))?;
+    let att_dv_dp = time_it(&dev, args.iters, || {
+        p_att.t()?.matmul(&go_g)?;
+        go_g.matmul(&vt.t()?)?;
+        Ok(())
+    })?;
+    let dp_att = go_g.matmul(&vt.t()?)?.reshape((b, nh, t, t))?;
+    let softmax_bwd_op = crate::model::softmax::MaskedSoftmaxBackward { scale };
+    let att_softmax_backward = time_it(&dev, args.iters, || {
+        s_att.apply_op3_no_bwd(&bias, &dp_att, &softmax_bwd_op)?;
+        Ok(())
+    })?;
+    let ds_att = s_att.apply_op3_no_bwd(&bias, &dp_att, &softmax_bwd_op)?.reshape((b, nkv, group_rows, t))?;
+    let k_plain = k.as_tensor().clone();
+    let att_dq_dk = time_it(&dev, args.iters, || {
+        ds_att.matmul(&k_plain)?;
+        ds_att.t()?.matmul(&qg)?;
+        Ok(())
+    })?;
     let rope_backward_transposes = time_it(&dev, args.iters, || {
         for g in [&go, &gk] {
             rope.backward_thd(&g.transpose(1, 2)?.contiguous()?)?;
@@ -449,6 +487,11 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
             "by_hand_backward_parts_seconds": {
                 "matmuls": backward_matmuls, "swiglu": swiglu_backward, "rms_norms": rms_norm_backwards,
                 "attention": attention_backward, "rope_and_transposes": rope_backward_transposes,
+            },
+            "attention_parts_seconds": {
+                "scores_matmul": att_scores, "softmax": att_softmax, "probs_times_v": att_pv,
+                "dv_and_dp_matmuls": att_dv_dp, "softmax_backward": att_softmax_backward,
+                "dq_and_dk_matmuls": att_dq_dk,
             },
             "projection_matmul_tflops": flops_fwd / matmuls / 1e12,
             "layers": layers,

@@ -99,6 +99,9 @@ fn bench_layer_times_a_layer_and_its_parts() {
         let secs = parts.get(part).and_then(|x| x.as_f64()).unwrap_or_else(|| panic!("no {part} in {v}"));
         assert!(secs > 0.0 && secs.is_finite(), "{part}: {secs}");
     }
+    let parts = v["attention_parts_seconds"].as_object().expect("attention's parts");
+    assert_eq!(parts.len(), 6, "{v}");
+    assert!(parts.values().all(|x| x.as_f64().is_some_and(|s| s > 0.0)), "{v}");
     let est = v["estimated_step_body_seconds"].as_f64().unwrap();
     assert!((est - 2.0 * s["layer_forward_backward_by_hand"].as_f64().unwrap()).abs() < 1e-12, "{v}");
 }
