@@ -383,7 +383,7 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
     let mlp = time_it(&dev, args.iters, || {
         use candle_core::Module;
         let y =
-            down.forward(&(crate::model::ops::silu(&gate.forward(xv.as_tensor())?)? * up.forward(xv.as_tensor())?)?)?;
+            down.forward(&crate::model::fused::swiglu(&gate.forward(xv.as_tensor())?, &up.forward(xv.as_tensor())?)?)?;
         y.mul(&g)?.sum_all()?.backward()?;
         Ok(())
     })?;

@@ -20,7 +20,7 @@ use candle_core::{DType, Result as CandleResult, Tensor};
 use super::fused::{attention_backward, attention_forward, rms_norm, rms_norm_backward};
 use super::ops::Linear;
 use super::qwen3::{DecoderLayer, LayerInputs};
-use super::swiglu::swiglu_backward;
+use super::swiglu::{swiglu_backward, swiglu_forward};
 use super::{ModelError, Qwen3};
 
 /// What one layer's forward keeps for its backward (all detached, in the compute dtype).
@@ -116,7 +116,7 @@ impl Qwen3 {
         let m = &layer.mlp;
         let gate = linear(&h2, &m.gate_proj)?;
         let up = linear(&h2, &m.up_proj)?;
-        let act = (gate.silu()? * &up)?;
+        let act = swiglu_forward(&gate, &up)?;
         let y = (&x2 + linear(&act, &m.down_proj)?)?.reshape((b, t, hd))?;
         let tape = LayerTape { index, dims: (b, t), x, h1, q_proj, k_proj, q, k, v, attn, x2, h2, gate, up, act };
         Ok((y, tape))

@@ -1,4 +1,5 @@
-//! Fused forward passes with hand-written backward passes: RMSNorm, RoPE and the attention core.
+//! Fused forward passes with hand-written backward passes: RMSNorm, RoPE, the attention core and
+//! the MLP's SwiGLU gate.
 //!
 //! Why: written from primitive ops ([`super::ops`]), every intermediate of these functions stays
 //! alive in candle's graph until the backward pass. For attention that is five or six
@@ -189,6 +190,18 @@ pub fn rms_norm_backward(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result
     Ok((dx, dw))
 }
 
+/// The MLP's gate `silu(gate) · up` as one kernel ([`super::swiglu`]), in f32 with one rounding;
+/// its backward is one kernel too.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+    let out = super::swiglu::swiglu_forward(&gate.detach(), &up.detach())?;
+    let backward: Backward = Box::new(|args, g| {
+        let (dg, du) = super::swiglu::swiglu_backward(&args[0].detach(), &args[1].detach(), g)?;
+        Ok(vec![Some(dg), Some(du)])
+    });
+    attach("fused-swiglu", &[&gate, &up], out, backward)
+}
+
 /// RoPE over `x: [batch, seq, heads, head_dim]` (contiguous, as a projection reshapes to), with
 /// `cos`/`sin` of shape `[seq, head_dim / 2]` in x's dtype. The rotation is orthogonal, so its
 /// backward is the same kernel with `−sin`.
@@ -360,6 +373,20 @@ mod tests {
                 &[q, k, v],
                 |x| attention(&x[0], &x[1], &x[2], &bias, scale).unwrap(),
                 |x| ops::attention(&x[0], &x[1], &x[2], &bias, scale).unwrap(),
+                tol,
+            );
+        }
+    }
+
+    #[test]
+    fn fused_swiglu_equals_the_primitive_one() {
+        for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 3e-2), (DType::F16, 1e-2)] {
+            let g = (sample(&[2, 5, 12], 11, dtype) * 4.0).unwrap();
+            let u = sample(&[2, 5, 12], 12, dtype);
+            same_values_and_grads(
+                &[g, u],
+                |t| swiglu(&t[0], &t[1]).unwrap(),
+                |t| (ops::silu(&t[0]).unwrap() * &t[1]).unwrap(),
                 tol,
             );
         }

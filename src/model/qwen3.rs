@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Module, Tensor, Var};
 
 use super::config::Qwen3Config;
-use super::fused::{attention, rms_norm};
-use super::ops::{attention_bias, silu, Linear, RopeTables};
+use super::fused::{attention, rms_norm, swiglu};
+use super::ops::{attention_bias, Linear, RopeTables};
 use super::ModelError;
 
 /// The model's parameters by Hugging Face tensor name (`model.layers.0.self_attn.q_proj.weight`…).
@@ -125,7 +125,7 @@ pub(super) struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gated = (silu(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?;
+        let gated = swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
         self.down_proj.forward(&gated)
     }
 }

@@ -1,15 +1,20 @@
-//! The backward pass of the MLP's gate, `a = silu(gate) · up`, as one element-wise kernel.
+//! The MLP's gate, `a = silu(gate) · up`, forward and backward, each as one element-wise kernel.
 //!
 //! Why: differentiated op by op, `silu` alone is about six kernels over `[tokens, intermediate]`
 //! (the widest activation of a layer, three times the hidden size) and the product two more, each
 //! a full pass over memory plus the zero-fill and add candle's autograd does for every input. This
 //! is one pass that reads `gate`, `up` and `da` and writes both gradients. With `s = σ(gate)` in
 //! f32: `dgate = da · up · s · (1 + gate · (1 − s))`, `dup = da · gate · s`, each rounded once to
-//! the inputs' dtype. The result is `[2, ...]`: `dgate` then `dup`, so that one allocation holds
+//! the inputs' dtype. The forward is likewise one pass, `a = gate · s · up` in f32, rounded once
+//! (candle's `silu` then a product rounds twice in 16-bit dtypes). The result is `[2, ...]`: `dgate` then `dup`, so that one allocation holds
 //! both and each is a contiguous view. The CPU loop is the reference the CUDA kernel mirrors.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
+
+/// `silu(gate) · up`; args: gate, up — one shape, one float dtype, contiguous.
+#[derive(Debug, Clone, Copy)]
+pub struct SwigluForward;
 
 /// `[dgate; dup]` of `silu(gate) · up`; args: gate, up, da — one shape, one float dtype, contiguous.
 #[derive(Debug, Clone, Copy)]
@@ -28,6 +33,55 @@ fn check(g: &Layout, u: &Layout, da: &Layout) -> Result<(usize, usize, usize, Sh
     let mut dims = vec![2];
     dims.extend_from_slice(g.shape().dims());
     Ok((offset(g, "gate")?, offset(u, "up")?, offset(da, "da")?, Shape::from(dims)))
+}
+
+fn forward_cpu<T: WithDType>(g: &[T], u: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); g.len()];
+    const CHUNK: usize = 4096;
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+        let base = c * CHUNK;
+        for (i, o) in out.iter_mut().enumerate() {
+            let (x, y) = (g[base + i].to_f64() as f32, u[base + i].to_f64() as f32);
+            *o = T::from_f64((x / (1.0 + (-x).exp()) * y) as f64);
+        }
+    });
+    out
+}
+
+impl CustomOp2 for SwigluForward {
+    fn name(&self) -> &'static str {
+        "pipe-swiglu"
+    }
+
+    fn cpu_fwd(&self, sg: &CpuStorage, lg: &Layout, su: &CpuStorage, lu: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (og, ou, _, _) = check(lg, lu, lg)?;
+        let n = lg.shape().elem_count();
+        let out = match (sg, su) {
+            (CpuStorage::F32(g), CpuStorage::F32(u)) => CpuStorage::F32(forward_cpu(&g[og..og + n], &u[ou..ou + n])),
+            (CpuStorage::BF16(g), CpuStorage::BF16(u)) => CpuStorage::BF16(forward_cpu(&g[og..og + n], &u[ou..ou + n])),
+            (CpuStorage::F16(g), CpuStorage::F16(u)) => CpuStorage::F16(forward_cpu(&g[og..og + n], &u[ou..ou + n])),
+            _ => candle_core::bail!("SwiGLU: gate and up must share one float dtype"),
+        };
+        Ok((out, lg.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sg: &candle_core::CudaStorage,
+        lg: &Layout,
+        su: &candle_core::CudaStorage,
+        lu: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (og, ou, _, _) = check(lg, lu, lg)?;
+        let out = cuda::launch(cuda::Kind::Forward, sg, og, su, ou, None, lg.shape().elem_count())?;
+        Ok((out, lg.shape().clone()))
+    }
+}
+
+/// `silu(gate) · up` without a graph ([`super::fused::swiglu`] attaches the backward).
+pub fn swiglu_forward(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &SwigluForward)
 }
 
 /// The two gradients of one element, in f32.
@@ -96,7 +150,7 @@ impl CustomOp3 for SwigluBackward {
         ld: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (og, ou, od, shape) = check(lg, lu, ld)?;
-        let out = cuda::backward(sg, og, su, ou, sd, od, lg.shape().elem_count())?;
+        let out = cuda::launch(cuda::Kind::Backward, sg, og, su, ou, Some((sd, od)), lg.shape().elem_count())?;
         Ok((out, shape))
     }
 }
@@ -116,8 +170,20 @@ pub(crate) mod cuda {
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, DType, Result};
 
+    pub enum Kind {
+        Forward,
+        Backward,
+    }
+
     /// Grid-stride over elements. `F32`, `BF16`, `F16`: [`crate::model::nvrtc::FLOAT_TYPES`].
     pub(crate) const SOURCE: &str = r#"
+template <typename D>
+__device__ void swiglu_fwd(const typename D::S* g, const typename D::S* u, typename D::S* out, long long n) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    float x = D::to(g[i]);
+    out[i] = D::from(x / (1.0f + expf(-x)) * D::to(u[i]));
+  }
+}
 template <typename D>
 __device__ void swiglu_bwd(const typename D::S* g, const typename D::S* u, const typename D::S* da,
                            typename D::S* out, long long n) {
@@ -129,6 +195,8 @@ __device__ void swiglu_bwd(const typename D::S* g, const typename D::S* u, const
   }
 }
 #define KERNELS(NAME, D) \
+extern "C" __global__ void pipe_swiglu_fwd_##NAME(const D::S* g, const D::S* u, D::S* out, long long n) \
+  { swiglu_fwd<D>(g, u, out, n); } \
 extern "C" __global__ void pipe_swiglu_bwd_##NAME(const D::S* g, const D::S* u, const D::S* da, D::S* out, long long n) \
   { swiglu_bwd<D>(g, u, da, out, n); }
 KERNELS(f32, F32)
@@ -140,23 +208,26 @@ KERNELS(f16, F16)
 
     pub(crate) fn ptx() -> Result<&'static str> {
         static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        crate::model::nvrtc::ptx(&PTX, "SwiGLU backward kernel", || {
-            format!("{}{SOURCE}", crate::model::nvrtc::FLOAT_TYPES)
-        })
+        crate::model::nvrtc::ptx(&PTX, "SwiGLU kernels", || format!("{}{SOURCE}", crate::model::nvrtc::FLOAT_TYPES))
     }
 
-    pub fn backward(
+    /// The forward (`da = None`; `n` outputs) or the backward (`2n`: dgate then dup).
+    pub fn launch(
+        kind: Kind,
         g: &CudaStorage,
         og: usize,
         u: &CudaStorage,
         ou: usize,
-        da: &CudaStorage,
-        od: usize,
+        da: Option<(&CudaStorage, usize)>,
         n: usize,
     ) -> Result<CudaStorage> {
         let dev = g.device.clone();
-        let suffix = crate::model::nvrtc::dtype_suffix(g.dtype(), "SwiGLU backward")?;
-        let func = dev.get_or_load_custom_func(&format!("pipe_swiglu_bwd_{suffix}"), "pipe_swiglu", ptx()?)?;
+        let suffix = crate::model::nvrtc::dtype_suffix(g.dtype(), "SwiGLU")?;
+        let (name, outputs) = match kind {
+            Kind::Forward => (format!("pipe_swiglu_fwd_{suffix}"), n),
+            Kind::Backward => (format!("pipe_swiglu_bwd_{suffix}"), 2 * n),
+        };
+        let func = dev.get_or_load_custom_func(&name, "pipe_swiglu", ptx()?)?;
         let blocks = n.div_ceil(THREADS as usize).clamp(1, 65_536) as u32;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let n64 = n as i64;
@@ -164,16 +235,21 @@ KERNELS(f16, F16)
             ($t:ty) => {{
                 let gs = g.as_cuda_slice::<$t>()?.slice(og..og + n);
                 let us = u.as_cuda_slice::<$t>()?.slice(ou..ou + n);
-                let ds = da.as_cuda_slice::<$t>()?.slice(od..od + n);
-                // SAFETY: the grid-stride loop writes both halves of every element.
-                let out = unsafe { dev.alloc::<$t>(2 * n)? };
+                let ds = match da {
+                    Some((da, od)) => Some(da.as_cuda_slice::<$t>()?.slice(od..od + n)),
+                    None => None,
+                };
+                // SAFETY: the grid-stride loop writes every output element.
+                let out = unsafe { dev.alloc::<$t>(outputs)? };
                 let mut b = func.builder();
                 b.arg(&gs);
                 b.arg(&us);
-                b.arg(&ds);
+                if let Some(ds) = &ds {
+                    b.arg(ds);
+                }
                 b.arg(&out);
                 b.arg(&n64);
-                // SAFETY: arguments in the kernel's order and types; indices stay below 2n.
+                // SAFETY: arguments in the kernel's order and types; indices stay below `outputs`.
                 unsafe { b.launch(cfg) }.w()?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
@@ -215,6 +291,21 @@ mod tests {
                 let d = max((ours.to_dtype(DType::F32).unwrap() - &reference).unwrap()) / max(reference);
                 assert!(d <= tol, "{dtype:?}: max relative difference {d} > {tol}");
             }
+        }
+    }
+
+    #[test]
+    fn forward_equals_silu_times_up_within_one_rounding() {
+        for (dtype, tol) in [(DType::F32, 1e-6f32), (DType::BF16, 4e-3), (DType::F16, 5e-4)] {
+            let g = (sample(&[3, 7, 11], 4) * 6.0).unwrap().to_dtype(dtype).unwrap();
+            let u = sample(&[3, 7, 11], 5).to_dtype(dtype).unwrap();
+            let ours = swiglu_forward(&g, &u).unwrap();
+            assert_eq!((ours.dims(), ours.dtype()), (g.dims(), dtype));
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let reference = (f32(&g).silu().unwrap() * f32(&u)).unwrap();
+            let max = |t: Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let d = max((f32(&ours) - &reference).unwrap()) / max(reference);
+            assert!(d <= tol, "{dtype:?}: max relative difference {d} > {tol}");
         }
     }
 
