@@ -508,7 +508,7 @@ fn kernels() -> anyhow::Result<()> {
     let sets: [(&str, Ptx); 5] = [
         ("rms_norm_backward", crate::model::norm::cuda::ptx),
         ("masked_softmax", crate::model::softmax::cuda::ptx),
-        ("swiglu_backward", crate::model::swiglu::cuda::ptx),
+        ("swiglu", crate::model::swiglu::cuda::ptx),
         ("fused_adamw", crate::train::fused::cuda::ptx),
         ("scatter_rows", crate::train::scatter::cuda::ptx),
     ];

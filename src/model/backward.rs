@@ -17,7 +17,7 @@
 
 use candle_core::{DType, Result as CandleResult, Tensor};
 
-use super::fused::{attention_backward, attention_forward, rms_norm, rms_norm_backward};
+use super::fused::{attention_backward_from_probs, attention_forward_keeping_probs, rms_norm, rms_norm_backward};
 use super::ops::Linear;
 use super::qwen3::{DecoderLayer, LayerInputs};
 use super::swiglu::{swiglu_backward, swiglu_forward};
@@ -38,6 +38,11 @@ pub struct LayerTape {
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    /// The attention probabilities `[B, heads, T, T]`: kept rather than recomputed, which saves
+    /// the backward a matmul and two passes over `T × T` scores and the bias. They are the tape's
+    /// largest part (134 MB per Qwen3-0.6B layer at 16 × 512 in bf16); with `recompute` only one
+    /// layer's tape exists at a time.
+    probs: Tensor,
     attn: Tensor,
     /// The residual stream after attention, its RMSNorm, the MLP's gate and up projections and
     /// `silu(gate) · up`.
@@ -109,7 +114,8 @@ impl Qwen3 {
         let k_proj = linear(&h1, &a.k_proj)?.reshape((b, t, nkv, d))?;
         let k = shared.rope.apply_thd(&rms_norm(&k_proj, &a.k_norm.detach(), a.eps)?)?.transpose(1, 2)?.contiguous()?;
         let v = linear(&h1, &a.v_proj)?.reshape((b, t, nkv, d))?.transpose(1, 2)?.contiguous()?;
-        let out = attention_forward(&q, &k, &v, &shared.bias.contiguous()?, (d as f64).powf(-0.5))?;
+        let (out, probs) =
+            attention_forward_keeping_probs(&q, &k, &v, &shared.bias.contiguous()?, (d as f64).powf(-0.5))?;
         let attn = out.transpose(1, 2)?.reshape((rows, nh * d))?;
         let x2 = (&x + linear(&attn, &a.o_proj)?)?;
         let h2 = rms_norm(&x2, &layer.post_attention_layernorm.detach(), layer.eps)?;
@@ -118,7 +124,8 @@ impl Qwen3 {
         let up = linear(&h2, &m.up_proj)?;
         let act = swiglu_forward(&gate, &up)?;
         let y = (&x2 + linear(&act, &m.down_proj)?)?.reshape((b, t, hd))?;
-        let tape = LayerTape { index, dims: (b, t), x, h1, q_proj, k_proj, q, k, v, attn, x2, h2, gate, up, act };
+        let tape =
+            LayerTape { index, dims: (b, t), x, h1, q_proj, k_proj, q, k, v, probs, attn, x2, h2, gate, up, act };
         Ok((y, tape))
     }
 
@@ -131,7 +138,8 @@ impl Qwen3 {
         dy: &Tensor,
         shared: &LayerInputs,
     ) -> Result<(Tensor, NamedGrads), ModelError> {
-        let LayerTape { index, dims: (b, t), x, h1, q_proj, k_proj, q, k, v, attn, x2, h2, gate, up, act } = tape;
+        let LayerTape { index, dims: (b, t), x, h1, q_proj, k_proj, q, k, v, probs, attn, x2, h2, gate, up, act } =
+            tape;
         let layer = self.decoder_layer(index)?;
         no_lora(layer, index)?;
         let a = &layer.self_attn;
@@ -173,8 +181,8 @@ impl Qwen3 {
         push("self_attn.o_proj", dw, db);
         drop(attn);
         let dout = dattn.reshape((b, t, nh, d))?.transpose(1, 2)?.contiguous()?;
-        let (dq, dk, dv) = attention_backward(&q, &k, &v, &shared.bias.contiguous()?, (d as f64).powf(-0.5), &dout)?;
-        drop((q, k, v, dout));
+        let (dq, dk, dv) = attention_backward_from_probs(&q, &k, &v, &probs, (d as f64).powf(-0.5), &dout)?;
+        drop((q, k, v, probs, dout));
         let dq = shared.rope.backward_thd(&dq.transpose(1, 2)?.contiguous()?)?;
         let (dq, dqn) = rms_norm_backward(&q_proj, &a.q_norm.detach(), &dq, a.eps)?;
         push("self_attn.q_norm", dqn, None);

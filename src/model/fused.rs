@@ -239,6 +239,46 @@ pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scal
     p.reshape((b, nkv, nh / nkv * t, t))?.matmul(v)?.reshape((b, nh, t, d))
 }
 
+/// [`attention_forward`] that also returns the probabilities `[B, nh, T, T]` (input dtype), for
+/// [`attention_backward_from_probs`].
+pub fn attention_forward_keeping_probs(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    let (b, nh, t, d) = q.dims4()?;
+    let nkv = k.dim(1)?;
+    let p = probabilities(&scores(q, k)?, bias, scale)?;
+    let out = p.reshape((b, nkv, nh / nkv * t, t))?.matmul(v)?.reshape((b, nh, t, d))?;
+    Ok((out, p))
+}
+
+/// [`attention_backward`] from the forward's probabilities: no scores matmul, no softmax pass and
+/// no bias read. In f32 the same bits as recomputing; in 16-bit dtypes it reads the rounded
+/// probabilities.
+pub fn attention_backward_from_probs(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    p: &Tensor,
+    scale: f64,
+    g: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, nh, t, d) = q.dims4()?;
+    let nkv = k.dim(1)?;
+    let rows = nh / nkv * t;
+    let g = g.contiguous()?.reshape((b, nkv, rows, d))?;
+    let dv = p.reshape((b, nkv, rows, t))?.t()?.matmul(&g)?;
+    let dp = g.matmul(&v.t()?)?.reshape((b, nh, t, t))?;
+    let ds = p.apply_op2_no_bwd(&dp, &super::softmax::SoftmaxBackwardFromProbs { scale })?;
+    let ds = ds.reshape((b, nkv, rows, t))?;
+    let dq = ds.matmul(k)?.reshape((b, nh, t, d))?;
+    let dk = ds.t()?.matmul(&q.reshape((b, nkv, rows, d))?)?;
+    Ok((dq, dk, dv))
+}
+
 /// `(dq, dk, dv)` of [`attention`] for the output gradient `g`, recomputing the probabilities from
 /// `q` and `k` (contiguous); no graph.
 pub fn attention_backward(
@@ -375,6 +415,33 @@ mod tests {
                 |x| ops::attention(&x[0], &x[1], &x[2], &bias, scale).unwrap(),
                 tol,
             );
+        }
+    }
+
+    #[test]
+    fn the_backward_from_kept_probabilities_equals_the_recomputing_one() {
+        let (b, nh, nkv, t, d) = (2, 4, 2, 5, 8);
+        let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [0, 0, 1, 1, 1]], &Device::Cpu).unwrap();
+        let bias = ops::attention_bias(&mask).unwrap();
+        let scale = (d as f64).powf(-0.5);
+        for (dtype, tol) in [(DType::F32, 0.0), (DType::BF16, 2e-2), (DType::F16, 4e-3)] {
+            let q = (sample(&[b, nh, t, d], 4, dtype) * 2.0).unwrap();
+            let k = (sample(&[b, nkv, t, d], 5, dtype) * 2.0).unwrap();
+            let v = sample(&[b, nkv, t, d], 6, dtype);
+            let g = sample(&[b, nh, t, d], 7, dtype);
+            let (out, p) = attention_forward_keeping_probs(&q, &k, &v, &bias, scale).unwrap();
+            assert_eq!(max_diff(&out, &attention_forward(&q, &k, &v, &bias, scale).unwrap()), 0.0);
+            let kept = attention_backward_from_probs(&q, &k, &v, &p, scale, &g).unwrap();
+            let recomputed = attention_backward(&q, &k, &v, &bias, scale, &g).unwrap();
+            for (i, (a, r)) in
+                [(kept.0, recomputed.0), (kept.1, recomputed.1), (kept.2, recomputed.2)].iter().enumerate()
+            {
+                let scale = r.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+                let scale = scale.to_scalar::<f32>().unwrap();
+                assert!(scale > 0.0);
+                let diff = max_diff(a, r);
+                assert!(diff <= tol * scale, "{dtype:?} gradient {i}: {diff} (scale {scale})");
+            }
         }
     }
 

@@ -89,6 +89,84 @@ pub struct MaskedSoftmaxBackward {
     pub scale: f64,
 }
 
+/// `scale · P ⊙ (dP − Σ dP ⊙ P)` from the probabilities the forward wrote; args: P, dP, both
+/// `[B, H, T, T]` contiguous. The same arithmetic as [`MaskedSoftmaxBackward`] (in f32 the same
+/// bits, since the stored f32 probabilities are the recomputed ones), without re-reading the
+/// scores and the bias or recomputing the exponentials. For 16-bit dtypes it reads the rounded
+/// probabilities, as transformers' eager attention does.
+#[derive(Debug, Clone, Copy)]
+pub struct SoftmaxBackwardFromProbs {
+    pub scale: f64,
+}
+
+fn backward_from_probs_cpu<T: WithDType>(p: &[T], dp: &[T], t: usize, scale: f64) -> Vec<T> {
+    let scale = dtype_scale::<T>(scale);
+    let mut out = vec![T::zero(); p.len()];
+    out.par_chunks_mut(t).enumerate().for_each(|(r, dst)| {
+        let (p, g) = (&p[r * t..(r + 1) * t], &dp[r * t..(r + 1) * t]);
+        let dot: f32 = p.iter().zip(g).map(|(p, g)| g.to_f64() as f32 * p.to_f64() as f32).sum();
+        for ((d, p), g) in dst.iter_mut().zip(p).zip(g) {
+            let ds = T::from_f64((p.to_f64() as f32 * (g.to_f64() as f32 - dot)) as f64).to_f64() as f32;
+            *d = T::from_f64((ds * scale) as f64);
+        }
+    });
+    out
+}
+
+impl CustomOp2 for SoftmaxBackwardFromProbs {
+    fn name(&self) -> &'static str {
+        "pipe-softmax-backward-from-probs"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (t, p0, g0, n) = probs_dims(l1, l2)?;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(p), CpuStorage::F32(g)) => {
+                CpuStorage::F32(backward_from_probs_cpu(&p[p0..p0 + n], &g[g0..g0 + n], t, self.scale))
+            }
+            (CpuStorage::BF16(p), CpuStorage::BF16(g)) => {
+                CpuStorage::BF16(backward_from_probs_cpu(&p[p0..p0 + n], &g[g0..g0 + n], t, self.scale))
+            }
+            (CpuStorage::F16(p), CpuStorage::F16(g)) => {
+                CpuStorage::F16(backward_from_probs_cpu(&p[p0..p0 + n], &g[g0..g0 + n], t, self.scale))
+            }
+            _ => candle_core::bail!("softmax backward: P and dP must share one float dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (t, p0, g0, n) = probs_dims(l1, l2)?;
+        let out = cuda::launch_from_probs(s1, p0, s2, g0, n, t, self.scale)?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// (T, offset of P, offset of dP, elements) of two contiguous `[..., T, T]` tensors of one shape.
+fn probs_dims(p: &Layout, dp: &Layout) -> Result<(usize, usize, usize, usize)> {
+    let (_, _, t, t2) = p.shape().dims4()?;
+    if t != t2 || dp.shape() != p.shape() {
+        candle_core::bail!(
+            "softmax backward: P {:?} and dP {:?} must be one [B, H, T, T] shape",
+            p.shape(),
+            dp.shape()
+        );
+    }
+    let offset = |l: &Layout, what: &str| {
+        l.contiguous_offsets()
+            .map(|o| o.0)
+            .ok_or_else(|| candle_core::Error::Msg(format!("softmax backward: {what} must be contiguous")))
+    };
+    Ok((t, offset(p, "P")?, offset(dp, "dP")?, p.shape().elem_count()))
+}
+
 fn forward_cpu<T: WithDType>(s: &[T], bias: &[f32], b: usize, h: usize, t: usize, scale: f64) -> Vec<T> {
     let scale = dtype_scale::<T>(scale);
     let mut out = vec![T::zero(); b * h * t * t];
@@ -287,7 +365,20 @@ __device__ void backward(const typename D::S* s, const float* bias, const typena
   }
 }
 
+template <typename D>
+__device__ void backward_from_probs(const typename D::S* p, const typename D::S* dp, typename D::S* ds, int t, float scale) {
+  long long r = blockIdx.x;
+  p += r * t; dp += r * t; ds += r * t;
+  float dot = 0.0f;
+  for (int j = threadIdx.x; j < t; j += blockDim.x) dot += D::to(dp[j]) * D::to(p[j]);
+  dot = block_reduce(dot, false);
+  for (int j = threadIdx.x; j < t; j += blockDim.x)
+    ds[j] = D::from(D::to(D::from(D::to(p[j]) * (D::to(dp[j]) - dot))) * scale);
+}
+
 #define KERNELS(NAME, D) \
+extern "C" __global__ void pipe_softmax_bwd_p_##NAME(const D::S* p, const D::S* dp, D::S* ds, int t, float scale) \
+  { backward_from_probs<D>(p, dp, ds, t, scale); } \
 extern "C" __global__ void pipe_softmax_fwd_##NAME(const D::S* s, const float* bias, D::S* p, int t, int heads, float scale) \
   { forward<D>(s, bias, p, t, heads, scale); } \
 extern "C" __global__ void pipe_softmax_bwd_##NAME(const D::S* s, const float* bias, const D::S* dp, D::S* ds, int t, int heads, float scale) \
@@ -301,6 +392,48 @@ KERNELS(f16, F16)
         static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
         crate::model::nvrtc::ptx(&PTX, "attention softmax kernels", || {
             format!("{}{SOURCE}", crate::model::nvrtc::FLOAT_TYPES)
+        })
+    }
+
+    /// [`super::SoftmaxBackwardFromProbs`] over `n` contiguous elements in rows of `t`.
+    pub fn launch_from_probs(
+        p: &CudaStorage,
+        p0: usize,
+        dp: &CudaStorage,
+        g0: usize,
+        n: usize,
+        t: usize,
+        scale: f64,
+    ) -> Result<CudaStorage> {
+        let dev = p.device.clone();
+        let rows = (n / t.max(1)) as u32;
+        let cfg = LaunchConfig { grid_dim: (rows.max(1), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let suffix = crate::model::nvrtc::dtype_suffix(p.dtype(), "softmax backward")?;
+        let func =
+            dev.get_or_load_custom_func(&format!("pipe_softmax_bwd_p_{suffix}"), "pipe_masked_softmax", ptx()?)?;
+        let t32 = t as i32;
+        macro_rules! run {
+            ($t:ty, $scale:expr) => {{
+                let ps = p.as_cuda_slice::<$t>()?.slice(p0..p0 + n);
+                let gs = dp.as_cuda_slice::<$t>()?.slice(g0..g0 + n);
+                // SAFETY: one block per row writes every column of it.
+                let out = unsafe { dev.alloc::<$t>(n)? };
+                let scale: f32 = $scale;
+                let mut b = func.builder();
+                b.arg(&ps);
+                b.arg(&gs);
+                b.arg(&out);
+                b.arg(&t32);
+                b.arg(&scale);
+                // SAFETY: arguments in the kernel's order and types; indices stay below n.
+                unsafe { b.launch(cfg) }.w()?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match p.dtype() {
+            DType::F32 => run!(f32, scale as f32),
+            DType::BF16 => run!(half::bf16, half::bf16::from_f64(scale).to_f32()),
+            _ => run!(half::f16, half::f16::from_f64(scale).to_f32()),
         })
     }
 
