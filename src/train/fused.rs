@@ -100,6 +100,100 @@ impl InplaceOp2 for FusedAdamW {
     }
 }
 
+/// Writes the master weights (the first third of a `[3, n]` state) into the model's parameter in
+/// its compute dtype, in place: what `Var::set(&master.to_dtype(..))` does with a temporary and a
+/// second pass. Rounds to nearest even, as candle's casts do.
+pub struct WriteMaster;
+
+impl InplaceOp2 for WriteMaster {
+    fn name(&self) -> &'static str {
+        "pipe-write-master"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let (p0, n, m0) = write_extents(l1, l2)?;
+        let CpuStorage::F32(state) = s2 else {
+            return Err(candle_core::Error::Msg("writing master weights: the state must be f32".into()));
+        };
+        let master = &state[m0..m0 + n];
+        match s1 {
+            CpuStorage::F32(d) => d[p0..p0 + n].copy_from_slice(master),
+            CpuStorage::BF16(d) => {
+                d[p0..p0 + n].iter_mut().zip(master).for_each(|(o, &x)| *o = half::bf16::from_f32(x));
+            }
+            CpuStorage::F16(d) => {
+                d[p0..p0 + n].iter_mut().zip(master).for_each(|(o, &x)| *o = half::f16::from_f32(x));
+            }
+            _ => return Err(candle_core::Error::Msg("writing master weights into a non-float parameter".into())),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        use candle_core::DType;
+
+        let (p0, n, m0) = write_extents(l1, l2)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let dev = s1.device.clone();
+        let suffix = crate::model::nvrtc::dtype_suffix(s1.dtype(), "writing master weights")?;
+        let func =
+            dev.get_or_load_custom_func(&format!("pipe_write_master_{suffix}"), "pipe_fused_adamw", cuda::ptx()?)?;
+        let master = s2.as_cuda_slice::<f32>()?.slice(m0..m0 + n);
+        let n64 = n as u64;
+        const THREADS: u32 = 256;
+        let blocks = (n as u64).div_ceil(THREADS as u64).min(1 << 20) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        macro_rules! run {
+            ($t:ty) => {{
+                let mut dst = s1.as_cuda_slice_mut::<$t>()?.slice_mut(p0..p0 + n);
+                let mut b = func.builder();
+                b.arg(&mut dst);
+                b.arg(&master);
+                b.arg(&n64);
+                // SAFETY: the kernel reads master[0..n] and writes dst[0..n], both in bounds
+                // (checked by `write_extents`); the arguments match its signature.
+                unsafe { b.launch(cfg) }.w()?;
+            }};
+        }
+        match s1.dtype() {
+            DType::F32 => run!(f32),
+            DType::BF16 => run!(half::bf16),
+            _ => run!(half::f16),
+        }
+        Ok(())
+    }
+}
+
+/// (offset of the parameter, n, offset of the state), both contiguous, the state `3n` long.
+fn write_extents(param: &Layout, state: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    let (p0, p1) = param
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("writing master weights: the parameter is not contiguous".into()))?;
+    let (s0, s1) = state
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("writing master weights: the state is not contiguous".into()))?;
+    let n = p1 - p0;
+    if s1 - s0 != 3 * n {
+        return Err(candle_core::Error::Msg(format!(
+            "writing master weights: a state of {} elements for a parameter of {n}; expected 3 × {n}",
+            s1 - s0
+        )));
+    }
+    Ok((p0, n, s0))
+}
+
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
     use std::sync::OnceLock;
@@ -130,11 +224,29 @@ extern "C" __global__ void pipe_adamw_f32(
 }
 "#;
 
+    /// The master weights written back in the compute dtype (`F32`, `BF16`, `F16`:
+    /// [`crate::model::nvrtc::FLOAT_TYPES`]).
+    const WRITE_SOURCE: &str = r#"
+template <typename D>
+__device__ void write_master(typename D::S* dst, const float* master, unsigned long long n) {
+  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+       i += (unsigned long long)blockDim.x * gridDim.x) dst[i] = D::from(master[i]);
+}
+#define KERNELS(NAME, D) \
+extern "C" __global__ void pipe_write_master_##NAME(D::S* dst, const float* master, unsigned long long n) \
+  { write_master<D>(dst, master, n); }
+KERNELS(f32, F32)
+KERNELS(bf16, BF16)
+KERNELS(f16, F16)
+"#;
+
     /// Compiled once per process with NVRTC, rounding like the CPU loop
     /// ([`crate::model::nvrtc::ieee_options`]).
     pub(crate) fn ptx() -> candle_core::Result<&'static str> {
         static PTX: OnceLock<Result<String, String>> = OnceLock::new();
-        crate::model::nvrtc::ptx(&PTX, "fused AdamW kernel", || SOURCE.to_string())
+        crate::model::nvrtc::ptx(&PTX, "fused AdamW kernels", || {
+            format!("{SOURCE}{}{WRITE_SOURCE}", crate::model::nvrtc::FLOAT_TYPES)
+        })
     }
 }
 
@@ -168,6 +280,28 @@ mod tests {
         assert_eq!(&got[n..2 * n], &m[..]);
         assert_eq!(&got[2 * n..], &v[..]);
         assert_eq!(big.narrow(0, 0, 5).unwrap().to_vec1::<f32>().unwrap(), vec![9.0; 5], "outside the view untouched");
+    }
+
+    /// The in-place write equals `to_dtype` of the master, for each compute dtype, and leaves the
+    /// moments alone.
+    #[test]
+    fn writing_the_master_equals_a_cast() {
+        let n = 1001;
+        let master: Vec<f32> = (0..n).map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 7.3).collect();
+        let state = Tensor::from_vec([master.clone(), vec![5.0; 2 * n]].concat(), 3 * n, &Device::Cpu).unwrap();
+        let want = Tensor::from_vec(master, (11, 91), &Device::Cpu).unwrap();
+        for dtype in [candle_core::DType::F32, candle_core::DType::BF16, candle_core::DType::F16] {
+            let param = Tensor::zeros((11, 91), dtype, &Device::Cpu).unwrap();
+            param.inplace_op2(&state, &WriteMaster).unwrap();
+            let want = want.to_dtype(dtype).unwrap().to_dtype(candle_core::DType::F32).unwrap();
+            let got = param.to_dtype(candle_core::DType::F32).unwrap();
+            assert_eq!(
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+        let short = Tensor::zeros(10, candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(short.inplace_op2(&state, &WriteMaster).unwrap_err().to_string().contains("3 × 10"));
     }
 
     #[test]

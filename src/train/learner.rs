@@ -47,7 +47,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::HostTensor;
 use super::config::{Mode, OptimizerBackend, TrainConfig};
 use super::data::{pad_left, stream, MicroBatch};
-use super::fused::FusedAdamW;
+use super::fused::{FusedAdamW, WriteMaster};
 use super::lora::{adapter_specs, check_modules, init_a, merge, AdapterSpec};
 use super::optim::{
     adamw_dense, adamw_rows, apply_pending_decay, clip_factor, sum_squares, sum_squares_tensor, RowState, StepScalars,
@@ -687,7 +687,7 @@ impl Learner {
         }
         let grad_scale = clip_factor(grad_norm, self.cfg.max_grad_norm) / loss_scale as f32;
         self.step += 1;
-        let (adam, wd, step, dtype) = (self.cfg.adam, self.cfg.weight_decay, self.step, self.dtype);
+        let (adam, wd, step) = (self.cfg.adam, self.cfg.weight_decay, self.step);
         for p in &mut self.params {
             let s = StepScalars::new(&adam, lr, if p.decay { wd } else { 0.0 }, step, grad_scale);
             let Param { var, state, rows, shape, .. } = p;
@@ -723,7 +723,7 @@ impl Learner {
                 State::Device(d) => {
                     let Some(g) = d.grad.take() else { continue };
                     d.packed.inplace_op2(&g.flatten_all()?.contiguous()?, &FusedAdamW(s))?;
-                    var.set(&d.part(0)?.reshape(d.shape.as_slice())?.to_dtype(dtype)?)?;
+                    var.as_tensor().inplace_op2(&d.packed, &WriteMaster)?;
                 }
             }
         }
