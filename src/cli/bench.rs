@@ -349,8 +349,8 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
         out.mul(&go)?.sum_all()?.backward()?;
         Ok(())
     })?;
-    // The other parts of a layer, forward + backward each: its two RMSNorms, the q/k norm and RoPE
-    // (with the transpose the attention needs), and the SwiGLU MLP.
+    // The other parts of a layer, forward + backward each: its two RMSNorms, the q/k norm with RoPE
+    // and the move to attention's layout (one fused op), and the SwiGLU MLP.
     let var = |shape: &[usize], std: f32| -> anyhow::Result<Var> {
         Ok(Var::from_tensor(&Tensor::randn(0f32, std, shape, &dev)?.to_dtype(dt)?)?)
     };
@@ -368,8 +368,7 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
     let gk = Tensor::randn(0f32, 1e-3, (b, nkv, t, d), &dev)?.to_dtype(dt)?;
     let qk_norm_rope = time_it(&dev, args.iters, || {
         for (x, w, g) in [(&qv, &qn, &go), (&kv, &kn, &gk)] {
-            let y = crate::model::fused::rms_norm(x.as_tensor(), w.as_tensor(), 1e-6)?;
-            let y = rope.apply_thd(&y)?.transpose(1, 2)?.contiguous()?;
+            let y = crate::model::fused::qk_norm_rope(x.as_tensor(), w.as_tensor(), &rope, 1e-6)?;
             y.mul(g)?.sum_all()?.backward()?;
         }
         Ok(())
@@ -388,8 +387,8 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
         Ok(())
     })?;
     // The hand-written backward's parts on the layer's shapes (no graph anywhere): the fourteen
-    // matmuls, SwiGLU's kernel, the four RMSNorm backward passes, attention's backward, and RoPE's
-    // backward with the transposes around it.
+    // matmuls, SwiGLU's kernel, the two RMSNorm backward passes, attention's backward (recomputing;
+    // the layer's reads the kept probabilities: its parts are below), and the q/k norm with RoPE.
     let rows = b * t;
     let dys: Vec<Tensor> = ws
         .iter()
@@ -416,8 +415,6 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
         for _ in 0..2 {
             rms_norm_backward(xv.as_tensor(), wn.as_tensor(), &g, 1e-6)?;
         }
-        rms_norm_backward(qv.as_tensor(), qn.as_tensor(), &go.transpose(1, 2)?.contiguous()?, 1e-6)?;
-        rms_norm_backward(kv.as_tensor(), kn.as_tensor(), &gk.transpose(1, 2)?.contiguous()?, 1e-6)?;
         Ok(())
     })?;
     let attention_backward = time_it(&dev, args.iters, || {
@@ -463,9 +460,10 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
         ds_att.t()?.matmul(&qg)?;
         Ok(())
     })?;
-    let rope_backward_transposes = time_it(&dev, args.iters, || {
-        for g in [&go, &gk] {
-            rope.backward_thd(&g.transpose(1, 2)?.contiguous()?)?;
+    let qk_norm_rope_backward = time_it(&dev, args.iters, || {
+        use crate::model::norm_rope::{norm_rope_backward, tables};
+        for (x, w, g) in [(&qv, &qn, &go), (&kv, &kn, &gk)] {
+            norm_rope_backward(x.as_tensor(), &tables(w.as_tensor(), &rope)?, g, 1e-6)?;
         }
         Ok(())
     })?;
@@ -486,7 +484,7 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
             },
             "by_hand_backward_parts_seconds": {
                 "matmuls": backward_matmuls, "swiglu": swiglu_backward, "rms_norms": rms_norm_backwards,
-                "attention": attention_backward, "rope_and_transposes": rope_backward_transposes,
+                "attention": attention_backward, "qk_norm_rope": qk_norm_rope_backward,
             },
             "attention_parts_seconds": {
                 "scores_matmul": att_scores, "softmax": att_softmax, "probs_times_v": att_pv,
@@ -505,10 +503,11 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
 #[cfg(feature = "cuda")]
 fn kernels() -> anyhow::Result<()> {
     type Ptx = fn() -> candle_core::Result<&'static str>;
-    let sets: [(&str, Ptx); 5] = [
+    let sets: [(&str, Ptx); 6] = [
         ("rms_norm_backward", crate::model::norm::cuda::ptx),
         ("masked_softmax", crate::model::softmax::cuda::ptx),
         ("swiglu", crate::model::swiglu::cuda::ptx),
+        ("qk_norm_rope", crate::model::norm_rope::cuda::ptx),
         ("fused_adamw", crate::train::fused::cuda::ptx),
         ("scatter_rows", crate::train::scatter::cuda::ptx),
     ];

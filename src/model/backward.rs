@@ -6,8 +6,9 @@
 //! the only way to choose what the forward keeps is to keep everything. On a GPU those passes, not
 //! the matmuls, were most of a layer's backward (measured: 4.6× its forward, where two matmuls per
 //! forward matmul make about 2×). Here the chain rule is written out: fourteen matmuls, the fused
-//! kernels of RMSNorm ([`super::norm`]), RoPE, attention ([`super::fused`]) and SwiGLU
-//! ([`super::swiglu`]), two residual adds, and the layout changes attention needs.
+//! kernels of RMSNorm ([`super::norm`]), the q/k norm with RoPE ([`super::norm_rope`]), attention
+//! from its kept probabilities ([`super::fused`]) and SwiGLU ([`super::swiglu`]), two residual
+//! adds, and the layout changes attention's output needs.
 //!
 //! [`Qwen3::layer_taped`] runs the same ops in the same order as [`Qwen3::layer`] (so the same
 //! values) without a graph and keeps what the backward reads in a [`LayerTape`];
@@ -18,6 +19,7 @@
 use candle_core::{DType, Result as CandleResult, Tensor};
 
 use super::fused::{attention_backward_from_probs, attention_forward_keeping_probs, rms_norm, rms_norm_backward};
+use super::norm_rope::{norm_rope_backward, norm_rope_forward, tables};
 use super::ops::Linear;
 use super::qwen3::{DecoderLayer, LayerInputs};
 use super::swiglu::{swiglu_backward, swiglu_forward};
@@ -110,9 +112,9 @@ impl Qwen3 {
         let x = x.detach().contiguous()?.reshape((rows, hd))?;
         let h1 = rms_norm(&x, &layer.input_layernorm.detach(), layer.eps)?;
         let q_proj = linear(&h1, &a.q_proj)?.reshape((b, t, nh, d))?;
-        let q = shared.rope.apply_thd(&rms_norm(&q_proj, &a.q_norm.detach(), a.eps)?)?.transpose(1, 2)?.contiguous()?;
+        let q = norm_rope_forward(&q_proj, &tables(&a.q_norm, &shared.rope)?, a.eps)?;
         let k_proj = linear(&h1, &a.k_proj)?.reshape((b, t, nkv, d))?;
-        let k = shared.rope.apply_thd(&rms_norm(&k_proj, &a.k_norm.detach(), a.eps)?)?.transpose(1, 2)?.contiguous()?;
+        let k = norm_rope_forward(&k_proj, &tables(&a.k_norm, &shared.rope)?, a.eps)?;
         let v = linear(&h1, &a.v_proj)?.reshape((b, t, nkv, d))?.transpose(1, 2)?.contiguous()?;
         let (out, probs) =
             attention_forward_keeping_probs(&q, &k, &v, &shared.bias.contiguous()?, (d as f64).powf(-0.5))?;
@@ -183,11 +185,9 @@ impl Qwen3 {
         let dout = dattn.reshape((b, t, nh, d))?.transpose(1, 2)?.contiguous()?;
         let (dq, dk, dv) = attention_backward_from_probs(&q, &k, &v, &probs, (d as f64).powf(-0.5), &dout)?;
         drop((q, k, v, probs, dout));
-        let dq = shared.rope.backward_thd(&dq.transpose(1, 2)?.contiguous()?)?;
-        let (dq, dqn) = rms_norm_backward(&q_proj, &a.q_norm.detach(), &dq, a.eps)?;
+        let (dq, dqn) = norm_rope_backward(&q_proj, &tables(&a.q_norm, &shared.rope)?, &dq, a.eps)?;
         push("self_attn.q_norm", dqn, None);
-        let dk = shared.rope.backward_thd(&dk.transpose(1, 2)?.contiguous()?)?;
-        let (dk, dkn) = rms_norm_backward(&k_proj, &a.k_norm.detach(), &dk, a.eps)?;
+        let (dk, dkn) = norm_rope_backward(&k_proj, &tables(&a.k_norm, &shared.rope)?, &dk, a.eps)?;
         push("self_attn.k_norm", dkn, None);
         drop((q_proj, k_proj));
         let dv = dv.transpose(1, 2)?.reshape((rows, nkv * d))?;

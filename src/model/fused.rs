@@ -202,6 +202,19 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     attach("fused-swiglu", &[&gate, &up], out, backward)
 }
 
+/// Attention's query/key path in one kernel each way ([`super::norm_rope`]): per-head RMSNorm with
+/// `weight`, RoPE, and `x: [B, T, heads, d]` → `[B, heads, T, d]` contiguous.
+pub fn qk_norm_rope(x: &Tensor, weight: &Tensor, rope: &super::ops::RopeTables, eps: f64) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let wcs = super::norm_rope::tables(weight, rope)?;
+    let out = super::norm_rope::norm_rope_forward(&x.detach(), &wcs, eps)?;
+    let backward: Backward = Box::new(move |args, g| {
+        let (dx, dw) = super::norm_rope::norm_rope_backward(&args[0].detach(), &wcs, g, eps)?;
+        Ok(vec![Some(dx), Some(dw)])
+    });
+    attach("fused-qk-norm-rope", &[&x, weight], out, backward)
+}
+
 /// RoPE over `x: [batch, seq, heads, head_dim]` (contiguous, as a projection reshapes to), with
 /// `cos`/`sin` of shape `[seq, head_dim / 2]` in x's dtype. The rotation is orthogonal, so its
 /// backward is the same kernel with `−sin`.

@@ -27,6 +27,7 @@ pub mod config;
 pub mod device;
 pub mod fused;
 pub mod norm;
+pub mod norm_rope;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 pub mod ops;

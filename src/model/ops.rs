@@ -100,6 +100,11 @@ impl RopeTables {
         super::fused::rope_thd(x, &self.cos_half, &self.sin_half, &self.neg_sin_half)
     }
 
+    /// `cos` and `sin` as `[seq_len, head_dim / 2]` (the halves the rotation pairs share).
+    pub fn half_tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos_half, &self.sin_half)
+    }
+
     /// The backward of [`Self::apply_thd`] for the output gradient `g` (the same layout): the
     /// rotation is orthogonal, so it is the same kernel with `−sin`. No graph.
     pub fn backward_thd(&self, g: &Tensor) -> Result<Tensor> {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Module, Tensor, Var};
 
 use super::config::Qwen3Config;
-use super::fused::{attention, rms_norm, swiglu};
+use super::fused::{attention, qk_norm_rope, rms_norm, swiglu};
 use super::ops::{attention_bias, Linear, RopeTables};
 use super::ModelError;
 
@@ -106,10 +106,8 @@ impl Attention {
     fn forward(&self, x: &Tensor, rope: &RopeTables, bias: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((b, t, nh, d))?;
-        let q = rope.apply_thd(&rms_norm(&q, &self.q_norm, self.eps)?)?.transpose(1, 2)?.contiguous()?;
-        let k = self.k_proj.forward(x)?.reshape((b, t, nkv, d))?;
-        let k = rope.apply_thd(&rms_norm(&k, &self.k_norm, self.eps)?)?.transpose(1, 2)?.contiguous()?;
+        let q = qk_norm_rope(&self.q_proj.forward(x)?.reshape((b, t, nh, d))?, &self.q_norm, rope, self.eps)?;
+        let k = qk_norm_rope(&self.k_proj.forward(x)?.reshape((b, t, nkv, d))?, &self.k_norm, rope, self.eps)?;
         let v = self.v_proj.forward(x)?.reshape((b, t, nkv, d))?.transpose(1, 2)?.contiguous()?;
         let out = attention(&q, &k, &v, bias, (d as f64).powf(-0.5))?;
         self.o_proj.forward(&out.transpose(1, 2)?.reshape((b, t, nh * d))?)

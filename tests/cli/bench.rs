@@ -95,7 +95,7 @@ fn bench_layer_times_a_layer_and_its_parts() {
         assert!(secs > 0.0 && secs.is_finite(), "{part}: {secs}");
     }
     let parts = v["by_hand_backward_parts_seconds"].as_object().expect("the hand-written backward's parts");
-    for part in ["matmuls", "swiglu", "rms_norms", "attention", "rope_and_transposes"] {
+    for part in ["matmuls", "swiglu", "rms_norms", "attention", "qk_norm_rope"] {
         let secs = parts.get(part).and_then(|x| x.as_f64()).unwrap_or_else(|| panic!("no {part} in {v}"));
         assert!(secs > 0.0 && secs.is_finite(), "{part}: {secs}");
     }
