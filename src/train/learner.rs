@@ -22,12 +22,21 @@
 //! `index_select`'s backward would build a dense `[vocab, hidden]` gradient (twice with tied
 //! embeddings). Instead each micro-batch gathers the rows it uses (plus the yes/no rows of the
 //! head) into a small leaf variable and feeds the decoder embeddings
-//! ([`Qwen3::hidden_states_from_embeds`]); the leaf's gradient is scattered into the
-//! accumulation buffer and the touched rows are remembered, which is also what lets
+//! ([`Qwen3::hidden_states_from_embeds`]); the leaf's gradient (with the hand-written layer
+//! backward: each position's gradient directly, [`super::scatter`] on a device) is scattered into
+//! the accumulation buffer and the touched rows are remembered, which is also what lets
 //! [`super::optim::adamw_rows`] skip the Adam arithmetic on rows whose moments are still zero.
 //! On the CPU in f32, rows never touched do not even get their weight decay each step: the
 //! factors are recorded and applied, in order, when the row is next read (a batch gathers it,
 //! or [`Learner::sync`] before validation, checkpoints and export) — bit for bit the eager result.
+//!
+//! # The backward pass
+//!
+//! In full mode the decoder layers are differentiated by hand ([`crate::model::backward`]): the
+//! forward keeps each layer's tape (with `recompute`, only its input, and re-runs the layer in the
+//! backward pass), autograd runs only from the top hidden states through the head and the loss,
+//! and the layers' gradients come back by parameter name. LoRA, whose adapters the hand-written
+//! backward does not cover, uses autograd throughout; so does [`Learner::set_autograd_layers`].
 //!
 //! # Accumulation
 //!
