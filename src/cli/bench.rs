@@ -197,6 +197,32 @@ fn fused_adamw_diff(dev: &Device) -> anyhow::Result<f64> {
     Ok(got.iter().zip(&want).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max))
 }
 
+/// The embedding-gradient scatter and the in-place master write-back on DEVICE against the CPU, on
+/// the same inputs (repeated ids, bf16 rows): the largest difference (both sum in the same order,
+/// so about 0).
+fn scatter_and_write_diff(dev: &Device) -> anyhow::Result<f64> {
+    use crate::train::fused::WriteMaster;
+    use crate::train::scatter::Plan;
+    let (rows, cols, n) = (1000, 96, 3000);
+    let ids: Vec<u32> = (0..n).map(|i| ((i * 7919) % 997 + (i % 3)) as u32).collect();
+    let g: Vec<f32> = (0..n * cols).map(|i| ((i * 104_729 % 4001) as f32 - 2000.0) / 900.0).collect();
+    let state: Vec<f32> = (0..3 * rows * cols).map(|i| ((i * 31 % 2003) as f32 - 1001.0) / 70.0).collect();
+    let run = |d: &Device| -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+        let acc = Tensor::zeros((rows, cols), DType::F32, d)?;
+        let g = Tensor::from_slice(&g, (n, cols), d)?.to_dtype(DType::BF16)?;
+        Plan::new(&ids, d)?.add_into(&acc, &g)?;
+        let param = Tensor::zeros((rows, cols), DType::BF16, d)?;
+        param.inplace_op2(&Tensor::from_slice(&state, 3 * rows * cols, d)?, &WriteMaster)?;
+        let f = |t: &Tensor| -> anyhow::Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+        };
+        Ok((f(&acc)?, f(&param)?))
+    };
+    let (a, b) = (run(&Device::Cpu)?, run(dev)?);
+    let diff = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| (p - q).abs() as f64).fold(0.0, f64::max);
+    Ok(diff(&a.0, &b.0).max(diff(&a.1, &b.1)))
+}
+
 fn batch(device: &Device) -> anyhow::Result<(Tensor, Tensor, Tensor)> {
     // Six left-padded rows of different lengths with ids spread over the whole vocabulary.
     let lens = [37usize, 64, 12, 50, 64, 5];
@@ -560,9 +586,14 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             report["fused_adamw"] = serde_json::json!({
                 "max_abs_diff": adamw_err, "tolerance": 1e-6, "pass": adamw_err <= 1e-6,
             });
+            let scatter_err = scatter_and_write_diff(&dev)?;
+            report["scatter_and_write_back"] = serde_json::json!({
+                "max_abs_diff": scatter_err, "tolerance": 1e-5, "pass": scatter_err <= 1e-5,
+            });
             let pass = report["f32"]["pass"] == true
                 && report["bf16"]["pass"] == true
-                && report["fused_adamw"]["pass"] == true;
+                && report["fused_adamw"]["pass"] == true
+                && report["scatter_and_write_back"]["pass"] == true;
             report["pass"] = pass.into();
             println!("{report}");
             if !pass {
