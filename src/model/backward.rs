@@ -213,7 +213,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     use super::*;
-    use crate::model::ops::tests::sample;
+    use crate::model::ops::tests::{max_rel, sample};
     use crate::model::{ParamMap, Qwen3Config};
 
     fn config() -> Qwen3Config {
@@ -229,15 +229,6 @@ mod tests {
             map.insert(name, Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap().as_tensor().clone());
         }
         Qwen3::new(cfg.clone(), map).unwrap()
-    }
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let a = a.to_dtype(DType::F32).unwrap();
-        let b = b.to_dtype(DType::F32).unwrap();
-        let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert!(scale > 0.0, "the reference gradient is zero");
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        d / scale
     }
 
     /// Every parameter's gradient and the input's, by hand and by autograd, through both layers

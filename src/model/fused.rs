@@ -279,17 +279,7 @@ pub fn attention_backward_from_probs(
     scale: f64,
     g: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (b, nh, t, d) = q.dims4()?;
-    let nkv = k.dim(1)?;
-    let rows = nh / nkv * t;
-    let g = g.contiguous()?.reshape((b, nkv, rows, d))?;
-    let dv = p.reshape((b, nkv, rows, t))?.t()?.matmul(&g)?;
-    let dp = g.matmul(&v.t()?)?.reshape((b, nh, t, t))?;
-    let ds = p.apply_op2_no_bwd(&dp, &super::softmax::SoftmaxBackwardFromProbs { scale })?;
-    let ds = ds.reshape((b, nkv, rows, t))?;
-    let dq = ds.matmul(k)?.reshape((b, nh, t, d))?;
-    let dk = ds.t()?.matmul(&q.reshape((b, nkv, rows, d))?)?;
-    Ok((dq, dk, dv))
+    backward_through(q, k, v, p, g, |dp| p.apply_op2_no_bwd(dp, &super::softmax::SoftmaxBackwardFromProbs { scale }))
 }
 
 /// `(dq, dk, dv)` of [`attention`] for the output gradient `g`, recomputing the probabilities from
@@ -302,17 +292,30 @@ pub fn attention_backward(
     scale: f64,
     g: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let s = scores(q, k)?;
+    let p = probabilities(&s, bias, scale)?;
+    backward_through(q, k, v, &p, g, |dp| {
+        s.apply_op3_no_bwd(bias, dp, &super::softmax::MaskedSoftmaxBackward { scale })
+    })
+}
+
+/// `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = softmax_backward(dP)`, `dQ = dS K`, `dK = dSᵀ Q` (the scale
+/// is inside `softmax_backward`), with query heads grouped by their key/value head.
+fn backward_through(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    p: &Tensor,
+    g: &Tensor,
+    softmax_backward: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, nh, t, d) = q.dims4()?;
     let nkv = k.dim(1)?;
     let rows = nh / nkv * t;
-    let s = scores(q, k)?;
-    let p = probabilities(&s, bias, scale)?;
     let g = g.contiguous()?.reshape((b, nkv, rows, d))?;
     let dv = p.reshape((b, nkv, rows, t))?.t()?.matmul(&g)?;
-    drop(p);
     let dp = g.matmul(&v.t()?)?.reshape((b, nh, t, t))?;
-    let ds = s.apply_op3_no_bwd(bias, &dp, &super::softmax::MaskedSoftmaxBackward { scale })?;
-    let ds = ds.reshape((b, nkv, rows, t))?;
+    let ds = softmax_backward(&dp)?.reshape((b, nkv, rows, t))?;
     let dq = ds.matmul(k)?.reshape((b, nh, t, d))?;
     let dk = ds.t()?.matmul(&q.reshape((b, nkv, rows, d))?)?;
     Ok((dq, dk, dv))

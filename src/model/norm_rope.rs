@@ -553,15 +553,7 @@ mod tests {
     use candle_core::{DType, Device, Var};
 
     use super::*;
-    use crate::model::ops::tests::sample;
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let (a, b) = (a.to_dtype(DType::F32).unwrap(), b.to_dtype(DType::F32).unwrap());
-        let m = |t: Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        let scale = m(b.clone());
-        assert!(scale > 0.0);
-        m((a - b).unwrap()) / scale
-    }
+    use crate::model::ops::tests::{max_rel, sample};
 
     /// Against the three separate ops (RMSNorm, RoPE, transpose) and their autograd: output, and
     /// the gradients of x and the weight; in f32 the output and dx have the same bits.

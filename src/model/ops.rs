@@ -259,6 +259,15 @@ pub(crate) mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
+    /// The largest |a − b| over the largest |b|, in f32 (any float dtypes); `b` must not be zero.
+    pub(crate) fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let max = |t: Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let (a, b) = (a.to_dtype(DType::F32).unwrap(), b.to_dtype(DType::F32).unwrap());
+        let scale = max(b.clone());
+        assert!(scale > 0.0, "the reference is zero");
+        max((a - b).unwrap()) / scale
+    }
+
     /// Central finite differences of a scalar function, to check the hand-built ops' gradients.
     fn numeric_grad(f: impl Fn(&Tensor) -> Tensor, x: &Tensor) -> Vec<f32> {
         let base: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();

@@ -265,7 +265,7 @@ KERNELS(f16, F16)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ops::tests::sample;
+    use crate::model::ops::tests::{max_rel, sample};
     use candle_core::{DType, Var};
 
     #[test]
@@ -285,10 +285,7 @@ mod tests {
             for (ours, reference) in
                 [(dg, grads.get(gv.as_tensor()).unwrap()), (du, grads.get(uv.as_tensor()).unwrap())]
             {
-                let max =
-                    |t: Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-                let reference = reference.to_dtype(DType::F32).unwrap();
-                let d = max((ours.to_dtype(DType::F32).unwrap() - &reference).unwrap()) / max(reference);
+                let d = max_rel(&ours, reference);
                 assert!(d <= tol, "{dtype:?}: max relative difference {d} > {tol}");
             }
         }
@@ -303,8 +300,7 @@ mod tests {
             assert_eq!((ours.dims(), ours.dtype()), (g.dims(), dtype));
             let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
             let reference = (f32(&g).silu().unwrap() * f32(&u)).unwrap();
-            let max = |t: Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            let d = max((f32(&ours) - &reference).unwrap()) / max(reference);
+            let d = max_rel(&ours, &reference);
             assert!(d <= tol, "{dtype:?}: max relative difference {d} > {tol}");
         }
     }

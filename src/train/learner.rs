@@ -513,12 +513,8 @@ impl Learner {
             let top = Var::from_tensor(&h)?;
             drop(h);
             let (scaled, value) = head_loss(&self.model, top.as_tensor())?;
-            let grads = scaled.backward()?;
-            self.add_param_grads(&grads)?;
-            let embed_grad = embed_leaf.as_ref().and_then(|(leaf, ..)| grads.get(leaf.as_tensor()).cloned());
-            let head_grad = head_leaf.as_ref().and_then(|leaf| grads.get(leaf.as_tensor()).cloned());
-            let mut g = grads.get(top.as_tensor()).cloned();
-            drop(grads);
+            let [embed_grad, head_grad, mut g] =
+                self.backward_to_top(&scaled, &top, embed_leaf.as_ref().map(|(leaf, _)| leaf), head_leaf.as_ref())?;
             for l in (0..n).rev() {
                 let Some(dy) = g.take() else { break };
                 let tape = match saved.pop().expect("one entry per layer") {
@@ -575,12 +571,8 @@ impl Learner {
             let top = Var::from_tensor(&h)?;
             drop(h);
             let (scaled, value) = head_loss(&self.model, top.as_tensor())?;
-            let grads = scaled.backward()?;
-            self.add_param_grads(&grads)?;
-            let mut embed_grad = embed_leaf.as_ref().and_then(|(leaf, ..)| grads.get(leaf.as_tensor()).cloned());
-            let head_grad = head_leaf.as_ref().and_then(|leaf| grads.get(leaf.as_tensor()).cloned());
-            let mut g = grads.get(top.as_tensor()).cloned();
-            drop(grads);
+            let [mut embed_grad, head_grad, mut g] =
+                self.backward_to_top(&scaled, &top, embed_leaf.as_ref().map(|(leaf, _)| leaf), head_leaf.as_ref())?;
             for l in (0..n).rev() {
                 let Some(grad_out) = g.take() else { break };
                 let input = inputs.pop().expect("one input per layer");
@@ -621,6 +613,22 @@ impl Learner {
             add_rows(&mut self.params[h].state, &head_ids, g, hidden, &self.device)?;
         }
         Ok(MicroReport { loss: value, tokens: padded.tokens, padded_tokens: b * t, match_loss: match_value.get() })
+    }
+
+    /// Autograd from the loss down to `top`, the last layer's output (a leaf): adds the final norm's
+    /// and the head's gradients, and returns those of the gathered embedding rows, of the head's
+    /// rows, and of `top` (which the layers' backward starts from).
+    fn backward_to_top(
+        &mut self,
+        loss: &Tensor,
+        top: &Var,
+        embed_leaf: Option<&Var>,
+        head_leaf: Option<&Var>,
+    ) -> Result<[Option<Tensor>; 3], TrainError> {
+        let grads = loss.backward()?;
+        self.add_param_grads(&grads)?;
+        let of = |v: Option<&Var>| v.and_then(|v| grads.get(v.as_tensor()).cloned());
+        Ok([of(embed_leaf), of(head_leaf), of(Some(top))])
     }
 
     /// Adds the gradient of every dense trainable parameter that `grads` holds.
