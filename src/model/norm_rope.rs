@@ -26,16 +26,19 @@ pub struct NormRope {
     pub eps: f64,
 }
 
-/// `dx: [B, T, heads, d]` from `dy: [B, heads, T, d]`; args: x, wcs, dy.
+/// One of the backward's two outputs for `dy: [B, heads, T, d]`; args: x, wcs, dy.
 #[derive(Debug, Clone, Copy)]
-pub struct NormRopeBackwardDx {
+pub struct NormRopeBackward {
     pub eps: f64,
+    pub part: Part,
 }
 
-/// Partial sums `[P, d]` (f32) of the weight's gradient; args: x, wcs, dy.
-#[derive(Debug, Clone, Copy)]
-pub struct NormRopeBackwardDw {
-    pub eps: f64,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// `dx: [B, T, heads, d]` in x's dtype.
+    Dx,
+    /// Partial sums `[P, d]` (f32) of the weight's gradient.
+    Dw,
 }
 
 /// Rows per partial sum of the weight gradient on the CPU.
@@ -204,9 +207,12 @@ impl CustomOp2 for NormRope {
     }
 }
 
-impl CustomOp3 for NormRopeBackwardDx {
+impl CustomOp3 for NormRopeBackward {
     fn name(&self) -> &'static str {
-        "pipe-qk-norm-rope-backward-dx"
+        match self.part {
+            Part::Dx => "pipe-qk-norm-rope-backward-dx",
+            Part::Dw => "pipe-qk-norm-rope-backward-dw",
+        }
     }
 
     fn cpu_fwd(
@@ -218,59 +224,27 @@ impl CustomOp3 for NormRopeBackwardDx {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let ((b, t, h, d), x0, w0, g0) = dims(l1, l2, Some(l3))?;
-        let n = b * t * h * d;
-        let out = by_dtype!("x, the tables and dy", (s1, s2, s3), |x, w, g| dx_cpu(
-            &x[x0..x0 + n],
-            &w[w0..w0 + d + t * d],
-            &g[g0..g0 + n],
-            (b, t, h, d),
-            self.eps
-        ));
-        Ok((out, l1.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (dims, x0, w0, g0) = dims(l1, l2, Some(l3))?;
-        let out = cuda::launch(cuda::Kind::Dx, s1, x0, s2, w0, Some((s3, g0)), dims, self.eps)?;
-        Ok((out.0, l1.shape().clone()))
-    }
-}
-
-impl CustomOp3 for NormRopeBackwardDw {
-    fn name(&self) -> &'static str {
-        "pipe-qk-norm-rope-backward-dw"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let ((b, t, h, d), x0, w0, g0) = dims(l1, l2, Some(l3))?;
-        let n = b * t * h * d;
+        let (dims @ (b, t, h, d), x0, w0, g0) = dims(l1, l2, Some(l3))?;
+        let (n, eps) = (b * t * h * d, self.eps);
+        if self.part == Part::Dx {
+            let out = by_dtype!("x, the tables and dy", (s1, s2, s3), |x, w, g| dx_cpu(
+                &x[x0..x0 + n],
+                &w[w0..w0 + d + t * d],
+                &g[g0..g0 + n],
+                dims,
+                eps
+            ));
+            return Ok((out, l1.shape().clone()));
+        }
         let parts = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                dw_cpu(&x[x0..x0 + n], &w[w0..w0 + d + t * d], &g[g0..g0 + n], (b, t, h, d), self.eps)
+                dw_cpu(&x[x0..x0 + n], &w[w0..w0 + d + t * d], &g[g0..g0 + n], dims, eps)
             }
             (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(g)) => {
-                dw_cpu(&x[x0..x0 + n], &w[w0..w0 + d + t * d], &g[g0..g0 + n], (b, t, h, d), self.eps)
+                dw_cpu(&x[x0..x0 + n], &w[w0..w0 + d + t * d], &g[g0..g0 + n], dims, eps)
             }
             (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(g)) => {
-                dw_cpu(&x[x0..x0 + n], &w[w0..w0 + d + t * d], &g[g0..g0 + n], (b, t, h, d), self.eps)
+                dw_cpu(&x[x0..x0 + n], &w[w0..w0 + d + t * d], &g[g0..g0 + n], dims, eps)
             }
             _ => candle_core::bail!("q/k norm and RoPE: x, the tables and dy must share one float dtype"),
         };
@@ -289,8 +263,16 @@ impl CustomOp3 for NormRopeBackwardDw {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (dims, x0, w0, g0) = dims(l1, l2, Some(l3))?;
-        let (out, p) = cuda::launch(cuda::Kind::Dw, s1, x0, s2, w0, Some((s3, g0)), dims, self.eps)?;
-        Ok((out, Shape::from((p, dims.3))))
+        let kind = match self.part {
+            Part::Dx => cuda::Kind::Dx,
+            Part::Dw => cuda::Kind::Dw,
+        };
+        let (out, p) = cuda::launch(kind, s1, x0, s2, w0, Some((s3, g0)), dims, self.eps)?;
+        let shape = match self.part {
+            Part::Dx => l1.shape().clone(),
+            Part::Dw => Shape::from((p, dims.3)),
+        };
+        Ok((out, shape))
     }
 }
 
@@ -309,8 +291,8 @@ pub fn norm_rope_forward(x: &Tensor, wcs: &Tensor, eps: f64) -> Result<Tensor> {
 /// weight's dtype.
 pub fn norm_rope_backward(x: &Tensor, wcs: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     let (x, dy) = (x.contiguous()?, dy.contiguous()?);
-    let dx = x.apply_op3_no_bwd(wcs, &dy, &NormRopeBackwardDx { eps })?;
-    let dw = x.apply_op3_no_bwd(wcs, &dy, &NormRopeBackwardDw { eps })?.sum(0)?.to_dtype(x.dtype())?;
+    let dx = x.apply_op3_no_bwd(wcs, &dy, &NormRopeBackward { eps, part: Part::Dx })?;
+    let dw = x.apply_op3_no_bwd(wcs, &dy, &NormRopeBackward { eps, part: Part::Dw })?.sum(0)?.to_dtype(x.dtype())?;
     Ok((dx, dw))
 }
 
