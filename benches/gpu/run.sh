@@ -53,7 +53,7 @@ timeout 90 ./pipe-gpu bench parity --device cuda > "$work/parity.json" 2> "$work
 save
 # Where a step's time goes: one decoder layer and its parts.
 step layer
-timeout 60 ./pipe-gpu bench layer --arch qwen3-0.6b --batch 16 --seq 512 --dtype bf16 --device cuda \
+timeout 90 ./pipe-gpu bench layer --arch qwen3-0.6b --batch 16 --seq 512 --dtype bf16 --device cuda \
   > "$work/layer.json" 2> "$work/layer.err"
 save
 step pipe_step
