@@ -412,8 +412,8 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
         y.mul(&g)?.sum_all()?.backward()?;
         Ok(())
     })?;
-    // The hand-written backward's parts on the layer's shapes (no graph anywhere): the fourteen
-    // matmuls, SwiGLU's kernel, the two RMSNorm backward passes, attention's backward (recomputing;
+    // The hand-written backward's parts on the layer's shapes (no graph anywhere): the projections'
+    // fourteen matmuls, SwiGLU's kernel, the two RMSNorm backward passes, attention's backward (recomputing;
     // the layer's reads the kept probabilities: its parts are below), and the q/k norm with RoPE.
     let rows = b * t;
     let dys: Vec<Tensor> = ws

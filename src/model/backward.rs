@@ -5,10 +5,11 @@
 //! differentiates element-wise functions one primitive at a time (SiLU alone is six kernels), and
 //! the only way to choose what the forward keeps is to keep everything. On a GPU those passes, not
 //! the matmuls, were most of a layer's backward (measured: 4.6× its forward, where two matmuls per
-//! forward matmul make about 2×). Here the chain rule is written out: fourteen matmuls, the fused
-//! kernels of RMSNorm ([`super::norm`]), the q/k norm with RoPE ([`super::norm_rope`]), attention
-//! from its kept probabilities ([`super::fused`]) and SwiGLU ([`super::swiglu`]), two residual
-//! adds, and the layout changes attention's output needs.
+//! forward matmul make about 2×). Here the chain rule is written out: eighteen matmuls (two per
+//! projection, four in attention), the fused kernels of RMSNorm ([`super::norm`]), the q/k norm
+//! with RoPE ([`super::norm_rope`]), attention's softmax from its kept probabilities
+//! ([`super::fused`]) and SwiGLU ([`super::swiglu`]), two residual adds, and the layout changes
+//! attention's output needs.
 //!
 //! [`Qwen3::layer_taped`] runs the same ops in the same order as [`Qwen3::layer`] (so the same
 //! values) without a graph and keeps what the backward reads in a [`LayerTape`];
