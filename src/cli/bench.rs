@@ -223,6 +223,25 @@ fn scatter_and_write_diff(dev: &Device) -> anyhow::Result<f64> {
     Ok(diff(&a.0, &b.0).max(diff(&a.1, &b.1)))
 }
 
+/// The gradient norm's partial sums of squares on DEVICE against the CPU's (different partitions,
+/// so equal to f32 rounding): the relative difference of the total.
+fn sum_squares_rel_diff(dev: &Device) -> anyhow::Result<f64> {
+    use crate::train::fused::SumSquaresInto;
+    let n = 3 * 1024 * 1024 + 17;
+    let g: Vec<f32> = (0..n).map(|i| ((i * 104_729 % 4001) as f32 - 2000.0) / 900.0).collect();
+    let total = |d: &Device| -> anyhow::Result<f64> {
+        let partials = Tensor::zeros(2 * SumSquaresInto::PARTS, DType::F32, d)?;
+        partials.inplace_op2(&Tensor::from_slice(&g, n, d)?, &SumSquaresInto { slot: 1 })?;
+        let v: Vec<f32> = partials.to_device(&Device::Cpu)?.to_vec1()?;
+        if v[..SumSquaresInto::PARTS].iter().any(|&x| x != 0.0) {
+            anyhow::bail!("sum of squares wrote outside its slot");
+        }
+        Ok(v.iter().map(|&x| x as f64).sum())
+    };
+    let (a, b) = (total(&Device::Cpu)?, total(dev)?);
+    Ok((a - b).abs() / a)
+}
+
 fn batch(device: &Device) -> anyhow::Result<(Tensor, Tensor, Tensor)> {
     // Six left-padded rows of different lengths with ids spread over the whole vocabulary.
     let lens = [37usize, 64, 12, 50, 64, 5];
@@ -590,7 +609,12 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             report["scatter_and_write_back"] = serde_json::json!({
                 "max_abs_diff": scatter_err, "tolerance": 1e-5, "pass": scatter_err <= 1e-5,
             });
-            let pass = report["f32"]["pass"] == true
+            let squares_err = sum_squares_rel_diff(&dev)?;
+            report["sum_squares"] = serde_json::json!({
+                "rel_diff": squares_err, "tolerance": 1e-5, "pass": squares_err <= 1e-5,
+            });
+            let pass = report["sum_squares"]["pass"] == true
+                && report["f32"]["pass"] == true
                 && report["bf16"]["pass"] == true
                 && report["fused_adamw"]["pass"] == true
                 && report["scatter_and_write_back"]["pass"] == true;

@@ -100,6 +100,91 @@ impl InplaceOp2 for FusedAdamW {
     }
 }
 
+/// Partial sums of squares of one f32 gradient, written in place into its slot of a shared
+/// `[slots × PARTS]` f32 buffer (entries a gradient does not need stay as they were, zero).
+///
+/// Why: the global gradient norm needs Σ g² of every parameter. As tensor ops that is a squared
+/// copy of each gradient and several reductions, about seven launches and allocations per
+/// parameter (311 for Qwen3-0.6B); candle's CUDA reduction also gives each output one block. Here
+/// it is one launch per parameter reading the gradient once, spread over up to `PARTS` blocks, and
+/// one transfer of all partial sums per step. The CPU sums each part in f64.
+pub struct SumSquaresInto {
+    pub slot: usize,
+}
+
+impl SumSquaresInto {
+    /// Partial sums per gradient.
+    pub const PARTS: usize = 1024;
+}
+
+impl InplaceOp2 for SumSquaresInto {
+    fn name(&self) -> &'static str {
+        "pipe-sum-squares"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let (p0, g0, n) = squares_extents(l1, l2, self.slot)?;
+        let (CpuStorage::F32(partials), CpuStorage::F32(g)) = (s1, s2) else {
+            return Err(candle_core::Error::Msg("sum of squares: f32 partials and gradient".into()));
+        };
+        let chunk = n.div_ceil(Self::PARTS).max(1);
+        for (k, c) in g[g0..g0 + n].chunks(chunk).enumerate() {
+            partials[p0 + k] = c.iter().map(|&x| x as f64 * x as f64).sum::<f64>() as f32;
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+
+        let (p0, g0, n) = squares_extents(l1, l2, self.slot)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let dev = s1.device.clone();
+        let func = dev.get_or_load_custom_func("pipe_sum_squares_f32", "pipe_fused_adamw", cuda::ptx()?)?;
+        const THREADS: u32 = 256;
+        let blocks = n.div_ceil(THREADS as usize).clamp(1, Self::PARTS);
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let g = s2.as_cuda_slice::<f32>()?.slice(g0..g0 + n);
+        let mut partials = s1.as_cuda_slice_mut::<f32>()?.slice_mut(p0..p0 + blocks);
+        let n64 = n as u64;
+        let mut b = func.builder();
+        b.arg(&mut partials);
+        b.arg(&g);
+        b.arg(&n64);
+        // SAFETY: the kernel reads g[0..n] and writes partials[0..blocks], both in bounds (checked
+        // by `squares_extents`, blocks ≤ PARTS); the arguments match its signature.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
+
+/// (offset of the slot in the partials, offset of the gradient, its length), both contiguous.
+fn squares_extents(partials: &Layout, g: &Layout, slot: usize) -> candle_core::Result<(usize, usize, usize)> {
+    let (q0, q1) = partials
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("sum of squares: the partials are not contiguous".into()))?;
+    let (g0, g1) = g
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("sum of squares: the gradient is not contiguous".into()))?;
+    if (slot + 1) * SumSquaresInto::PARTS > q1 - q0 {
+        return Err(candle_core::Error::Msg(format!(
+            "sum of squares: slot {slot} is outside partials of {} elements",
+            q1 - q0
+        )));
+    }
+    Ok((q0 + slot * SumSquaresInto::PARTS, g0, g1 - g0))
+}
+
 /// Writes the master weights (the first third of a `[3, n]` state) into the model's parameter in
 /// its compute dtype, in place: what `Var::set(&master.to_dtype(..))` does with a temporary and a
 /// second pass. Rounds to nearest even, as candle's casts do.
@@ -224,6 +309,25 @@ extern "C" __global__ void pipe_adamw_f32(
 }
 "#;
 
+    /// One block's sum of squares (grid-stride, then a warp and a block reduction) per partial.
+    const SQUARES_SOURCE: &str = r#"
+extern "C" __global__ void pipe_sum_squares_f32(float* partials, const float* g, unsigned long long n) {
+  __shared__ float warp_sums[32];
+  float s = 0.0f;
+  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+       i += (unsigned long long)blockDim.x * gridDim.x) { float x = g[i]; s += x * x; }
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_sums[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    s = lane < (int)(blockDim.x >> 5) ? warp_sums[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) partials[blockIdx.x] = s;
+  }
+}
+"#;
+
     /// The master weights written back in the compute dtype (`F32`, `BF16`, `F16`:
     /// [`crate::model::nvrtc::FLOAT_TYPES`]).
     const WRITE_SOURCE: &str = r#"
@@ -245,7 +349,7 @@ KERNELS(f16, F16)
     pub(crate) fn ptx() -> candle_core::Result<&'static str> {
         static PTX: OnceLock<Result<String, String>> = OnceLock::new();
         crate::model::nvrtc::ptx(&PTX, "fused AdamW kernels", || {
-            format!("{SOURCE}{}{WRITE_SOURCE}", crate::model::nvrtc::FLOAT_TYPES)
+            format!("{SOURCE}{SQUARES_SOURCE}{}{WRITE_SOURCE}", crate::model::nvrtc::FLOAT_TYPES)
         })
     }
 }
@@ -302,6 +406,31 @@ mod tests {
         }
         let short = Tensor::zeros(10, candle_core::DType::F32, &Device::Cpu).unwrap();
         assert!(short.inplace_op2(&state, &WriteMaster).unwrap_err().to_string().contains("3 × 10"));
+    }
+
+    /// Each gradient's partial sums add up to its Σ g² (the host's f64 sum, to f32 rounding), in
+    /// its own slot; a slot outside the buffer is an error.
+    #[test]
+    fn sums_of_squares_land_in_their_slots() {
+        let parts = SumSquaresInto::PARTS;
+        let partials = Tensor::zeros(3 * parts, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let grads: Vec<Vec<f32>> = [5usize, 4096 * 3 + 7, 1]
+            .iter()
+            .map(|&n| (0..n).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 256.0).collect())
+            .collect();
+        for (slot, g) in grads.iter().enumerate() {
+            let t = Tensor::from_vec(g.clone(), g.len(), &Device::Cpu).unwrap();
+            partials.inplace_op2(&t, &SumSquaresInto { slot }).unwrap();
+        }
+        let got: Vec<f32> = partials.to_vec1().unwrap();
+        for (slot, g) in grads.iter().enumerate() {
+            let want = crate::train::optim::sum_squares(g);
+            let sum: f64 = got[slot * parts..(slot + 1) * parts].iter().map(|&x| x as f64).sum();
+            assert!((sum - want).abs() <= 1e-6 * want, "slot {slot}: {sum} vs {want}");
+        }
+        let t = Tensor::ones(3, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let e = partials.inplace_op2(&t, &SumSquaresInto { slot: 3 }).unwrap_err().to_string();
+        assert!(e.contains("slot 3 is outside"), "{e}");
     }
 
     #[test]

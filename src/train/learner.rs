@@ -56,11 +56,9 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::HostTensor;
 use super::config::{Mode, OptimizerBackend, TrainConfig};
 use super::data::{pad_left, stream, MicroBatch};
-use super::fused::{FusedAdamW, WriteMaster};
+use super::fused::{FusedAdamW, SumSquaresInto, WriteMaster};
 use super::lora::{adapter_specs, check_modules, init_a, merge, AdapterSpec};
-use super::optim::{
-    adamw_dense, adamw_rows, apply_pending_decay, clip_factor, sum_squares, sum_squares_tensor, RowState, StepScalars,
-};
+use super::optim::{adamw_dense, adamw_rows, apply_pending_decay, clip_factor, sum_squares, RowState, StepScalars};
 use super::TrainError;
 use crate::model::backward::LayerTape;
 use crate::model::{LoraAdapter, LoraDropout, ParamMap, Qwen3, Reranker};
@@ -585,8 +583,8 @@ impl Learner {
                     s.store(c, Ordering::SeqCst);
                 }
                 let out = self.model.layer(l, &x, &shared)?;
-                // Summed over the hidden size first: a whole-tensor sum is one CUDA block (see
-                // `sum_squares_tensor`); the gradient is the same.
+                // Summed over the hidden size first: candle's CUDA reduction gives each output one
+                // block, so a whole-tensor sum would run on one; the gradient is the same.
                 let grads = out.mul(&grad_out)?.sum(candle_core::D::Minus1)?.sum_all()?.backward()?;
                 self.add_param_grads(&grads)?;
                 match &leaf {
@@ -663,10 +661,27 @@ impl Learner {
     pub fn apply(&mut self, lr: f64) -> Result<StepReport, TrainError> {
         let loss_scale = self.scaler.map_or(1.0, |s| s.scale);
         let mut sq = 0.0f64;
-        // Device-held gradients: every parameter's sum of squares stays on the device until one
-        // transfer at the end (one sync per step instead of one per parameter); added in the same
-        // order, in f64, as before.
-        let mut on_device = Vec::new();
+        // Device-held gradients: each parameter's partial sums of squares go into its slot of one
+        // device buffer, read back in one transfer at the end (one sync per step instead of one
+        // per parameter) and added in parameter order, in f64.
+        let device_grads: Vec<&Tensor> = self
+            .params
+            .iter()
+            .filter_map(|p| match &p.state {
+                State::Device(d) => d.grad.as_ref(),
+                State::Host(_) => None,
+            })
+            .collect();
+        if !device_grads.is_empty() {
+            let parts = SumSquaresInto::PARTS;
+            let partials = Tensor::zeros(device_grads.len() * parts, DType::F32, &self.device)?;
+            for (slot, g) in device_grads.iter().enumerate() {
+                partials.inplace_op2(&g.flatten_all()?.contiguous()?, &SumSquaresInto { slot })?;
+            }
+            for slot in partials.to_vec1::<f32>()?.chunks(parts) {
+                sq += slot.iter().map(|&x| x as f64).sum::<f64>();
+            }
+        }
         for p in &self.params {
             sq += match &p.state {
                 State::Host(h) if p.rows => {
@@ -674,18 +689,8 @@ impl Learner {
                     h.touched_rows.iter().map(|&r| sum_squares(&h.grad[r * cols..(r + 1) * cols])).sum()
                 }
                 State::Host(h) => sum_squares(&h.grad),
-                State::Device(d) => {
-                    if let Some(g) = &d.grad {
-                        on_device.push(sum_squares_tensor(g)?);
-                    }
-                    0.0
-                }
+                State::Device(_) => 0.0,
             };
-        }
-        if !on_device.is_empty() {
-            for x in Tensor::stack(&on_device, 0)?.to_vec1::<f32>()? {
-                sq += x as f64;
-            }
         }
         let grad_norm = sq.sqrt() / loss_scale;
         if !grad_norm.is_finite() {

@@ -22,7 +22,6 @@
 //! same f32 multiplications in the same order, so again bit for bit, but with the row held in
 //! registers instead of re-read from memory each step.
 
-use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use super::config::AdamConfig;
@@ -158,31 +157,6 @@ pub fn sum_squares(g: &[f32]) -> f64 {
     parts.iter().sum()
 }
 
-/// Σ g² of a tensor on its device, as a 0-d f32 tensor (no host transfer).
-///
-/// Why not `g.sqr()?.sum_all()`: candle's CUDA reduction gives each output element one thread
-/// block, so a whole-tensor sum runs on a single block of one SM. Over a 0.6B model's gradients that
-/// took most of the optimizer's 52 ms per step on an H100 (one SM reads at a few tens of GB/s).
-/// Summing rows of `ROW` elements first spreads the work over one block per row; the row sums are
-/// then few enough for one block.
-pub fn sum_squares_tensor(g: &Tensor) -> candle_core::Result<Tensor> {
-    const ROW: usize = 4096;
-    // The accumulated gradients are f32 already; anything narrower is widened before squaring.
-    let flat = g.flatten_all()?.to_dtype(DType::F32)?;
-    let n = flat.elem_count();
-    let rows = n / ROW;
-    let tail = n - rows * ROW;
-    let mut total = Tensor::zeros((), DType::F32, g.device())?;
-    if rows > 0 {
-        let head = flat.narrow(0, 0, rows * ROW)?.reshape((rows, ROW))?;
-        total = (total + head.sqr()?.sum_keepdim(1)?.sum_all()?)?;
-    }
-    if tail > 0 {
-        total = (total + flat.narrow(0, rows * ROW, tail)?.sqr()?.sum_all()?)?;
-    }
-    Ok(total)
-}
-
 /// torch's `clip_grad_norm_` factor: `max_norm / (norm + 1e-6)`, clamped to at most 1
 /// (0 disables clipping).
 pub fn clip_factor(norm: f64, max_norm: f64) -> f32 {
@@ -215,23 +189,6 @@ pub fn adamw_tensors(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Rows of 4096 plus a tail, a tail alone, a 2-D shape and bf16: the device sum equals the
-    /// host's f64 sum to f32 rounding.
-    #[test]
-    fn device_sum_of_squares_covers_every_element() {
-        for (n, dtype) in [(3 * 4096 + 7, DType::F32), (4096, DType::F32), (5, DType::F32), (2 * 4096 + 1, DType::BF16)]
-        {
-            let v: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 256.0).collect();
-            let t = Tensor::from_vec(v.clone(), n, &candle_core::Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-            let host: Vec<f32> = t.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
-            let want = sum_squares(&host);
-            let got = sum_squares_tensor(&t).unwrap().to_scalar::<f32>().unwrap() as f64;
-            assert!((got - want).abs() <= 1e-5 * want, "n={n} {dtype:?}: {got} vs {want}");
-        }
-        let square = Tensor::ones((64, 128), DType::F32, &candle_core::Device::Cpu).unwrap();
-        assert_eq!(sum_squares_tensor(&square).unwrap().to_scalar::<f32>().unwrap(), 8192.0);
-    }
 
     /// AdamW written out in f64 from the formulas of Loshchilov & Hutter / torch's docs, for a
     /// scalar parameter over several steps.

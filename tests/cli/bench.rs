@@ -12,6 +12,7 @@ fn bench_parity_runs_and_reports_json() {
     // The fused AdamW op on the CPU runs the same loop as the reference: no difference at all.
     assert_eq!(v["fused_adamw"]["max_abs_diff"], 0.0, "{v}");
     assert_eq!(v["scatter_and_write_back"]["max_abs_diff"], 0.0, "{v}");
+    assert_eq!(v["sum_squares"]["rel_diff"], 0.0, "{v}");
     // The layers differentiated by hand agree with autograd's gradients.
     let by_hand = v["f32"]["max_rel_layer_grad_diff_by_hand"].as_f64().unwrap();
     assert!(by_hand < 1e-5, "{v}");
