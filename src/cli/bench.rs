@@ -302,7 +302,7 @@ fn layer_grads_by_hand(cfg: &Qwen3Config, seed: u64, dtype: DType, device: &Devi
         grads.get(top.as_tensor()).ok_or_else(|| anyhow::anyhow!("no gradient reached the top layer"))?.clone();
     let mut out = Vec::new();
     while let Some(tape) = tapes.pop() {
-        let (dx, layer) = model.layer_backward(tape, &dy, &shared)?;
+        let (dx, layer) = model.layer_backward(tape, &dy)?;
         for (name, g) in layer {
             out.push((name, g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?));
         }
@@ -358,7 +358,7 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
     })?;
     let forward_backward_by_hand = time_it(&dev, args.iters, || {
         let (_, tape) = frozen.layer_taped(0, &x, &shared)?;
-        frozen.layer_backward(tape, &g, &shared)?;
+        frozen.layer_backward(tape, &g)?;
         Ok(())
     })?;
     // The seven projections' forward matmuls alone: the floor a layer's forward cannot beat.

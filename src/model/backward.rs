@@ -34,9 +34,12 @@ pub struct LayerTape {
     /// The layer's input `[rows, H]` and its RMSNorm.
     x: Tensor,
     h1: Tensor,
-    /// The q/k projections reshaped to `[B, T, heads, d]`, before their RMSNorm.
+    /// The q/k projections reshaped to `[B, T, heads, d]`, before their RMSNorm, and the tables
+    /// (norm weight, cos, sin) their fused norm and RoPE read.
     q_proj: Tensor,
     k_proj: Tensor,
+    q_tables: Tensor,
+    k_tables: Tensor,
     /// Attention's inputs `[B, heads, T, d]` (contiguous) and its output as `[rows, heads·d]`.
     q: Tensor,
     k: Tensor,
@@ -113,9 +116,11 @@ impl Qwen3 {
         let x = x.detach().contiguous()?.reshape((rows, hd))?;
         let h1 = rms_norm(&x, &layer.input_layernorm.detach(), layer.eps)?;
         let q_proj = linear(&h1, &a.q_proj)?.reshape((b, t, nh, d))?;
-        let q = norm_rope_forward(&q_proj, &tables(&a.q_norm, &shared.rope)?, a.eps)?;
+        let q_tables = tables(&a.q_norm, &shared.rope)?;
+        let q = norm_rope_forward(&q_proj, &q_tables, a.eps)?;
         let k_proj = linear(&h1, &a.k_proj)?.reshape((b, t, nkv, d))?;
-        let k = norm_rope_forward(&k_proj, &tables(&a.k_norm, &shared.rope)?, a.eps)?;
+        let k_tables = tables(&a.k_norm, &shared.rope)?;
+        let k = norm_rope_forward(&k_proj, &k_tables, a.eps)?;
         let v = linear(&h1, &a.v_proj)?.reshape((b, t, nkv, d))?.transpose(1, 2)?.contiguous()?;
         let (out, probs) =
             attention_forward_keeping_probs(&q, &k, &v, &shared.bias.contiguous()?, (d as f64).powf(-0.5))?;
@@ -127,22 +132,53 @@ impl Qwen3 {
         let up = linear(&h2, &m.up_proj)?;
         let act = swiglu_forward(&gate, &up)?;
         let y = (&x2 + linear(&act, &m.down_proj)?)?.reshape((b, t, hd))?;
-        let tape =
-            LayerTape { index, dims: (b, t), x, h1, q_proj, k_proj, q, k, v, probs, attn, x2, h2, gate, up, act };
+        let tape = LayerTape {
+            index,
+            dims: (b, t),
+            x,
+            h1,
+            q_proj,
+            k_proj,
+            q_tables,
+            k_tables,
+            q,
+            k,
+            v,
+            probs,
+            attn,
+            x2,
+            h2,
+            gate,
+            up,
+            act,
+        };
         Ok((y, tape))
     }
 
     /// The gradient of the layer's input and of each of its parameters, given `dy`, the gradient
     /// of its output `[B, T, H]` (in the compute dtype). Consumes the tape: each activation is
     /// freed as soon as the backward has read it for the last time.
-    pub fn layer_backward(
-        &self,
-        tape: LayerTape,
-        dy: &Tensor,
-        shared: &LayerInputs,
-    ) -> Result<(Tensor, NamedGrads), ModelError> {
-        let LayerTape { index, dims: (b, t), x, h1, q_proj, k_proj, q, k, v, probs, attn, x2, h2, gate, up, act } =
-            tape;
+    pub fn layer_backward(&self, tape: LayerTape, dy: &Tensor) -> Result<(Tensor, NamedGrads), ModelError> {
+        let LayerTape {
+            index,
+            dims: (b, t),
+            x,
+            h1,
+            q_proj,
+            k_proj,
+            q_tables,
+            k_tables,
+            q,
+            k,
+            v,
+            probs,
+            attn,
+            x2,
+            h2,
+            gate,
+            up,
+            act,
+        } = tape;
         let layer = self.decoder_layer(index)?;
         no_lora(layer, index)?;
         let a = &layer.self_attn;
@@ -186,11 +222,11 @@ impl Qwen3 {
         let dout = dattn.reshape((b, t, nh, d))?.transpose(1, 2)?.contiguous()?;
         let (dq, dk, dv) = attention_backward_from_probs(&q, &k, &v, &probs, (d as f64).powf(-0.5), &dout)?;
         drop((q, k, v, probs, dout));
-        let (dq, dqn) = norm_rope_backward(&q_proj, &tables(&a.q_norm, &shared.rope)?, &dq, a.eps)?;
+        let (dq, dqn) = norm_rope_backward(&q_proj, &q_tables, &dq, a.eps)?;
         push("self_attn.q_norm", dqn, None);
-        let (dk, dkn) = norm_rope_backward(&k_proj, &tables(&a.k_norm, &shared.rope)?, &dk, a.eps)?;
+        let (dk, dkn) = norm_rope_backward(&k_proj, &k_tables, &dk, a.eps)?;
         push("self_attn.k_norm", dkn, None);
-        drop((q_proj, k_proj));
+        drop((q_proj, k_proj, q_tables, k_tables));
         let dv = dv.transpose(1, 2)?.reshape((rows, nkv * d))?;
         let (dh1_q, dw, db) = linear_backward(&h1, &a.q_proj, &dq.reshape((rows, nh * d))?)?;
         push("self_attn.q_proj", dw, db);
@@ -265,7 +301,7 @@ mod tests {
         let mut dy = proj.clone();
         let mut ours = BTreeMap::new();
         while let Some(tape) = tapes.pop() {
-            let (dx, grads) = model.layer_backward(tape, &dy, &shared).unwrap();
+            let (dx, grads) = model.layer_backward(tape, &dy).unwrap();
             for (name, g) in grads {
                 assert!(ours.insert(name.clone(), g).is_none(), "{name} twice");
             }

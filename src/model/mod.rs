@@ -35,6 +35,7 @@ pub mod qwen3;
 pub mod reranker;
 pub mod score;
 pub mod softmax;
+pub mod storage;
 pub mod swiglu;
 
 pub use checkpoint::{

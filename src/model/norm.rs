@@ -28,9 +28,7 @@ pub struct RmsNormBackwardDw {
 const CPU_CHUNK: usize = 256;
 
 fn offset(l: &Layout, what: &str) -> Result<usize> {
-    Ok(l.contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("RMSNorm backward: {what} must be contiguous")))?
-        .0)
+    Ok(super::storage::contiguous_range(l, "RMSNorm backward", what)?.start)
 }
 
 /// (rows, H) of x, after checking g (and w) against it.
@@ -48,7 +46,8 @@ fn shape(x: &Layout, g: &Layout, w: Option<&Layout>) -> Result<(usize, usize)> {
     Ok((x.shape().elem_count() / h.max(1), h))
 }
 
-fn inv_rms<T: WithDType>(x: &[T], eps: f64) -> f32 {
+/// `1 / rms(x)` of one row, in f32 (also [`super::norm_rope`]'s).
+pub(super) fn inv_rms<T: WithDType>(x: &[T], eps: f64) -> f32 {
     let ss: f32 = x
         .iter()
         .map(|v| {

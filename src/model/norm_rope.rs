@@ -59,9 +59,7 @@ fn dims(x: &Layout, wcs: &Layout, dy: Option<&Layout>) -> Result<Dims> {
         );
     }
     let offset = |l: &Layout, what: &str| {
-        l.contiguous_offsets()
-            .map(|o| o.0)
-            .ok_or_else(|| candle_core::Error::Msg(format!("q/k norm and RoPE: {what} must be contiguous")))
+        Ok::<_, candle_core::Error>(super::storage::contiguous_range(l, "q/k norm and RoPE", what)?.start)
     };
     let g0 = match dy {
         Some(l) => offset(l, "dy")?,
@@ -121,9 +119,7 @@ fn row_grad<T: WithDType>(
         g[i] = a * c + b * s;
         g[i + half] = b * c - a * s;
     }
-    let xr = &x[r * d..][..d];
-    let ss: f32 = xr.iter().map(|&v| f(v) * f(v)).sum();
-    1.0 / (ss / d as f32 + eps as f32).sqrt()
+    super::norm::inv_rms(&x[r * d..][..d], eps)
 }
 
 fn dx_cpu<T: WithDType>(x: &[T], wcs: &[T], dy: &[T], dims: (usize, usize, usize, usize), eps: f64) -> Vec<T> {

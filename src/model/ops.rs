@@ -105,12 +105,6 @@ impl RopeTables {
         (&self.cos_half, &self.sin_half)
     }
 
-    /// The backward of [`Self::apply_thd`] for the output gradient `g` (the same layout): the
-    /// rotation is orthogonal, so it is the same kernel with `−sin`. No graph.
-    pub fn backward_thd(&self, g: &Tensor) -> Result<Tensor> {
-        candle_nn::rotary_emb::rope_thd(&g.contiguous()?, &self.cos_half, &self.neg_sin_half)
-    }
-
     /// Applies the rotation to `x: [batch, heads, seq, head_dim]` (any strides); the result is
     /// contiguous, which lets attention reshape it for free.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {

@@ -160,9 +160,7 @@ fn probs_dims(p: &Layout, dp: &Layout) -> Result<(usize, usize, usize, usize)> {
         );
     }
     let offset = |l: &Layout, what: &str| {
-        l.contiguous_offsets()
-            .map(|o| o.0)
-            .ok_or_else(|| candle_core::Error::Msg(format!("softmax backward: {what} must be contiguous")))
+        Ok::<_, candle_core::Error>(super::storage::contiguous_range(l, "softmax backward", what)?.start)
     };
     Ok((t, offset(p, "P")?, offset(dp, "dP")?, p.shape().elem_count()))
 }

@@ -21,9 +21,7 @@ pub struct SwigluForward;
 pub struct SwigluBackward;
 
 fn offset(l: &Layout, what: &str) -> Result<usize> {
-    Ok(l.contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("SwiGLU backward: {what} must be contiguous")))?
-        .0)
+    Ok(super::storage::contiguous_range(l, "SwiGLU", what)?.start)
 }
 
 fn check(g: &Layout, u: &Layout, da: &Layout) -> Result<(usize, usize, usize, Shape)> {

@@ -11,7 +11,11 @@
 //! [`super::optim::adamw_dense`]'s, element for element; the CUDA kernel is compiled with NVRTC
 //! without FMA contraction and with IEEE division and square root, so it rounds like the CPU loop.
 
+use std::ops::Range;
+
 use candle_core::{CpuStorage, InplaceOp2, Layout};
+
+use crate::model::storage::{contiguous_range, write_f32};
 
 use super::optim::{adamw_dense, StepScalars};
 
@@ -20,12 +24,8 @@ pub struct FusedAdamW(pub StepScalars);
 
 /// (offset of the state, n, offset of the gradient), both contiguous f32.
 fn extents(state: &Layout, grad: &Layout) -> candle_core::Result<(usize, usize, usize)> {
-    let (s0, s1) = state
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused AdamW: the optimizer state is not contiguous".into()))?;
-    let (g0, g1) = grad
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused AdamW: the gradient is not contiguous".into()))?;
+    let Range { start: s0, end: s1 } = contiguous_range(state, "fused AdamW", "the optimizer state")?;
+    let Range { start: g0, end: g1 } = contiguous_range(grad, "fused AdamW", "the gradient")?;
     let n = g1 - g0;
     if s1 - s0 != 3 * n {
         return Err(candle_core::Error::Msg(format!(
@@ -170,12 +170,8 @@ impl InplaceOp2 for SumSquaresInto {
 
 /// (offset of the slot in the partials, offset of the gradient, its length), both contiguous.
 fn squares_extents(partials: &Layout, g: &Layout, slot: usize) -> candle_core::Result<(usize, usize, usize)> {
-    let (q0, q1) = partials
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("sum of squares: the partials are not contiguous".into()))?;
-    let (g0, g1) = g
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("sum of squares: the gradient is not contiguous".into()))?;
+    let Range { start: q0, end: q1 } = contiguous_range(partials, "sum of squares", "the partials")?;
+    let Range { start: g0, end: g1 } = contiguous_range(g, "sum of squares", "the gradient")?;
     if (slot + 1) * SumSquaresInto::PARTS > q1 - q0 {
         return Err(candle_core::Error::Msg(format!(
             "sum of squares: slot {slot} is outside partials of {} elements",
@@ -200,18 +196,7 @@ impl InplaceOp2 for WriteMaster {
         let CpuStorage::F32(state) = s2 else {
             return Err(candle_core::Error::Msg("writing master weights: the state must be f32".into()));
         };
-        let master = &state[m0..m0 + n];
-        match s1 {
-            CpuStorage::F32(d) => d[p0..p0 + n].copy_from_slice(master),
-            CpuStorage::BF16(d) => {
-                d[p0..p0 + n].iter_mut().zip(master).for_each(|(o, &x)| *o = half::bf16::from_f32(x));
-            }
-            CpuStorage::F16(d) => {
-                d[p0..p0 + n].iter_mut().zip(master).for_each(|(o, &x)| *o = half::f16::from_f32(x));
-            }
-            _ => return Err(candle_core::Error::Msg("writing master weights into a non-float parameter".into())),
-        }
-        Ok(())
+        write_f32(s1, p0, &state[m0..m0 + n])
     }
 
     #[cfg(feature = "cuda")]
@@ -263,12 +248,8 @@ impl InplaceOp2 for WriteMaster {
 
 /// (offset of the parameter, n, offset of the state), both contiguous, the state `3n` long.
 fn write_extents(param: &Layout, state: &Layout) -> candle_core::Result<(usize, usize, usize)> {
-    let (p0, p1) = param
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("writing master weights: the parameter is not contiguous".into()))?;
-    let (s0, s1) = state
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("writing master weights: the state is not contiguous".into()))?;
+    let Range { start: p0, end: p1 } = contiguous_range(param, "writing master weights", "the parameter")?;
+    let Range { start: s0, end: s1 } = contiguous_range(state, "writing master weights", "the state")?;
     let n = p1 - p0;
     if s1 - s0 != 3 * n {
         return Err(candle_core::Error::Msg(format!(

@@ -61,6 +61,7 @@ use super::lora::{adapter_specs, check_modules, init_a, merge, AdapterSpec};
 use super::optim::{adamw_dense, adamw_rows, apply_pending_decay, clip_factor, sum_squares, RowState, StepScalars};
 use super::TrainError;
 use crate::model::backward::LayerTape;
+use crate::model::storage::{contiguous_range, write_f32};
 use crate::model::{LoraAdapter, LoraDropout, ParamMap, Qwen3, Reranker};
 use crate::text::TokenStore;
 
@@ -165,11 +166,10 @@ impl InplaceOp1 for UpdateInPlace<'_> {
         "pipe-adamw-in-place"
     }
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let (start, end) =
-            layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("parameter is not contiguous".into()))?;
+        let range = contiguous_range(layout, "in-place AdamW", "the parameter")?;
         match storage {
             CpuStorage::F32(data) => {
-                (self.0.borrow_mut())(&mut data[start..end]);
+                (self.0.borrow_mut())(&mut data[range]);
                 Ok(())
             }
             _ => Err(candle_core::Error::Msg("in-place AdamW needs f32 storage".into())),
@@ -185,22 +185,11 @@ impl InplaceOp1 for WriteBack<'_> {
         "pipe-write-back"
     }
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let (start, end) =
-            layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("parameter is not contiguous".into()))?;
-        if end - start != self.0.len() {
+        let range = contiguous_range(layout, "write-back", "the parameter")?;
+        if range.len() != self.0.len() {
             return Err(candle_core::Error::Msg("write-back length mismatch".into()));
         }
-        match storage {
-            CpuStorage::F32(d) => d[start..end].copy_from_slice(self.0),
-            CpuStorage::BF16(d) => {
-                d[start..end].iter_mut().zip(self.0).for_each(|(o, &x)| *o = half::bf16::from_f32(x));
-            }
-            CpuStorage::F16(d) => {
-                d[start..end].iter_mut().zip(self.0).for_each(|(o, &x)| *o = half::f16::from_f32(x));
-            }
-            _ => return Err(candle_core::Error::Msg("write-back into a non-float storage".into())),
-        }
-        Ok(())
+        write_f32(storage, range.start, self.0)
     }
 }
 
@@ -519,7 +508,7 @@ impl Learner {
                     Saved::Tape(tape) => tape,
                     Saved::Input(x) => self.model.layer_taped(l, &x, &shared)?.1,
                 };
-                let (dx, layer_grads) = self.model.layer_backward(tape, &dy, &shared)?;
+                let (dx, layer_grads) = self.model.layer_backward(tape, &dy)?;
                 for (name, grad) in layer_grads {
                     if let Some(&i) = self.by_name.get(&name) {
                         add_dense(&mut self.params[i].state, &grad)?;

@@ -10,6 +10,8 @@
 
 use candle_core::{CpuStorage, Device, InplaceOp3, Layout, Result, Tensor, WithDType};
 
+use crate::model::storage::contiguous_range;
+
 /// The positions of a batch grouped by destination row, as one u32 tensor:
 /// `[starts (u + 1) | rows (u) | order (n)]`, `u` distinct rows, `n` positions.
 pub struct Plan {
@@ -63,11 +65,8 @@ fn extents(
     plan: &Layout,
     distinct: usize,
 ) -> Result<(usize, usize, usize, usize, usize, usize)> {
-    let contiguous = |l: &Layout, what: &str| {
-        l.contiguous_offsets()
-            .map(|o| o.0)
-            .ok_or_else(|| candle_core::Error::Msg(format!("row scatter: {what} must be contiguous")))
-    };
+    let contiguous =
+        |l: &Layout, what: &str| Ok::<_, candle_core::Error>(contiguous_range(l, "row scatter", what)?.start);
     let (rows, cols) = acc.shape().dims2()?;
     let (n, gcols) = g.shape().dims2()?;
     if gcols != cols || plan.shape().elem_count() != 2 * distinct + 1 + n {
