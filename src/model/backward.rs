@@ -179,8 +179,8 @@ impl Qwen3 {
             up,
             act,
         } = tape;
+        // `layer_taped` refused a layer with adapters; the tape comes from there.
         let layer = self.decoder_layer(index)?;
-        no_lora(layer, index)?;
         let a = &layer.self_attn;
         let m = &layer.mlp;
         let (nh, nkv, d) = (a.num_heads, a.num_kv_heads, a.head_dim);

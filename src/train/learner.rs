@@ -534,7 +534,7 @@ impl Learner {
             let (scaled, value) = head_loss(&self.model, &h)?;
             let grads = scaled.backward()?;
             self.add_param_grads(&grads)?;
-            let embed_grad = embed_leaf.as_ref().and_then(|(leaf, ..)| grads.get(leaf.as_tensor()).cloned());
+            let embed_grad = embed_leaf.as_ref().and_then(|(leaf, _)| grads.get(leaf.as_tensor()).cloned());
             let head_grad = head_leaf.as_ref().and_then(|leaf| grads.get(leaf.as_tensor()).cloned());
             (value, embed_grad, head_grad)
         } else {
@@ -579,7 +579,7 @@ impl Learner {
                 match &leaf {
                     Some(v) => g = grads.get(v.as_tensor()).cloned(),
                     None => {
-                        if let Some((e, ..)) = &embed_leaf {
+                        if let Some((e, _)) = &embed_leaf {
                             if let Some(ge) = grads.get(e.as_tensor()) {
                                 // Addition commutes exactly: the same sum autograd forms.
                                 embed_grad = Some(match embed_grad.take() {
