@@ -2,8 +2,10 @@
 //!
 //! `parity` runs the Qwen3 reranker forward and backward on the CPU and on the chosen device with the
 //! same random weights and batch, and reports the largest differences (f32 must agree within 1e-4;
-//! bf16 within bf16 rounding), and the fused AdamW kernel against the CPU loop (within 1e-6). It is what `benches/gpu/run.sh` calls on the GPU machine; on a CPU-only
-//! build `--device cpu` exercises the same code path.
+//! bf16 within bf16 rounding), the layers differentiated by hand, and the optimizer's kernels
+//! (fused AdamW, sums of squares, master write-back, embedding scatter) against the CPU. It is what
+//! `benches/gpu/run.sh` calls on the GPU machine; on a CPU-only build `--device cpu` exercises the
+//! same code path.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -176,7 +178,7 @@ fn train_step(args: &TrainStepArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Five fused AdamW steps on DEVICE against the CPU's flat-buffer loop, same state and gradients:
+/// Six fused AdamW steps (the last from a bf16 gradient) on DEVICE against the CPU's flat-buffer loop, same state and gradients:
 /// the largest difference of master, m or v (the kernel rounds like the loop, so about 0).
 fn fused_adamw_diff(dev: &Device) -> anyhow::Result<f64> {
     use crate::train::config::AdamConfig;
@@ -186,11 +188,16 @@ fn fused_adamw_diff(dev: &Device) -> anyhow::Result<f64> {
     let mut p: Vec<f32> = (0..n).map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 700.0).collect();
     let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
     let state = Tensor::from_vec([p.clone(), m.clone(), v.clone()].concat(), 3 * n, dev)?;
-    for step in 1..=5u64 {
+    // Five steps from f32 gradients, then one from a bf16 gradient (read as it is on the device,
+    // widened on the CPU).
+    for step in 1..=6u64 {
         let g: Vec<f32> = (0..n).map(|i| (((i as u64 * 104_729 + step * 31) % 4001) as f32 - 2000.0) / 900.0).collect();
         let s = StepScalars::new(&AdamConfig::default(), 3e-3, 0.01, step, 0.8);
-        adamw_dense(&mut p, &mut m, &mut v, &g, &s);
-        state.inplace_op2(&Tensor::from_vec(g, n, dev)?, &FusedAdamW(s))?;
+        let grad = Tensor::from_vec(g, n, dev)?;
+        let grad = if step == 6 { grad.to_dtype(DType::BF16)? } else { grad };
+        let host: Vec<f32> = grad.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1()?;
+        adamw_dense(&mut p, &mut m, &mut v, &host, &s);
+        state.inplace_op2(&grad, &FusedAdamW(s))?;
     }
     let got: Vec<f32> = state.to_device(&Device::Cpu)?.to_vec1()?;
     let want = [p, m, v].concat();

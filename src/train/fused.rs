@@ -19,10 +19,23 @@ use crate::model::storage::{contiguous_range, write_f32};
 
 use super::optim::{adamw_dense, StepScalars};
 
-/// One AdamW step of a `[3, n]` state (master | m | v) from an `[n]` f32 gradient.
+/// One AdamW step of a `[3, n]` state (master | m | v) from an `[n]` gradient of any float dtype
+/// (a single micro-batch's 16-bit gradient is used as it is, not widened into a copy first).
 pub struct FusedAdamW(pub StepScalars);
 
-/// (offset of the state, n, offset of the gradient), both contiguous f32.
+/// A CPU gradient's elements `range` in f32 (borrowed when it is f32 already; 16-bit values widen
+/// exactly).
+fn widened<'a>(s: &'a CpuStorage, range: Range<usize>, op: &str) -> candle_core::Result<std::borrow::Cow<'a, [f32]>> {
+    use std::borrow::Cow;
+    Ok(match s {
+        CpuStorage::F32(g) => Cow::Borrowed(&g[range]),
+        CpuStorage::BF16(g) => Cow::Owned(g[range].iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::F16(g) => Cow::Owned(g[range].iter().map(|x| x.to_f32()).collect()),
+        _ => candle_core::bail!("{op}: the gradient must be f32, bf16 or f16"),
+    })
+}
+
+/// (offset of the state, n, offset of the gradient), both contiguous (the state f32).
 fn extents(state: &Layout, grad: &Layout) -> candle_core::Result<(usize, usize, usize)> {
     let Range { start: s0, end: s1 } = contiguous_range(state, "fused AdamW", "the optimizer state")?;
     let Range { start: g0, end: g1 } = contiguous_range(grad, "fused AdamW", "the gradient")?;
@@ -43,12 +56,13 @@ impl InplaceOp2 for FusedAdamW {
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
         let (start, n, g0) = extents(l1, l2)?;
-        let (CpuStorage::F32(state), CpuStorage::F32(grad)) = (s1, s2) else {
-            return Err(candle_core::Error::Msg("fused AdamW needs f32 state and gradient".into()));
+        let CpuStorage::F32(state) = s1 else {
+            return Err(candle_core::Error::Msg("fused AdamW needs an f32 state".into()));
         };
+        let grad = widened(s2, g0..g0 + n, "fused AdamW")?;
         let (p, rest) = state[start..start + 3 * n].split_at_mut(n);
         let (m, v) = rest.split_at_mut(n);
-        adamw_dense(p, m, v, &grad[g0..g0 + n], &self.0);
+        adamw_dense(p, m, v, &grad, &self.0);
         Ok(())
     }
 
@@ -68,8 +82,8 @@ impl InplaceOp2 for FusedAdamW {
             return Ok(());
         }
         let dev = s1.device.clone();
-        let func = dev.get_or_load_custom_func("pipe_adamw_f32", "pipe_fused_adamw", cuda::ptx()?)?;
-        let grad = s2.as_cuda_slice::<f32>()?.slice(g0..g0 + n);
+        let suffix = crate::model::nvrtc::dtype_suffix(s2.dtype(), "fused AdamW's gradient")?;
+        let func = dev.get_or_load_custom_func(&format!("pipe_adamw_{suffix}"), "pipe_fused_adamw", cuda::ptx()?)?;
         let state = s1.as_cuda_slice_mut::<f32>()?;
         let mut state = state.slice_mut(start..start + 3 * n);
         let s = &self.0;
@@ -77,30 +91,40 @@ impl InplaceOp2 for FusedAdamW {
         const THREADS: u32 = 256;
         let blocks = (n as u64).div_ceil(THREADS as u64).min(1 << 20) as u32;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let mut b = func.builder();
-        b.arg(&mut state);
-        b.arg(&grad);
-        b.arg(&n64);
-        for x in [
-            &s.decay,
-            &s.one_minus_beta1,
-            &s.beta2,
-            &s.one_minus_beta2,
-            &s.neg_step_size,
-            &s.bias_correction2_sqrt,
-            &s.eps,
-            &s.grad_scale,
-        ] {
-            b.arg(x);
+        macro_rules! run {
+            ($t:ty) => {{
+                let grad = s2.as_cuda_slice::<$t>()?.slice(g0..g0 + n);
+                let mut b = func.builder();
+                b.arg(&mut state);
+                b.arg(&grad);
+                b.arg(&n64);
+                for x in [
+                    &s.decay,
+                    &s.one_minus_beta1,
+                    &s.beta2,
+                    &s.one_minus_beta2,
+                    &s.neg_step_size,
+                    &s.bias_correction2_sqrt,
+                    &s.eps,
+                    &s.grad_scale,
+                ] {
+                    b.arg(x);
+                }
+                // SAFETY: the kernel reads `grad[0..n]` and writes `state[0..3n]`, both in bounds
+                // (checked by `extents`); the arguments match its signature in order and type.
+                unsafe { b.launch(cfg) }.w()?;
+            }};
         }
-        // SAFETY: the kernel reads `grad[0..n]` and writes `state[0..3n]`, both in bounds (checked
-        // by `extents`); the arguments match its signature in order and type.
-        unsafe { b.launch(cfg) }.w()?;
+        match s2.dtype() {
+            candle_core::DType::F32 => run!(f32),
+            candle_core::DType::BF16 => run!(half::bf16),
+            _ => run!(half::f16),
+        }
         Ok(())
     }
 }
 
-/// Partial sums of squares of one f32 gradient, written in place into its slot of a shared
+/// Partial sums of squares of one gradient (any float dtype), written in place into its slot of a shared
 /// `[slots × PARTS]` f32 buffer (entries a gradient does not need stay as they were, zero).
 ///
 /// Why: the global gradient norm needs Σ g² of every parameter. As tensor ops that is a squared
@@ -124,11 +148,12 @@ impl InplaceOp2 for SumSquaresInto {
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
         let (p0, g0, n) = squares_extents(l1, l2, self.slot)?;
-        let (CpuStorage::F32(partials), CpuStorage::F32(g)) = (s1, s2) else {
-            return Err(candle_core::Error::Msg("sum of squares: f32 partials and gradient".into()));
+        let CpuStorage::F32(partials) = s1 else {
+            return Err(candle_core::Error::Msg("sum of squares: the partials must be f32".into()));
         };
+        let g = widened(s2, g0..g0 + n, "sum of squares")?;
         let chunk = n.div_ceil(Self::PARTS).max(1);
-        for (k, c) in g[g0..g0 + n].chunks(chunk).enumerate() {
+        for (k, c) in g.chunks(chunk).enumerate() {
             partials[p0 + k] = c.iter().map(|&x| x as f64 * x as f64).sum::<f64>() as f32;
         }
         Ok(())
@@ -150,20 +175,31 @@ impl InplaceOp2 for SumSquaresInto {
             return Ok(());
         }
         let dev = s1.device.clone();
-        let func = dev.get_or_load_custom_func("pipe_sum_squares_f32", "pipe_fused_adamw", cuda::ptx()?)?;
+        let suffix = crate::model::nvrtc::dtype_suffix(s2.dtype(), "sum of squares")?;
+        let func =
+            dev.get_or_load_custom_func(&format!("pipe_sum_squares_{suffix}"), "pipe_fused_adamw", cuda::ptx()?)?;
         const THREADS: u32 = 256;
         let blocks = n.div_ceil(THREADS as usize).clamp(1, Self::PARTS);
         let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let g = s2.as_cuda_slice::<f32>()?.slice(g0..g0 + n);
         let mut partials = s1.as_cuda_slice_mut::<f32>()?.slice_mut(p0..p0 + blocks);
         let n64 = n as u64;
-        let mut b = func.builder();
-        b.arg(&mut partials);
-        b.arg(&g);
-        b.arg(&n64);
-        // SAFETY: the kernel reads g[0..n] and writes partials[0..blocks], both in bounds (checked
-        // by `squares_extents`, blocks ≤ PARTS); the arguments match its signature.
-        unsafe { b.launch(cfg) }.w()?;
+        macro_rules! run {
+            ($t:ty) => {{
+                let g = s2.as_cuda_slice::<$t>()?.slice(g0..g0 + n);
+                let mut b = func.builder();
+                b.arg(&mut partials);
+                b.arg(&g);
+                b.arg(&n64);
+                // SAFETY: the kernel reads g[0..n] and writes partials[0..blocks], both in bounds
+                // (checked by `squares_extents`, blocks ≤ PARTS); the arguments match its signature.
+                unsafe { b.launch(cfg) }.w()?;
+            }};
+        }
+        match s2.dtype() {
+            candle_core::DType::F32 => run!(f32),
+            candle_core::DType::BF16 => run!(half::bf16),
+            _ => run!(half::f16),
+        }
         Ok(())
     }
 }
@@ -264,16 +300,19 @@ fn write_extents(param: &Layout, state: &Layout) -> candle_core::Result<(usize, 
 pub(crate) mod cuda {
     use std::sync::OnceLock;
 
-    /// [`super::super::optim`]'s `update_one`, one thread per element (grid-stride).
+    /// [`super::super::optim`]'s `update_one`, one thread per element (grid-stride), for a gradient
+    /// of any float dtype (`G::to` widens it exactly). `F32`, `BF16`, `F16`:
+    /// [`crate::model::nvrtc::FLOAT_TYPES`].
     const SOURCE: &str = r#"
-extern "C" __global__ void pipe_adamw_f32(
-    float* state, const float* grad, unsigned long long n,
+template <typename G>
+__device__ void adamw(
+    float* state, const typename G::S* grad, unsigned long long n,
     float decay, float one_minus_beta1, float beta2, float one_minus_beta2,
     float neg_step_size, float bias_correction2_sqrt, float eps, float grad_scale)
 {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)blockDim.x * gridDim.x) {
-        float g = grad[i];
+        float g = G::to(grad[i]);
         if (grad_scale != 1.0f) g = g * grad_scale;
         float p = state[i];
         if (decay != 1.0f) p = p * decay;
@@ -288,15 +327,25 @@ extern "C" __global__ void pipe_adamw_f32(
         state[2 * n + i] = v;
     }
 }
+#define ADAMW(NAME, G) \
+extern "C" __global__ void pipe_adamw_##NAME(float* state, const G::S* grad, unsigned long long n, \
+    float decay, float one_minus_beta1, float beta2, float one_minus_beta2, \
+    float neg_step_size, float bias_correction2_sqrt, float eps, float grad_scale) \
+  { adamw<G>(state, grad, n, decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, \
+             bias_correction2_sqrt, eps, grad_scale); }
+ADAMW(f32, F32)
+ADAMW(bf16, BF16)
+ADAMW(f16, F16)
 "#;
 
     /// One block's sum of squares (grid-stride, then a warp and a block reduction) per partial.
     const SQUARES_SOURCE: &str = r#"
-extern "C" __global__ void pipe_sum_squares_f32(float* partials, const float* g, unsigned long long n) {
+template <typename G>
+__device__ void sum_squares(float* partials, const typename G::S* g, unsigned long long n) {
   __shared__ float warp_sums[32];
   float s = 0.0f;
   for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
-       i += (unsigned long long)blockDim.x * gridDim.x) { float x = g[i]; s += x * x; }
+       i += (unsigned long long)blockDim.x * gridDim.x) { float x = G::to(g[i]); s += x * x; }
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) warp_sums[warp] = s;
@@ -307,6 +356,12 @@ extern "C" __global__ void pipe_sum_squares_f32(float* partials, const float* g,
     if (lane == 0) partials[blockIdx.x] = s;
   }
 }
+#define SQUARES(NAME, G) \
+extern "C" __global__ void pipe_sum_squares_##NAME(float* partials, const G::S* g, unsigned long long n) \
+  { sum_squares<G>(partials, g, n); }
+SQUARES(f32, F32)
+SQUARES(bf16, BF16)
+SQUARES(f16, F16)
 "#;
 
     /// The master weights written back in the compute dtype (`F32`, `BF16`, `F16`:
@@ -330,7 +385,7 @@ KERNELS(f16, F16)
     pub(crate) fn ptx() -> candle_core::Result<&'static str> {
         static PTX: OnceLock<Result<String, String>> = OnceLock::new();
         crate::model::nvrtc::ptx(&PTX, "fused AdamW kernels", || {
-            format!("{SOURCE}{SQUARES_SOURCE}{}{WRITE_SOURCE}", crate::model::nvrtc::FLOAT_TYPES)
+            format!("{}{SOURCE}{SQUARES_SOURCE}{WRITE_SOURCE}", crate::model::nvrtc::FLOAT_TYPES)
         })
     }
 }
@@ -412,6 +467,33 @@ mod tests {
         let t = Tensor::ones(3, candle_core::DType::F32, &Device::Cpu).unwrap();
         let e = partials.inplace_op2(&t, &SumSquaresInto { slot: 3 }).unwrap_err().to_string();
         assert!(e.contains("slot 3 is outside"), "{e}");
+    }
+
+    /// A 16-bit gradient gives the same update and the same sum of squares as the same values
+    /// widened to f32 first, bit for bit.
+    #[test]
+    fn sixteen_bit_gradients_equal_their_widened_copies() {
+        let n = 777;
+        let g: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 16.0).collect();
+        // master and first moment of either sign, a non-negative second moment
+        let init: Vec<f32> = (0..3 * n)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 9.0)
+            .enumerate()
+            .map(|(i, x)| if i >= 2 * n { x.abs() } else { x })
+            .collect();
+        let s = StepScalars::new(&AdamConfig::default(), 1e-2, 0.1, 3, 0.7);
+        for dtype in [candle_core::DType::BF16, candle_core::DType::F16] {
+            let narrow = Tensor::from_vec(g.clone(), n, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let wide = narrow.to_dtype(candle_core::DType::F32).unwrap();
+            let run = |grad: &Tensor| {
+                let state = Tensor::from_vec(init.clone(), 3 * n, &Device::Cpu).unwrap();
+                state.inplace_op2(grad, &FusedAdamW(s)).unwrap();
+                let partials = Tensor::zeros(SumSquaresInto::PARTS, candle_core::DType::F32, &Device::Cpu).unwrap();
+                partials.inplace_op2(grad, &SumSquaresInto { slot: 0 }).unwrap();
+                (state.to_vec1::<f32>().unwrap(), partials.to_vec1::<f32>().unwrap())
+            };
+            assert_eq!(run(&narrow), run(&wide), "{dtype:?}");
+        }
     }
 
     #[test]

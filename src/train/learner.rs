@@ -636,7 +636,7 @@ impl Learner {
             let g: Vec<f32> = match &p.state {
                 State::Host(h) => h.grad.clone(),
                 State::Device(d) => match &d.grad {
-                    Some(g) => g.flatten_all()?.to_vec1()?,
+                    Some(g) => g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
                     None => vec![0.0; p.shape.iter().product()],
                 },
             };
@@ -995,13 +995,9 @@ fn new_state(t: &Tensor, rows: bool, host: bool, dtype: DType) -> Result<State, 
 }
 
 fn add_dense(state: &mut State, g: &Tensor) -> Result<(), TrainError> {
-    // A 16-bit gradient widened to f32 is a new tensor already; an f32 one is autograd's own and
-    // must be copied before it becomes the accumulator that later micro-batches add into.
-    let widened = g.dtype() != DType::F32;
-    let g = g.to_dtype(DType::F32)?;
     match state {
         State::Host(h) => {
-            let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
+            let g: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             if h.has_grad {
                 h.grad.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
             } else {
@@ -1010,9 +1006,13 @@ fn add_dense(state: &mut State, g: &Tensor) -> Result<(), TrainError> {
             }
         }
         State::Device(d) => {
+            // A micro-batch's 16-bit gradient is kept as it is (the optimizer's kernels read any
+            // float dtype): with one micro-batch per step nothing is widened or copied. A second
+            // one makes the f32 accumulator. An f32 gradient is autograd's own and is copied
+            // before it becomes the accumulator.
             d.grad = Some(match d.grad.take() {
-                Some(acc) => (acc + g)?,
-                None if widened => g,
+                Some(acc) => (acc.to_dtype(DType::F32)? + g.to_dtype(DType::F32)?)?,
+                None if g.dtype() != DType::F32 => g.clone(),
                 None => g.copy()?,
             });
         }
