@@ -159,32 +159,14 @@ impl Qwen3 {
     /// of its output `[B, T, H]` (in the compute dtype). Consumes the tape: each activation is
     /// freed as soon as the backward has read it for the last time.
     pub fn layer_backward(&self, tape: LayerTape, dy: &Tensor) -> Result<(Tensor, NamedGrads), ModelError> {
-        let LayerTape {
-            index,
-            dims: (b, t),
-            x,
-            h1,
-            q_proj,
-            k_proj,
-            q_tables,
-            k_tables,
-            q,
-            k,
-            v,
-            probs,
-            attn,
-            x2,
-            h2,
-            gate,
-            up,
-            act,
-        } = tape;
+        // Fields are moved out one by one below, so each activation is freed after its last use.
+        let (index, (b, t)) = (tape.index, tape.dims);
         // `layer_taped` refused a layer with adapters; the tape comes from there.
         let layer = self.decoder_layer(index)?;
         let a = &layer.self_attn;
         let m = &layer.mlp;
         let (nh, nkv, d) = (a.num_heads, a.num_kv_heads, a.head_dim);
-        let (rows, hd) = x.dims2()?;
+        let (rows, hd) = tape.x.dims2()?;
         if dy.dims() != [b, t, hd] {
             return Err(ModelError::Input(format!("layer {index}: dy is {:?}, expected {:?}", dy.dims(), [b, t, hd])));
         }
@@ -199,44 +181,45 @@ impl Qwen3 {
         let dy = dy.contiguous()?.reshape((rows, hd))?;
 
         // MLP: y = x2 + down(silu(gate(h2)) · up(h2)), h2 = norm(x2).
-        let (dact, dw, _) = linear_backward(&act, &m.down_proj, &dy)?;
+        let (dact, dw, _) = linear_backward(&tape.act, &m.down_proj, &dy)?;
         push("mlp.down_proj", dw, None);
-        drop(act);
-        let (dgate, dup) = swiglu_backward(&gate, &up, &dact)?;
-        drop((gate, up, dact));
-        let (dh2_gate, dw, _) = linear_backward(&h2, &m.gate_proj, &dgate)?;
+        drop(tape.act);
+        let (dgate, dup) = swiglu_backward(&tape.gate, &tape.up, &dact)?;
+        drop((tape.gate, tape.up, dact));
+        let (dh2_gate, dw, _) = linear_backward(&tape.h2, &m.gate_proj, &dgate)?;
         push("mlp.gate_proj", dw, None);
-        let (dh2_up, dw, _) = linear_backward(&h2, &m.up_proj, &dup)?;
+        let (dh2_up, dw, _) = linear_backward(&tape.h2, &m.up_proj, &dup)?;
         push("mlp.up_proj", dw, None);
-        drop((h2, dgate, dup));
+        drop((tape.h2, dgate, dup));
         let (dx2, dw) =
-            rms_norm_backward(&x2, &layer.post_attention_layernorm.detach(), &(dh2_gate + dh2_up)?, layer.eps)?;
+            rms_norm_backward(&tape.x2, &layer.post_attention_layernorm.detach(), &(dh2_gate + dh2_up)?, layer.eps)?;
         push("post_attention_layernorm", dw, None);
-        drop(x2);
+        drop(tape.x2);
         let dx2 = (dy + dx2)?;
 
         // Attention: x2 = x + o(attention(rope(norm(q(h1))), rope(norm(k(h1))), v(h1))), h1 = norm(x).
-        let (dattn, dw, db) = linear_backward(&attn, &a.o_proj, &dx2)?;
+        let (dattn, dw, db) = linear_backward(&tape.attn, &a.o_proj, &dx2)?;
         push("self_attn.o_proj", dw, db);
-        drop(attn);
+        drop(tape.attn);
         let dout = dattn.reshape((b, t, nh, d))?.transpose(1, 2)?.contiguous()?;
-        let (dq, dk, dv) = attention_backward_from_probs(&q, &k, &v, &probs, (d as f64).powf(-0.5), &dout)?;
-        drop((q, k, v, probs, dout));
-        let (dq, dqn) = norm_rope_backward(&q_proj, &q_tables, &dq, a.eps)?;
+        let (dq, dk, dv) =
+            attention_backward_from_probs(&tape.q, &tape.k, &tape.v, &tape.probs, (d as f64).powf(-0.5), &dout)?;
+        drop((tape.q, tape.k, tape.v, tape.probs, dout));
+        let (dq, dqn) = norm_rope_backward(&tape.q_proj, &tape.q_tables, &dq, a.eps)?;
         push("self_attn.q_norm", dqn, None);
-        let (dk, dkn) = norm_rope_backward(&k_proj, &k_tables, &dk, a.eps)?;
+        let (dk, dkn) = norm_rope_backward(&tape.k_proj, &tape.k_tables, &dk, a.eps)?;
         push("self_attn.k_norm", dkn, None);
-        drop((q_proj, k_proj, q_tables, k_tables));
+        drop((tape.q_proj, tape.k_proj, tape.q_tables, tape.k_tables));
         let dv = dv.transpose(1, 2)?.reshape((rows, nkv * d))?;
-        let (dh1_q, dw, db) = linear_backward(&h1, &a.q_proj, &dq.reshape((rows, nh * d))?)?;
+        let (dh1_q, dw, db) = linear_backward(&tape.h1, &a.q_proj, &dq.reshape((rows, nh * d))?)?;
         push("self_attn.q_proj", dw, db);
-        let (dh1_k, dw, db) = linear_backward(&h1, &a.k_proj, &dk.reshape((rows, nkv * d))?)?;
+        let (dh1_k, dw, db) = linear_backward(&tape.h1, &a.k_proj, &dk.reshape((rows, nkv * d))?)?;
         push("self_attn.k_proj", dw, db);
-        let (dh1_v, dw, db) = linear_backward(&h1, &a.v_proj, &dv)?;
+        let (dh1_v, dw, db) = linear_backward(&tape.h1, &a.v_proj, &dv)?;
         push("self_attn.v_proj", dw, db);
-        drop(h1);
+        drop(tape.h1);
         let dh1 = ((dh1_q + dh1_k)? + dh1_v)?;
-        let (dx, dw) = rms_norm_backward(&x, &layer.input_layernorm.detach(), &dh1, layer.eps)?;
+        let (dx, dw) = rms_norm_backward(&tape.x, &layer.input_layernorm.detach(), &dh1, layer.eps)?;
         push("input_layernorm", dw, None);
         let dx = (dx2 + dx)?.reshape((b, t, hd))?;
         Ok((dx, grads))

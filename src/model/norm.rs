@@ -289,11 +289,7 @@ KERNELS(f16, F16)
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
-        Ok(match x.dtype() {
-            DType::F32 => run!(f32),
-            DType::BF16 => run!(half::bf16),
-            _ => run!(half::f16),
-        })
+        Ok(crate::model::nvrtc::for_float_dtype!(x.dtype(), run))
     }
 
     pub fn dw(
@@ -335,11 +331,7 @@ KERNELS(f16, F16)
                 unsafe { b.launch(cfg) }.w()?;
             }};
         }
-        match x.dtype() {
-            DType::F32 => run!(f32),
-            DType::BF16 => run!(half::bf16),
-            _ => run!(half::f16),
-        }
+        crate::model::nvrtc::for_float_dtype!(x.dtype(), run);
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), blocks))
     }
 }

@@ -299,7 +299,7 @@ pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{CudaStorage, DType, Result};
+    use candle_core::{CudaStorage, Result};
 
     pub enum Kind {
         Forward,
@@ -502,11 +502,7 @@ KERNELS(f16, F16)
                 out
             }};
         }
-        let out = match x.dtype() {
-            DType::F32 => run!(f32),
-            DType::BF16 => run!(half::bf16),
-            _ => run!(half::f16),
-        };
+        let out = crate::model::nvrtc::for_float_dtype!(x.dtype(), run);
         Ok((out, if matches!(kind, Kind::Dw) { blocks } else { 0 }))
     }
 

@@ -41,6 +41,19 @@ pub fn dtype_suffix(dtype: candle_core::DType, what: &str) -> candle_core::Resul
     })
 }
 
+/// `$run!(T)` for the storage element type of a float dtype: `f32`, `half::bf16`, else `half::f16`
+/// (callers have checked the dtype with [`dtype_suffix`] when they loaded the kernel).
+macro_rules! for_float_dtype {
+    ($dtype:expr, $run:ident) => {
+        match $dtype {
+            candle_core::DType::F32 => $run!(f32),
+            candle_core::DType::BF16 => $run!(half::bf16),
+            _ => $run!(half::f16),
+        }
+    };
+}
+pub(crate) use for_float_dtype;
+
 /// Options that round like the CPU loops the kernels mirror: no FMA contraction, IEEE division and
 /// square root, no flush-to-zero.
 pub fn ieee_options() -> CompileOptions {

@@ -166,7 +166,7 @@ pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{CudaStorage, DType, Result};
+    use candle_core::{CudaStorage, Result};
 
     pub enum Kind {
         Forward,
@@ -252,11 +252,7 @@ KERNELS(f16, F16)
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
-        Ok(match g.dtype() {
-            DType::F32 => run!(f32),
-            DType::BF16 => run!(half::bf16),
-            _ => run!(half::f16),
-        })
+        Ok(crate::model::nvrtc::for_float_dtype!(g.dtype(), run))
     }
 }
 

@@ -116,11 +116,7 @@ impl InplaceOp2 for FusedAdamW {
                 unsafe { b.launch(cfg) }.w()?;
             }};
         }
-        match s2.dtype() {
-            candle_core::DType::F32 => run!(f32),
-            candle_core::DType::BF16 => run!(half::bf16),
-            _ => run!(half::f16),
-        }
+        crate::model::nvrtc::for_float_dtype!(s2.dtype(), run);
         Ok(())
     }
 }
@@ -197,11 +193,7 @@ impl InplaceOp2 for SumSquaresInto {
                 unsafe { b.launch(cfg) }.w()?;
             }};
         }
-        match s2.dtype() {
-            candle_core::DType::F32 => run!(f32),
-            candle_core::DType::BF16 => run!(half::bf16),
-            _ => run!(half::f16),
-        }
+        crate::model::nvrtc::for_float_dtype!(s2.dtype(), run);
         Ok(())
     }
 }
@@ -248,7 +240,6 @@ impl InplaceOp2 for WriteMaster {
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
-        use candle_core::DType;
 
         let (p0, n, m0) = write_extents(l1, l2)?;
         if n == 0 {
@@ -275,11 +266,7 @@ impl InplaceOp2 for WriteMaster {
                 unsafe { b.launch(cfg) }.w()?;
             }};
         }
-        match s1.dtype() {
-            DType::F32 => run!(f32),
-            DType::BF16 => run!(half::bf16),
-            _ => run!(half::f16),
-        }
+        crate::model::nvrtc::for_float_dtype!(s1.dtype(), run);
         Ok(())
     }
 }

@@ -138,7 +138,6 @@ impl InplaceOp3 for ScatterRows {
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
-        use candle_core::DType;
 
         let (a0, rows, cols, g0, n, p0) = extents(l1, l2, l3, self.distinct)?;
         if self.distinct == 0 {
@@ -170,11 +169,7 @@ impl InplaceOp3 for ScatterRows {
                 unsafe { b.launch(cfg) }.w()?;
             }};
         }
-        match s2.dtype() {
-            DType::F32 => run!(f32),
-            DType::BF16 => run!(half::bf16),
-            _ => run!(half::f16),
-        }
+        crate::model::nvrtc::for_float_dtype!(s2.dtype(), run);
         Ok(())
     }
 }
