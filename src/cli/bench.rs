@@ -2,7 +2,8 @@
 //!
 //! `parity` runs the Qwen3 reranker forward and backward on the CPU and on the chosen device with the
 //! same random weights and batch, and reports the largest differences (f32 must agree within 1e-4;
-//! bf16 within bf16 rounding), the layers differentiated by hand, and the optimizer's kernels
+//! bf16 within bf16 rounding), the layers differentiated by hand, attention alone at longer rows
+//! (every shape of the softmax kernels), and the optimizer's kernels
 //! (fused AdamW, sums of squares, master write-back, embedding scatter) against the CPU. It is what
 //! `benches/gpu/run.sh` calls on the GPU machine; on a CPU-only build `--device cpu` exercises the
 //! same code path.
@@ -319,6 +320,44 @@ fn layer_grads_by_hand(cfg: &Qwen3Config, seed: u64, dtype: DType, device: &Devi
     Ok(out)
 }
 
+/// Attention alone on DEVICE against the CPU in the same dtype, at row lengths that take each of
+/// the softmax kernels' shapes (warp per row with 4, 8, 16 and 32 columns per lane; a block per row
+/// past 1,024), over a left-padded GQA batch: the output, the kept probabilities and the gradients
+/// of both backward variants (from the kept probabilities, and recomputing them). Returns the
+/// largest difference relative to each tensor's largest value. The model parity above only reaches
+/// rows of 64.
+fn attention_rel_diff(dtype: DType, dev: &Device) -> anyhow::Result<f64> {
+    use crate::model::fused;
+    let (b, nh, nkv, d) = (2, 4, 2, 16);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut worst = 0f64;
+    for t in [37usize, 200, 512, 700, 1100] {
+        let run = |dv: &Device| -> anyhow::Result<Vec<Vec<f32>>> {
+            let sample = |shape: (usize, usize, usize, usize), salt: usize| -> anyhow::Result<Tensor> {
+                let n = shape.0 * shape.1 * shape.2 * shape.3;
+                let v: Vec<f32> =
+                    (0..n).map(|i| (((i * 7919 + salt * 104_729) % 2003) as f32 - 1001.0) / 1001.0).collect();
+                Ok(Tensor::from_vec(v, shape, dv)?.to_dtype(dtype)?)
+            };
+            let (q, k, v) = (sample((b, nh, t, d), 1)?, sample((b, nkv, t, d), 2)?, sample((b, nkv, t, d), 3)?);
+            let g = sample((b, nh, t, d), 4)?;
+            // The second sequence is left-padded by five tokens.
+            let mask: Vec<u32> = (0..b * t).map(|i| u32::from(i % t >= (i / t) * 5)).collect();
+            let bias = crate::model::ops::attention_bias(&Tensor::from_vec(mask, (b, t), dv)?)?;
+            let (out, p) = fused::attention_forward_keeping_probs(&q, &k, &v, &bias, scale)?;
+            let (dq, dk, dv_) = fused::attention_backward_from_probs(&q, &k, &v, &p, scale, &g)?;
+            let (dq2, dk2, dv2) = fused::attention_backward(&q, &k, &v, &bias, scale, &g)?;
+            [out, p, dq, dk, dv_, dq2, dk2, dv2]
+                .iter()
+                .map(|x| Ok(x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?))
+                .collect()
+        };
+        let (want, got) = (run(&Device::Cpu)?, run(dev)?);
+        worst = want.iter().zip(&got).map(|(a, b)| max_rel(a, b)).fold(worst, f64::max);
+    }
+    Ok(worst)
+}
+
 fn max_rel(a: &[f32], b: &[f32]) -> f64 {
     let scale = a.iter().map(|x| x.abs() as f64).fold(0.0, f64::max).max(1e-12);
     a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max) / scale
@@ -567,6 +606,13 @@ fn kernels() -> anyhow::Result<()> {
     for (name, ptx) in sets {
         report.insert(name.into(), ptx()?.len().into());
     }
+    let softmax = crate::model::softmax::cuda::ptx()?;
+    for entry in crate::model::softmax::cuda::entry_names()? {
+        anyhow::ensure!(
+            softmax.contains(&format!(".entry {entry}(")),
+            "the attention softmax PTX has no kernel `{entry}`, which src/model/softmax.rs launches"
+        );
+    }
     println!("{}", serde_json::json!({ "kernels": report }));
     Ok(())
 }
@@ -601,11 +647,14 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                     anyhow::bail!("the hand-written backward returned {} gradients", by_hand.len());
                 }
                 let by_hand_err = by_hand.iter().map(|(n, g)| max_rel(reference[n.as_str()], g)).fold(0.0, f64::max);
+                let attention_err = attention_rel_diff(dtype, &dev)?;
                 report[name] = serde_json::json!({
                     "max_abs_logit_diff": logit_err, "max_rel_grad_diff": grad_err,
                     "max_rel_layer_grad_diff_by_hand": by_hand_err,
+                    "max_rel_attention_diff_t37_to_1100": attention_err,
                     "tolerance": {"logit": tol_logit, "grad": tol_grad},
-                    "pass": logit_err <= tol_logit && grad_err <= tol_grad && by_hand_err <= tol_grad,
+                    "pass": logit_err <= tol_logit && grad_err <= tol_grad && by_hand_err <= tol_grad
+                        && attention_err <= tol_grad,
                 });
             }
             let adamw_err = fused_adamw_diff(&dev)?;

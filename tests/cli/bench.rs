@@ -13,6 +13,10 @@ fn bench_parity_runs_and_reports_json() {
     assert_eq!(v["fused_adamw"]["max_abs_diff"], 0.0, "{v}");
     assert_eq!(v["scatter_and_write_back"]["max_abs_diff"], 0.0, "{v}");
     assert_eq!(v["sum_squares"]["rel_diff"], 0.0, "{v}");
+    // Attention alone at rows of 37 to 1,100, the same dtype on both sides: the same code here.
+    for dtype in ["f32", "bf16"] {
+        assert_eq!(v[dtype]["max_rel_attention_diff_t37_to_1100"], 0.0, "{v}");
+    }
     // The layers differentiated by hand agree with autograd's gradients.
     let by_hand = v["f32"]["max_rel_layer_grad_diff_by_hand"].as_f64().unwrap();
     assert!(by_hand < 1e-5, "{v}");
