@@ -560,10 +560,21 @@ impl<'a> Engine<'a> {
         let imp = self.stage_impl(&s.kind);
         let start = Instant::now();
         let started = time::rfc3339_now();
-        let tmp = self.store.temp_dir(&s.kind, key).map_err(|e| (e.to_string(), 0.0))?;
+        let tmp = {
+            // Created and registered under the lock, and not at all once interrupted: the signal
+            // handler ([`cleanup_on_interrupt`]) sets INTERRUPTED before it takes the lock, so a temp
+            // dir is either in the list it removes or never made. (Registered after creating it,
+            // a signal in between left the dir behind for the next run to sweep.)
+            let mut running = CURRENT_TEMP.lock().expect("temp lock");
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                return Err(("interrupted".into(), 0.0));
+            }
+            let tmp = self.store.temp_dir(&s.kind, key).map_err(|e| (e.to_string(), 0.0))?;
+            running.push(tmp.clone());
+            tmp
+        };
         let scratch = self.store.scratch_dir(&s.kind, key);
         let _ = std::fs::create_dir_all(&scratch);
-        CURRENT_TEMP.lock().expect("temp lock").push(tmp.clone());
         let forget = |t: &Path| CURRENT_TEMP.lock().expect("temp lock").retain(|p| p != t);
         let upstream: Vec<Upstream> = s
             .needs
@@ -619,13 +630,30 @@ impl<'a> Engine<'a> {
             metrics: out.metrics,
             stats: out.stats,
         };
-        match self.store.commit(&tmp, manifest) {
-            Ok(m) => {
-                forget(&tmp);
-                let _ = std::fs::remove_dir_all(&scratch);
-                Ok((m, secs))
+        let manifest = match self.store.seal(&tmp, manifest) {
+            Ok(m) => m,
+            Err(e) => return fail(format!("cannot store the artifact: {e}")),
+        };
+        // Renamed into the store under the lock: the handler would otherwise delete from a dir
+        // that is mid-rename, or already in the store.
+        let published = {
+            let mut running = CURRENT_TEMP.lock().expect("temp lock");
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                Err("interrupted".to_string())
+            } else {
+                let r = self.store.publish(&tmp, &manifest);
+                if r.is_ok() {
+                    running.retain(|p| p != &tmp);
+                }
+                r.map_err(|e| format!("cannot store the artifact: {e}"))
             }
-            Err(e) => fail(format!("cannot store the artifact: {e}")),
+        };
+        match published {
+            Ok(()) => {
+                let _ = std::fs::remove_dir_all(&scratch);
+                Ok((manifest, secs))
+            }
+            Err(e) => fail(e),
         }
     }
 }

@@ -185,8 +185,10 @@ impl Store {
         removed
     }
 
-    /// Seal a finished temp dir: hash and fsync its files, write the manifest last, rename into place.
-    pub fn commit(&self, tmp: &Path, mut manifest: Manifest) -> Result<Manifest, StoreError> {
+    /// Seal a finished temp dir: hash and fsync its files, write the manifest last. [`Store::publish`]
+    /// then renames it into place; apart, so that the runner can hold off its interrupt handler for
+    /// the rename alone rather than for the hashing.
+    pub fn seal(&self, tmp: &Path, mut manifest: Manifest) -> Result<Manifest, StoreError> {
         let files = list_files(tmp)?;
         manifest.files = files;
         manifest.output_hash = output_hash(&manifest.files);
@@ -196,6 +198,11 @@ impl Store {
         f.write_all(&bytes).map_err(io(&mpath))?;
         f.sync_all().map_err(io(&mpath))?;
         sync_dir(tmp);
+        Ok(manifest)
+    }
+
+    /// Rename a [sealed](Store::seal) temp dir into the store, replacing an artifact of the same key.
+    pub fn publish(&self, tmp: &Path, manifest: &Manifest) -> Result<(), StoreError> {
         let dest = self.artifact_dir(&manifest.kind, &manifest.key);
         let parent = dest.parent().expect("artifact dir has a parent");
         std::fs::create_dir_all(parent).map_err(io(parent))?;
@@ -210,7 +217,7 @@ impl Store {
             std::fs::rename(tmp, &dest).map_err(io(&dest))?;
         }
         sync_dir(parent);
-        Ok(manifest)
+        Ok(())
     }
 
     /// Every complete artifact in the store: (kind, dir).
