@@ -181,11 +181,6 @@ pub(crate) mod cuda {
 
     /// A warp per row (grid-stride). `F32`, `BF16`, `F16`: [`crate::model::nvrtc::FLOAT_TYPES`].
     const SOURCE: &str = r#"
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 template <typename D>
 __device__ __forceinline__ float inv_rms(const typename D::S* x, int h, float eps, int lane) {
   float ss = 0.0f;
@@ -242,7 +237,7 @@ KERNELS(f16, F16)
     pub(crate) fn ptx() -> Result<&'static str> {
         static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
         crate::model::nvrtc::ptx(&PTX, "RMSNorm backward kernels", || {
-            format!("{}{SOURCE}", crate::model::nvrtc::FLOAT_TYPES)
+            format!("{}{}{SOURCE}", crate::model::nvrtc::FLOAT_TYPES, crate::model::nvrtc::WARP_REDUCE)
         })
     }
 

@@ -310,11 +310,6 @@ pub(crate) mod cuda {
     /// A warp per row (grid-stride); each lane takes whole rotation pairs `(i, i + d/2)`.
     /// `F32`, `BF16`, `F16`: [`crate::model::nvrtc::FLOAT_TYPES`].
     const SOURCE: &str = r#"
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 template <typename D>
 __device__ __forceinline__ float sum_squares(const typename D::S* x, int d, int lane) {
   float ss = 0.0f;
@@ -427,7 +422,7 @@ KERNELS(f16, F16)
     pub(crate) fn ptx() -> Result<&'static str> {
         static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
         crate::model::nvrtc::ptx(&PTX, "q/k norm and RoPE kernels", || {
-            format!("{}{SOURCE}", crate::model::nvrtc::FLOAT_TYPES)
+            format!("{}{}{SOURCE}", crate::model::nvrtc::FLOAT_TYPES, crate::model::nvrtc::WARP_REDUCE)
         })
     }
 

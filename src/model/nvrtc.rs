@@ -29,6 +29,18 @@ struct F16 { typedef u16 S;
   static __device__ __forceinline__ u16 from(float f) { u16 h; asm("{ cvt.rn.f16.f32 %0, %1;}\n" : "=h"(h) : "f"(f)); return h; } };
 "#;
 
+/// `warp_sum` and `warp_max`: a float reduced over the 32 lanes of a warp, every lane getting the result.
+pub const WARP_REDUCE: &str = r#"
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+"#;
+
 /// The suffix of a kernel instantiated for `dtype` (`KERNELS(f32, F32)` … in the sources); `what`
 /// names the op in the error for other dtypes.
 pub fn dtype_suffix(dtype: candle_core::DType, what: &str) -> candle_core::Result<&'static str> {

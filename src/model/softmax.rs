@@ -383,16 +383,6 @@ __device__ void backward_from_probs(const typename D::S* p, const typename D::S*
     ds[j] = D::from(D::to(D::from(D::to(p[j]) * (D::to(dp[j]) - dot))) * scale);
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 // This warp's row, or -1 past the last row (the whole warp leaves together).
 __device__ __forceinline__ long long warp_row(int rows) {
   long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -557,7 +547,7 @@ ALL_KERNELS(f16, F16)
     pub(crate) fn ptx() -> Result<&'static str> {
         static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
         crate::model::nvrtc::ptx(&PTX, "attention softmax kernels", || {
-            format!("{}{SOURCE}", crate::model::nvrtc::FLOAT_TYPES)
+            format!("{}{}{SOURCE}", crate::model::nvrtc::FLOAT_TYPES, crate::model::nvrtc::WARP_REDUCE)
         })
     }
 
