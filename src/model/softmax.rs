@@ -318,18 +318,24 @@ pub(crate) mod cuda {
 __device__ float block_reduce(float v, bool is_max) {
   __shared__ float part[32];
   __shared__ float result;
-  for (int o = 16; o > 0; o >>= 1) { float w = __shfl_xor_sync(0xffffffffu, v, o); v = is_max ? fmaxf(v, w) : v + w; }
+  v = is_max ? warp_max(v) : warp_sum(v);
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
   __syncthreads();
   if (lane == 0) part[warp] = v;
   __syncthreads();
   if (warp == 0) {
     v = lane < warps ? part[lane] : (is_max ? __int_as_float(0xff800000) : 0.0f);
-    for (int o = 16; o > 0; o >>= 1) { float w = __shfl_xor_sync(0xffffffffu, v, o); v = is_max ? fmaxf(v, w) : v + w; }
+    v = is_max ? warp_max(v) : warp_sum(v);
     if (lane == 0) result = v;
   }
   __syncthreads();
   return result;
+}
+
+// One element of scale · P ⊙ (dP − dot), rounded to the dtype before the scale as the tensor ops were.
+template <typename D>
+__device__ __forceinline__ typename D::S grad_of(float p, float dp, float dot, float scale) {
+  return D::from(D::to(D::from(p * (dp - dot))) * scale);
 }
 
 template <typename D>
@@ -368,7 +374,7 @@ __device__ void backward(const typename D::S* s, const float* bias, const typena
   dot = block_reduce(dot, false);
   for (int j = threadIdx.x; j < t; j += blockDim.x) {
     float p = expf(biased<D>(s, bias, j, scale) - m) / sum;
-    ds[j] = D::from(D::to(D::from(p * (D::to(dp[j]) - dot))) * scale);
+    ds[j] = grad_of<D>(p, D::to(dp[j]), dot, scale);
   }
 }
 
@@ -380,7 +386,7 @@ __device__ void backward_from_probs(const typename D::S* p, const typename D::S*
   for (int j = threadIdx.x; j < t; j += blockDim.x) dot += D::to(dp[j]) * D::to(p[j]);
   dot = block_reduce(dot, false);
   for (int j = threadIdx.x; j < t; j += blockDim.x)
-    ds[j] = D::from(D::to(D::from(D::to(p[j]) * (D::to(dp[j]) - dot))) * scale);
+    ds[j] = grad_of<D>(D::to(p[j]), D::to(dp[j]), dot, scale);
 }
 
 // This warp's row, or -1 past the last row (the whole warp leaves together).
@@ -451,7 +457,7 @@ __device__ void backward_warp(const typename D::S* s, const float* bias, const t
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     int j = lane + 32 * k;
-    if (j < t) ds[j] = D::from(D::to(D::from(v[k] * (g[k] - dot))) * scale);
+    if (j < t) ds[j] = grad_of<D>(v[k], g[k], dot, scale);
   }
 }
 
@@ -475,7 +481,7 @@ __device__ void backward_from_probs_warp(const typename D::S* p, const typename 
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     int j = lane + 32 * k;
-    if (j < t) ds[j] = D::from(D::to(D::from(pv[k] * (g[k] - dot))) * scale);
+    if (j < t) ds[j] = grad_of<D>(pv[k], g[k], dot, scale);
   }
 }
 
