@@ -12,6 +12,7 @@ use super::config::{self, Dist, Pipeline, SweepSpec};
 use super::key::canonical_json;
 use super::runner::{Engine, EngineError, RunOptions};
 use super::stage::Stage;
+use crate::util::rng::SplitMix64;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Point {
@@ -60,21 +61,6 @@ pub fn fmt_value(v: &toml::Value) -> String {
     }
 }
 
-/// SplitMix64: a documented generator whose draws never change with a crate upgrade.
-struct SplitMix(u64);
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// The grid's cartesian product (first axis slowest), times the random draws if any.
 pub fn points(spec: &SweepSpec, is_int: &dyn Fn(&str) -> bool) -> Vec<Point> {
     let mut combos: Vec<Vec<(String, toml::Value)>> = vec![vec![]];
@@ -91,21 +77,22 @@ pub fn points(spec: &SweepSpec, is_int: &dyn Fn(&str) -> bool) -> Vec<Point> {
             .collect();
     }
     if let Some(r) = &spec.random {
-        let mut rng = SplitMix(r.seed);
+        // The project's own generator, so a sweep seed draws the same points after any upgrade.
+        let mut rng = SplitMix64::new(r.seed);
         let mut draws = Vec::new();
         for _ in 0..r.n {
             let mut d = Vec::new();
             for (k, dist) in &r.params {
                 let v = match dist {
                     Dist::LogUniform(lo, hi) => {
-                        let x = (lo.ln() + rng.unit() * (hi.ln() - lo.ln())).exp();
+                        let x = (lo.ln() + rng.next_f64() * (hi.ln() - lo.ln())).exp();
                         toml::Value::Float(round_sig(x))
                     }
                     Dist::Uniform(lo, hi) if is_int(k) => {
-                        toml::Value::Integer((lo + rng.unit() * (hi - lo + 1.0)).floor().min(*hi) as i64)
+                        toml::Value::Integer((lo + rng.next_f64() * (hi - lo + 1.0)).floor().min(*hi) as i64)
                     }
-                    Dist::Uniform(lo, hi) => toml::Value::Float(round_sig(lo + rng.unit() * (hi - lo))),
-                    Dist::Choice(c) => c[(rng.next() % c.len() as u64) as usize].clone(),
+                    Dist::Uniform(lo, hi) => toml::Value::Float(round_sig(lo + rng.next_f64() * (hi - lo))),
+                    Dist::Choice(c) => c[(rng.next_u64() % c.len() as u64) as usize].clone(),
                 };
                 let v = match (v, is_int(k)) {
                     (toml::Value::Float(f), true) => toml::Value::Integer(f.round() as i64),

@@ -20,6 +20,7 @@ use serde_json::Value;
 use super::config::Qwen3Config;
 use super::qwen3::{ParamMap, Qwen3};
 use super::ModelError;
+use crate::util::rng::SplitMix64;
 
 const CONFIG: &str = "config.json";
 const SINGLE: &str = "model.safetensors";
@@ -467,36 +468,15 @@ pub fn save(model: &Qwen3, dir: &Path, opts: &SaveOptions) -> Result<(), ModelEr
     Ok(())
 }
 
-/// SplitMix64: a tiny, fully specified generator, so a seed gives the same weights on every
-/// platform and every version of the `rand` crate (random models feed content-addressed caches).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1], never 0 so that `ln` is finite.
-    fn next_unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// Normal(0, std) values by Box–Muller, from a stream keyed by (seed, tensor name), so each
 /// tensor's values do not depend on which other tensors the config has.
 fn normal_values(seed: u64, name: &str, n: usize, std: f64) -> Vec<f32> {
-    let mut h = blake3::Hasher::new();
-    h.update(&seed.to_le_bytes());
-    h.update(name.as_bytes());
-    let d = h.finalize();
-    let mut rng = SplitMix64(u64::from_le_bytes(d.as_bytes()[..8].try_into().expect("8 bytes")));
+    // The project's own generator, so a seed gives the same weights on every platform and every
+    // version of the `rand` crate (random models feed content-addressed caches).
+    let mut rng = SplitMix64::keyed(seed, name);
     let mut out = Vec::with_capacity(n + 1);
     while out.len() < n {
-        let (u1, u2) = (rng.next_unit(), rng.next_unit());
+        let (u1, u2) = (rng.next_f64_nonzero(), rng.next_f64_nonzero());
         let r = (-2.0 * u1.ln()).sqrt() * std;
         let a = 2.0 * std::f64::consts::PI * u2;
         out.push((r * a.cos()) as f32);

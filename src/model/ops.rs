@@ -158,10 +158,11 @@ pub struct LoraAdapter {
     pub scale: f64,
 }
 
-/// Inverted dropout whose masks come from a counter-based stream (SplitMix64 over a shared
-/// counter) rather than candle's device RNG, which cannot be seeded on the CPU. The trainer sets
-/// the counter from (seed, micro-batch index) before each forward pass, so a run resumed from a
-/// checkpoint draws exactly the masks an uninterrupted run would have drawn.
+/// Inverted dropout whose masks come from a counter-based stream (the project's SplitMix64 at a
+/// shared counter, [`crate::util::rng::at_counter`]) rather than candle's device RNG, which cannot
+/// be seeded on the CPU. The trainer sets the counter from (seed, micro-batch index) before each
+/// forward pass, so a run resumed from a checkpoint draws exactly the masks an uninterrupted run
+/// would have drawn.
 #[derive(Debug, Clone)]
 pub struct LoraDropout {
     /// Probability of zeroing an element, in [0, 1).
@@ -180,10 +181,7 @@ impl LoraDropout {
         let keep = 1.0 / (1.0 - self.p);
         let mask: Vec<f32> = (0..n as u64)
             .map(|i| {
-                let mut z = base.wrapping_add(i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^= z >> 31;
+                let z = crate::util::rng::at_counter(base.wrapping_add(i));
                 let u = (z >> 40) as f32 / (1u64 << 24) as f32;
                 if u < self.p {
                     0.0

@@ -2,13 +2,15 @@
 //!
 //! Grouping by query keeps a test query unseen in training, which is what a search ranker faces.
 //! Stratifying by each query's mean relevance keeps easy and hard queries in every split in the same
-//! proportion. The shuffle uses our own [`SplitMix64`], so a seed means the same split forever,
-//! whatever version of `rand` the build picks up.
+//! proportion. The shuffle uses the project's own [`SplitMix64`], so a seed means the same split
+//! forever, whatever version of `rand` the build picks up.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use serde::Deserialize;
+
+use crate::util::rng::SplitMix64;
 
 use super::table::{self, Record, TableWriter};
 use crate::engine::{JsonMap, Params, Stage, StageContext, StageError, StageOutput};
@@ -64,45 +66,6 @@ impl SplitParams {
             ));
         }
         Ok(())
-    }
-}
-
-/// SplitMix64 (Steele, Lea & Flood 2014; the seeding generator of xoshiro): tiny, fast, well mixed,
-/// and fixed here so that split membership never changes under a dependency upgrade.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` without modulo bias (Lemire's multiply-and-reject).
-    pub fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0);
-        let threshold = n.wrapping_neg() % n;
-        loop {
-            let m = u128::from(self.next_u64()) * u128::from(n);
-            if (m as u64) >= threshold {
-                return (m >> 64) as u64;
-            }
-        }
-    }
-
-    /// Fisher–Yates.
-    pub fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            items.swap(i, j);
-        }
     }
 }
 

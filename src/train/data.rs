@@ -14,9 +14,9 @@
 //! 5. consecutive batches form the accumulation groups of `grad_accum` micro-batches, one per
 //!    optimizer step (the last group of an epoch may hold fewer).
 //!
-//! `bucket_batches = 0` skips steps 2 and 4 (plain shuffled batches). The generator is SplitMix64
-//! with Fisher–Yates, written out here so that a seed means the same order on every platform and
-//! every version of the `rand` crate. Nothing else is random, so a resumed run rebuilds the plan
+//! `bucket_batches = 0` skips steps 2 and 4 (plain shuffled batches). The generator is the
+//! project's SplitMix64 with Fisher–Yates ([`crate::util::rng`]), so that a seed means the same
+//! order on every platform and every version of the `rand` crate. Nothing else is random, so a resumed run rebuilds the plan
 //! of its epoch and continues at the saved group index.
 //!
 //! With the pairwise loss an item is one query with all its candidates, `batch_size` counts
@@ -29,40 +29,7 @@ use candle_core::{Device, Tensor};
 use super::config::{LossKind, TrainConfig};
 use super::TrainError;
 use crate::text::TokenStore;
-
-/// One step of SplitMix64 (Steele, Lea & Flood 2014).
-pub fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// A generator state derived from a seed and a purpose, so that streams do not overlap.
-pub fn stream(seed: u64, purpose: &str, index: u64) -> u64 {
-    let mut h = blake3::Hasher::new();
-    h.update(&seed.to_le_bytes());
-    h.update(purpose.as_bytes());
-    h.update(&index.to_le_bytes());
-    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
-}
-
-/// Fisher–Yates with an unbiased bounded draw (Lemire's multiply-shift with rejection).
-pub fn shuffle<T>(items: &mut [T], state: &mut u64) {
-    for i in (1..items.len()).rev() {
-        let bound = (i + 1) as u64;
-        let j = loop {
-            let x = splitmix(state);
-            let m = (x as u128) * (bound as u128);
-            let low = m as u64;
-            if low >= bound.wrapping_neg() % bound {
-                break (m >> 64) as usize;
-            }
-        };
-        items.swap(i, j);
-    }
-}
+use crate::util::rng::SplitMix64;
 
 /// The rows of one micro-batch, and how many loss terms they contribute (rows, or ranked pairs).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,9 +112,9 @@ fn count_pairs(store: &TokenStore, rows: &[usize]) -> usize {
 /// Reads `loss`, `batch_size`, `grad_accum`, `bucket_batches` and `seed` from `cfg`.
 pub fn epoch_plan(store: &TokenStore, items: &Items, cfg: &TrainConfig, epoch: usize) -> Vec<Group> {
     let (loss, batch_size, bucket_batches) = (cfg.loss, cfg.batch_size, cfg.bucket_batches);
-    let mut state = stream(cfg.seed, "epoch order", epoch as u64);
+    let mut rng = SplitMix64::stream(cfg.seed, "epoch order", epoch as u64);
     let mut order: Vec<usize> = (0..items.len()).collect();
-    shuffle(&mut order, &mut state);
+    rng.shuffle(&mut order);
     if bucket_batches > 0 {
         for window in order.chunks_mut(bucket_batches * batch_size) {
             window.sort_by_key(|&i| items.lengths[i]);
@@ -165,7 +132,7 @@ pub fn epoch_plan(store: &TokenStore, items: &Items, cfg: &TrainConfig, epoch: u
         })
         .collect();
     if bucket_batches > 0 {
-        shuffle(&mut batches, &mut state);
+        rng.shuffle(&mut batches);
     }
     batches
         .chunks(cfg.grad_accum)
@@ -231,19 +198,6 @@ mod tests {
 
     fn plan_cfg(loss: LossKind, batch_size: usize, grad_accum: usize, bucket_batches: usize, seed: u64) -> TrainConfig {
         TrainConfig { loss, batch_size, grad_accum, bucket_batches, seed, ..TrainConfig::default() }
-    }
-
-    #[test]
-    fn shuffle_is_a_deterministic_permutation() {
-        let mut a: Vec<usize> = (0..100).collect();
-        let mut b = a.clone();
-        shuffle(&mut a, &mut 7u64.clone());
-        shuffle(&mut b, &mut 7u64.clone());
-        assert_eq!(a, b);
-        assert_ne!(a, (0..100).collect::<Vec<_>>());
-        let mut sorted = a.clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
     }
 
     #[test]

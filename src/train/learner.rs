@@ -55,7 +55,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::HostTensor;
 use super::config::{Mode, OptimizerBackend, TrainConfig};
-use super::data::{pad_left, stream, MicroBatch};
+use super::data::{pad_left, MicroBatch};
 use super::fused::{FusedAdamW, SumSquaresInto, WriteMaster};
 use super::lora::{adapter_specs, check_modules, init_a, merge, AdapterSpec};
 use super::optim::{adamw_dense, adamw_rows, apply_pending_decay, clip_factor, sum_squares, RowState, StepScalars};
@@ -64,6 +64,7 @@ use crate::model::backward::LayerTape;
 use crate::model::storage::{contiguous_range, write_f32};
 use crate::model::{LoraAdapter, LoraDropout, ParamMap, Qwen3, Reranker};
 use crate::text::TokenStore;
+use crate::util::rng::stream;
 
 const EMBED: &str = "model.embed_tokens.weight";
 const LM_HEAD: &str = "lm_head.weight";

@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::TrainError;
 use crate::model::{Qwen3, Qwen3Config};
+use crate::util::rng::SplitMix64;
 
 /// The linear layers an adapter can target, by their name inside a decoder layer.
 pub const MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -61,17 +62,8 @@ fn is_mlp(name: &str) -> bool {
 /// by (seed, adapter name) so they do not depend on which other modules are targeted.
 pub fn init_a(seed: u64, spec: &AdapterSpec, r: usize) -> Vec<f32> {
     let bound = 1.0 / (spec.in_features as f64).sqrt();
-    let mut h = blake3::Hasher::new();
-    h.update(&seed.to_le_bytes());
-    h.update(spec.a_name().as_bytes());
-    let mut state = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"));
-    (0..r * spec.in_features)
-        .map(|_| {
-            let u = super::data::splitmix(&mut state) >> 11;
-            let unit = u as f64 / (1u64 << 53) as f64; // [0, 1)
-            ((2.0 * unit - 1.0) * bound) as f32
-        })
-        .collect()
+    let mut rng = SplitMix64::keyed(seed, &spec.a_name());
+    (0..r * spec.in_features).map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32).collect()
 }
 
 /// `W + scale · B A` in f32, for export.

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::metrics::{Options, Prediction};
-use crate::stages::split::SplitMix64;
+use crate::util::rng::SplitMix64;
 
 /// Lowercased runs of letters and digits: `"1/2 in. Copper-Pipe"` → `1 2 in copper pipe`.
 pub fn tokenize(text: &str) -> Vec<String> {
@@ -84,7 +84,7 @@ impl Bm25 {
 /// Uniform scores in [0, 1) from the project's fixed generator, so a seed means the same draw forever.
 pub fn random_scores(n: usize, seed: u64) -> Vec<f64> {
     let mut rng = SplitMix64::new(seed);
-    (0..n).map(|_| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64).collect()
+    (0..n).map(|_| rng.next_f64()).collect()
 }
 
 /// The exact expectation of the ranking metrics under a uniformly random order of each query's

@@ -9,8 +9,8 @@ use crate::engine::{StageError, StageOutput, Upstream};
 use crate::metrics::{self, Prediction};
 use crate::report::browser;
 use crate::stages::analyze::{self, Analyze};
-use crate::stages::split::SplitMix64;
 use crate::stages::table::{self, Labeled, Record};
+use crate::util::rng::SplitMix64;
 
 const WORDS: &[&str] = &[
     "angle", "bracket", "copper", "pipe", "deck", "screws", "shower", "head", "paint", "roller", "garden", "hose",

@@ -321,7 +321,7 @@ fn normalize_changes_only_spelling_and_counts_changed_rows() {
 fn synthetic(queries: usize) -> Vec<Record> {
     let grades = [1.0, 1.33, 1.67, 2.0, 2.33, 2.67, 3.0];
     let mut out = Vec::new();
-    let mut rng = split::SplitMix64::new(7);
+    let mut rng = crate::util::rng::SplitMix64::new(7);
     for q in 0..queries {
         let n = 1 + rng.below(9) as usize;
         let base = rng.below(grades.len() as u64) as usize;
@@ -472,7 +472,7 @@ fn split_labels_at_the_threshold_and_checks_params() {
 #[test]
 fn splitmix64_matches_the_reference_and_bins_have_the_documented_edges() {
     // Reference outputs of Vigna's splitmix64.c seeded with 0.
-    let mut r = split::SplitMix64::new(0);
+    let mut r = crate::util::rng::SplitMix64::new(0);
     assert_eq!(r.next_u64(), 0xE220_A839_7B1D_CDAF);
     assert_eq!(r.next_u64(), 0x6E78_9E6A_A1B9_65F4);
     let mut counts = [0usize; 3];
