@@ -88,14 +88,9 @@ impl StatCache {
         if !guard.1 {
             return;
         }
-        if let Some(dir) = self.path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-            // A uniquely named temp file: sweep points running on threads save concurrently.
-            if let (Ok(bytes), Ok(mut tmp)) = (serde_json::to_vec(&guard.0), tempfile::NamedTempFile::new_in(dir)) {
-                if std::io::Write::write_all(&mut tmp, &bytes).is_ok() {
-                    let _ = tmp.persist(&self.path);
-                }
-            }
+        // Sweep points running on threads save concurrently; each write has its own temp file.
+        if let Ok(bytes) = serde_json::to_vec(&guard.0) {
+            let _ = crate::util::fs::write_atomic(&self.path, &bytes);
         }
     }
 }

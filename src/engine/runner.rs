@@ -18,6 +18,7 @@ use super::key::{dir_name, flatten_params, KeyInputs, UpstreamInput};
 use super::stage::{ExternalInput, JsonMap, Stage, StageContext, StageError, Upstream};
 use super::store::{Manifest, Store, StoreError, MANIFEST_SCHEMA};
 use super::time;
+use crate::util::fs::write_atomic;
 
 /// Set by the Ctrl-C/SIGTERM handler; stages poll it through their context.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -132,14 +133,6 @@ struct Done {
 /// Last successful key per stage id: the baseline that `status` explains changes against.
 fn state_path(store: &Store, pipeline: &str) -> PathBuf {
     store.root.join(".state").join(format!("{pipeline}.json"))
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.persist(path).map(|_| ()).map_err(|e| e.error)
 }
 
 impl<'a> Engine<'a> {

@@ -253,10 +253,10 @@ pub fn read_manifest(dir: &Path) -> Result<Option<Manifest>, StoreError> {
     }
 }
 
+/// Best effort, as everywhere in the store: an fsync that fails leaves the artifact as durable as
+/// the filesystem makes it, and the manifest-last protocol still tells a complete one from junk.
 fn sync_dir(dir: &Path) {
-    if let Ok(f) = File::open(dir) {
-        let _ = f.sync_all();
-    }
+    let _ = crate::util::fs::sync_dir(dir);
 }
 
 /// All files under `dir` except the manifest, sorted, each hashed and fsynced.
@@ -276,9 +276,7 @@ pub fn list_files(dir: &Path) -> Result<Vec<FileEntry>, StoreError> {
             if rel == MANIFEST {
                 continue;
             }
-            if let Ok(f) = File::open(&p) {
-                let _ = f.sync_all();
-            }
+            let _ = crate::util::fs::sync_file(&p);
             let size = std::fs::metadata(&p).map_err(io(&p))?.len();
             let blake3 = super::hashing::hash_file(&p).map_err(io(&p))?;
             out.push(FileEntry { path: rel, blake3, size });

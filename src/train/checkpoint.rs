@@ -1,7 +1,8 @@
 //! Resumable training state on disk: one safetensors file of f32 tensors (master weights, Adam
 //! moments) with the loop's position and history as JSON in its header, written atomically
-//! (a temp file in the same directory, fsync, rename), so a run killed at any instant leaves
-//! either the previous checkpoint or the new one, never a torn file.
+//! ([`crate::util::fs::AtomicFile`]: a temp file in the same directory, fsync, rename, fsync the
+//! directory), so a run killed at any instant leaves either the previous checkpoint or the new
+//! one, never a torn file.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -11,6 +12,7 @@ use safetensors::tensor::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use super::TrainError;
+use crate::util::fs::AtomicFile;
 
 /// The header key that holds the JSON state.
 const STATE_KEY: &str = "pipe_train_state";
@@ -54,21 +56,14 @@ fn ckpt_err(path: &Path, message: impl Into<String>) -> TrainError {
 /// Writes `tensors` and the JSON `state` to `path` atomically.
 pub fn write<S: Serialize>(path: &Path, tensors: &BTreeMap<String, HostTensor>, state: &S) -> Result<(), TrainError> {
     let dir = path.parent().ok_or_else(|| ckpt_err(path, "no parent directory"))?;
-    std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
     let views: Vec<(&str, View)> =
         tensors.iter().map(|(k, t)| (k.as_str(), View { shape: &t.shape, data: &t.data })).collect();
     let json = serde_json::to_string(state).map_err(|e| ckpt_err(path, e.to_string()))?;
     let meta = HashMap::from([(STATE_KEY.to_string(), json)]);
-    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| TrainError::io(dir, e))?;
+    let tmp = AtomicFile::new(path).map_err(|e| TrainError::io(dir, e))?;
     safetensors::serialize_to_file(views.iter().map(|(k, v)| (*k, v)), Some(meta), tmp.path())
         .map_err(|e| ckpt_err(path, e.to_string()))?;
-    std::fs::File::open(tmp.path()).and_then(|f| f.sync_all()).map_err(|e| TrainError::io(tmp.path(), e))?;
-    tmp.persist(path).map_err(|e| TrainError::io(path, e.error))?;
-    // Make the rename itself durable.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    tmp.commit().map_err(|e| TrainError::io(path, e))
 }
 
 /// Reads a file written by [`write`].

@@ -203,7 +203,8 @@ fn truncate_log(path: &Path, step: u64) -> Result<(), TrainError> {
     if !text.is_empty() {
         text.push('\n');
     }
-    std::fs::write(path, text).map_err(|e| TrainError::io(path, e))
+    // Atomic, so that a crash while rewriting cannot lose the steps the resumed run keeps.
+    crate::util::fs::write_atomic(path, text.as_bytes()).map_err(|e| TrainError::io(path, e))
 }
 
 fn round(x: f64, digits: i32) -> f64 {
