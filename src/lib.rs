@@ -9,9 +9,13 @@
 //!   apart from the model; the `train` stage is its thin glue.
 //! - [`metrics`]: ranking and classification metrics as pure functions.
 //! - [`report`]: tables, SVG charts and self-contained HTML reports (the analyze stage's output).
+//! - [`hub`]: the Hugging Face cache and downloads, one reading of `HF_*` for models, tokenizers
+//!   and data.
+//! - [`util`]: leaf helpers every layer may use: durable atomic writes, the seeded generator.
 
 pub mod cli;
 pub mod engine;
+pub mod hub;
 pub mod metrics;
 pub mod model;
 pub mod report;

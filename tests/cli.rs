@@ -249,6 +249,8 @@ mod bench;
 mod crash;
 #[path = "cli/docs.rs"]
 mod docs;
+#[path = "cli/hub.rs"]
+mod hub;
 #[path = "cli/malformed.rs"]
 mod malformed;
 #[path = "cli/metrics.rs"]

@@ -8,9 +8,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use pipe::hub::HubSettings;
 use pipe::model::{
-    self, bce_with_logits, mse_on_probability, HubOptions, LoadOptions, ModelError, ModelFiles, ModelSource, Qwen3,
-    Qwen3Config, Reranker, SaveOptions,
+    self, bce_with_logits, mse_on_probability, LoadOptions, ModelError, ModelFiles, ModelSource, Qwen3, Qwen3Config,
+    Reranker, SaveOptions,
 };
 
 const YES: u32 = 9693;
@@ -21,8 +22,8 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
 }
 
-fn offline_hub(cache: &Path) -> HubOptions {
-    HubOptions { cache_dir: cache.to_path_buf(), endpoint: Some("http://127.0.0.1:9".into()), offline: true }
+fn offline_hub(cache: &Path) -> HubSettings {
+    HubSettings { endpoint: Some("http://127.0.0.1:9".into()), ..HubSettings::offline_at(cache) }
 }
 
 fn load_fixture(name: &str, dtype: DType, trainable: bool) -> Qwen3 {
@@ -427,7 +428,7 @@ fn an_uncached_hub_id_offline_says_how_to_use_a_local_dir() {
     assert!(matches!(err, ModelError::Hub { .. }), "{msg}");
     assert!(msg.contains("acme/not-cached@v2") && msg.contains("--model"), "{msg}");
     // Online mode against an endpoint where nothing listens fails the same way, not with a panic.
-    let hub = HubOptions { offline: false, ..offline_hub(tmp.path()) };
+    let hub = HubSettings { offline: false, ..offline_hub(tmp.path()) };
     let err = model::resolve(&src, &hub).unwrap_err();
     assert!(matches!(err, ModelError::Hub { .. }), "{err}");
 }

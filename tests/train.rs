@@ -449,7 +449,8 @@ fn trained_model(p: &Project) -> Qwen3 {
     let dir = dirs[0].join("model");
     assert!(dir.join("tokenizer.json").is_file());
     assert!(dirs[0].join("train_log.jsonl").is_file());
-    model::load(&model::ModelSource::Dir(dir), &model::HubOptions::from_env(), &model::LoadOptions::default()).unwrap()
+    model::load(&model::ModelSource::Dir(dir), &pipe::hub::HubSettings::from_env(), &model::LoadOptions::default())
+        .unwrap()
 }
 
 #[test]

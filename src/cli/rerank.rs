@@ -4,9 +4,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
+use crate::hub::HubSettings;
 use crate::model::device::{parse_device, parse_dtype};
 use crate::model::score::score_all;
-use crate::model::{HubOptions, LoadOptions, ModelSource, Reranker};
+use crate::model::{LoadOptions, ModelSource, Reranker};
 use crate::text::{load_tokenizer, PromptConfig, PromptEncoder};
 
 #[derive(clap::Args, Debug)]
@@ -84,7 +85,7 @@ pub fn run(a: RerankArgs) -> anyhow::Result<()> {
         bail!("no documents: pass --doc TEXT (repeatable) or --docs-file FILE.jsonl");
     }
     let source: ModelSource = a.model.parse()?;
-    let files = crate::model::resolve(&source, &HubOptions::from_env())?;
+    let files = crate::model::resolve(&source, &HubSettings::from_env())?;
     let cwd = std::env::current_dir()?;
     let tokenizer = match (&a.tokenizer, &files.tokenizer) {
         (Some(spec), _) => load_tokenizer(spec, &cwd)?,

@@ -1,10 +1,11 @@
 //! Hugging Face checkpoints in and out, and deterministic random initialisation.
 //!
 //! A model source is a local directory or `hf:<owner>/<name>[@revision]`. Hub ids resolve through
-//! the local Hugging Face cache first (so a cached model works offline), then hf-hub. Weights are
-//! read through a memory map (single `model.safetensors` or a sharded
-//! `model.safetensors.index.json`) one tensor at a time and cast to the requested dtype. Saving
-//! writes the layout `transformers.AutoModelForCausalLM.from_pretrained` reads unchanged.
+//! the local Hugging Face cache first (so a cached model works offline), then a download, both by
+//! [`crate::hub`], which tokenizer and data loading share. Weights are read through a memory map
+//! (single `model.safetensors` or a sharded `model.safetensors.index.json`) one tensor at a time
+//! and cast to the requested dtype. Saving writes the layout
+//! `transformers.AutoModelForCausalLM.from_pretrained` reads unchanged.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -20,6 +21,7 @@ use serde_json::Value;
 use super::config::Qwen3Config;
 use super::qwen3::{ParamMap, Qwen3};
 use super::ModelError;
+use crate::hub::{HubError, HubRepo, HubSettings, RepoKind};
 use crate::util::rng::SplitMix64;
 
 const CONFIG: &str = "config.json";
@@ -66,36 +68,6 @@ impl std::fmt::Display for ModelSource {
             Self::Dir(p) => write!(f, "{}", p.display()),
             Self::Hub { repo, revision } => write!(f, "hf:{repo}@{revision}"),
         }
-    }
-}
-
-/// How to reach the hub. [`HubOptions::from_env`] honours `HF_HOME` (cache location),
-/// `HF_ENDPOINT` and `HF_HUB_OFFLINE`, like the Python tooling.
-#[derive(Debug, Clone)]
-pub struct HubOptions {
-    /// The hub cache root (the directory holding `models--owner--name`).
-    pub cache_dir: PathBuf,
-    pub endpoint: Option<String>,
-    /// Never touch the network; only the cache.
-    pub offline: bool,
-}
-
-impl HubOptions {
-    pub fn from_env() -> Self {
-        let offline = std::env::var("HF_HUB_OFFLINE")
-            .map(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
-            .unwrap_or(false);
-        Self {
-            cache_dir: hf_hub::Cache::from_env().path().clone(),
-            endpoint: std::env::var("HF_ENDPOINT").ok(),
-            offline,
-        }
-    }
-}
-
-impl Default for HubOptions {
-    fn default() -> Self {
-        Self::from_env()
     }
 }
 
@@ -166,70 +138,44 @@ fn resolve_dir(dir: &Path) -> Result<ModelFiles, ModelError> {
     Ok(ModelFiles { config, weights, tokenizer })
 }
 
-/// A file of `repo@revision` in the local hub cache, if there. Looks the revision up under
-/// `refs/` (branches and tags) and, for a commit hash, directly under `snapshots/`.
-fn cached_file(cache: &Path, repo: &str, revision: &str, file: &str) -> Option<PathBuf> {
-    let base = cache.join(format!("models--{}", repo.replace('/', "--")));
-    let commit =
-        fs::read_to_string(base.join("refs").join(revision)).ok().map(|s| s.trim().to_owned()).or_else(|| {
-            (revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit())).then(|| revision.to_owned())
-        })?;
-    let path = base.join("snapshots").join(commit).join(file);
-    path.is_file().then_some(path)
-}
-
-fn resolve_cached(cache: &Path, repo: &str, revision: &str) -> Option<ModelFiles> {
-    let config = cached_file(cache, repo, revision, CONFIG)?;
-    let weights = match cached_file(cache, repo, revision, INDEX) {
-        Some(index) => index_shards(&index)
-            .ok()?
-            .iter()
-            .map(|f| cached_file(cache, repo, revision, f))
-            .collect::<Option<Vec<_>>>()?,
-        None => vec![cached_file(cache, repo, revision, SINGLE)?],
+/// The whole model from the cache, or `None` if any file is missing there.
+fn resolve_cached(repo: &HubRepo) -> Option<ModelFiles> {
+    let config = repo.cached(CONFIG)?;
+    let weights = match repo.cached(INDEX) {
+        Some(index) => index_shards(&index).ok()?.iter().map(|f| repo.cached(f)).collect::<Option<Vec<_>>>()?,
+        None => vec![repo.cached(SINGLE)?],
     };
-    Some(ModelFiles { config, weights, tokenizer: cached_file(cache, repo, revision, TOKENIZER) })
+    Some(ModelFiles { config, weights, tokenizer: repo.cached(TOKENIZER) })
 }
 
-fn resolve_hub(repo: &str, revision: &str, hub: &HubOptions) -> Result<ModelFiles, ModelError> {
-    if let Some(files) = resolve_cached(&hub.cache_dir, repo, revision) {
+fn resolve_hub(repo: &str, revision: &str, hub: &HubSettings) -> Result<ModelFiles, ModelError> {
+    let r = hub.repo(RepoKind::Model, repo, revision);
+    // A fully cached model needs no request, even online.
+    if let Some(files) = resolve_cached(&r) {
         return Ok(files);
     }
-    let hub_err = |file: &str, reason: String| ModelError::Hub {
+    let hub_err = |file: &str, e: HubError| ModelError::Hub {
         repo: format!("{repo}@{revision}"),
         file: file.into(),
-        cache: hub.cache_dir.clone(),
-        reason,
+        cache: hub.cache_description(),
+        reason: e.to_string(),
     };
-    if hub.offline {
-        return Err(hub_err(CONFIG, "offline mode (HF_HUB_OFFLINE) is set".into()));
-    }
-    let mut builder =
-        hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(hub.cache_dir.clone())).with_progress(false);
-    if let Some(e) = &hub.endpoint {
-        builder = builder.with_endpoint(e.clone());
-    }
-    let api = builder.build().map_err(|e| hub_err(CONFIG, e.to_string()))?;
-    let api = api.repo(hf_hub::Repo::with_revision(repo.into(), hf_hub::RepoType::Model, revision.into()));
-    let config = api.get(CONFIG).map_err(|e| hub_err(CONFIG, e.to_string()))?;
-    let weights = match api.get(INDEX) {
+    let config = r.get(CONFIG).map_err(|e| hub_err(CONFIG, e))?;
+    let weights = match r.get(INDEX) {
         Ok(index) => {
-            let dir = index.parent().map(Path::to_path_buf).unwrap_or_default();
             let mut out = Vec::new();
             for shard in index_shards(&index)? {
-                let p = api.get(&shard).map_err(|e| hub_err(&shard, e.to_string()))?;
-                debug_assert!(p.starts_with(&dir));
-                out.push(p);
+                out.push(r.get(&shard).map_err(|e| hub_err(&shard, e))?);
             }
             out
         }
-        Err(_) => vec![api.get(SINGLE).map_err(|e| hub_err(SINGLE, e.to_string()))?],
+        Err(_) => vec![r.get(SINGLE).map_err(|e| hub_err(SINGLE, e))?],
     };
-    Ok(ModelFiles { config, weights, tokenizer: api.get(TOKENIZER).ok() })
+    Ok(ModelFiles { config, weights, tokenizer: r.get(TOKENIZER).ok() })
 }
 
 /// Finds a model's files on disk, downloading a hub model that is not cached yet.
-pub fn resolve(source: &ModelSource, hub: &HubOptions) -> Result<ModelFiles, ModelError> {
+pub fn resolve(source: &ModelSource, hub: &HubSettings) -> Result<ModelFiles, ModelError> {
     match source {
         ModelSource::Dir(d) => resolve_dir(d),
         ModelSource::Hub { repo, revision } => resolve_hub(repo, revision, hub),
@@ -310,7 +256,7 @@ pub fn load_files(files: &ModelFiles, opts: &LoadOptions) -> Result<Qwen3, Model
 }
 
 /// Resolves and loads in one step.
-pub fn load(source: &ModelSource, hub: &HubOptions, opts: &LoadOptions) -> Result<Qwen3, ModelError> {
+pub fn load(source: &ModelSource, hub: &HubSettings, opts: &LoadOptions) -> Result<Qwen3, ModelError> {
     load_files(&resolve(source, hub)?, opts)
 }
 

@@ -38,9 +38,7 @@ pub mod softmax;
 pub mod storage;
 pub mod swiglu;
 
-pub use checkpoint::{
-    load, load_files, random, resolve, save, HubOptions, LoadOptions, ModelFiles, ModelSource, SaveOptions,
-};
+pub use checkpoint::{load, load_files, random, resolve, save, LoadOptions, ModelFiles, ModelSource, SaveOptions};
 pub use config::Qwen3Config;
 pub use device::{device_name, dtype_name, parse_device, parse_dtype, DeviceSpec};
 pub use ops::{Linear, LoraAdapter, LoraDropout};
@@ -77,11 +75,12 @@ pub enum ModelError {
     BadSource { source_str: String, reason: String },
     #[error(
         "could not fetch `{file}` of `{repo}` from the Hugging Face hub and it is not in the local \
-         cache ({cache}): {reason}. If you are offline, download the model once elsewhere and pass \
-         its directory (containing config.json and model.safetensors) instead of the hf: id, e.g. \
+         cache ({cache}): {reason}. If the model is in another Hugging Face cache, set HF_HUB_CACHE \
+         (or HF_HOME) to it; if you are offline, download the model once elsewhere and pass its \
+         directory (containing config.json and model.safetensors) instead of the hf: id, e.g. \
          `--model path/to/Qwen3-Reranker-0.6B`"
     )]
-    Hub { repo: String, file: String, cache: PathBuf, reason: String },
+    Hub { repo: String, file: String, cache: String, reason: String },
     #[error("{path}: not a model directory: {reason}")]
     NotAModelDir { path: PathBuf, reason: String },
     #[error("bad model input: {0}")]

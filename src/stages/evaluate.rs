@@ -11,10 +11,11 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::engine::{ExternalInput, JsonMap, Params, Stage, StageContext, StageError, StageOutput};
+use crate::hub::HubSettings;
 use crate::metrics::{self, Prediction};
 use crate::model::device::{parse_device, parse_dtype};
 use crate::model::score::score_all;
-use crate::model::{HubOptions, LoadOptions, ModelError, ModelSource, Reranker};
+use crate::model::{LoadOptions, ModelError, ModelSource, Reranker};
 use crate::text::TokenStore;
 
 /// Bump when the predictions or metrics for the same inputs change.
@@ -110,7 +111,7 @@ impl Stage for Evaluate {
             }
         };
         let opts = LoadOptions { dtype, device: device.clone(), trainable: false };
-        let model = crate::model::load(&source, &HubOptions::from_env(), &opts).map_err(model_err)?;
+        let model = crate::model::load(&source, &HubSettings::from_env(), &opts).map_err(model_err)?;
 
         // product ids and titles from the split stage, by row id, when it is upstream.
         let split_rows: HashMap<(String, String), (String, String)> = match ctx.upstream_of("split") {

@@ -15,9 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::hub::{self, HubSettings};
+use super::hub;
 use super::table::{self, Record};
 use crate::engine::{ExternalInput, Params, Stage, StageContext, StageError, StageOutput};
+use crate::hub::HubSettings;
 
 /// Bump when the table `load` writes for the same inputs changes meaning.
 pub const VERSION: u32 = 1;
@@ -181,7 +182,7 @@ impl Stage for Load {
 
     fn run(&self, ctx: &StageContext) -> Result<StageOutput, StageError> {
         let p: LoadParams = ctx.params()?;
-        let hub = HubSettings::from_env(!ctx.quiet);
+        let hub = HubSettings::from_env().with_progress(!ctx.quiet);
         let loaded = load(&p, ctx.root, &hub, ctx.cancel)?;
         table::write_table(&ctx.out.join(table::TABLE_FILE), &loaded.records)?;
         Ok(StageOutput { stats: loaded.stats(&p), ..Default::default() })

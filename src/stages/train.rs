@@ -11,7 +11,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::engine::{ExternalInput, JsonMap, Params, Stage, StageContext, StageError, StageOutput};
-use crate::model::{self, DeviceSpec, HubOptions, LoadOptions, ModelSource, Qwen3Config, SaveOptions};
+use crate::hub::HubSettings;
+use crate::model::{self, DeviceSpec, LoadOptions, ModelSource, Qwen3Config, SaveOptions};
 use crate::text::TokenStore;
 use crate::train::{self, BestMetric, Fault, LoraConfig, LossKind, Mode, RunEnv, TrainConfig, TrainData, TrainError};
 
@@ -302,7 +303,7 @@ impl Stage for Train {
                 hub => hub,
             };
             let opts = LoadOptions { dtype: DType::F32, device: device.clone(), trainable: false };
-            model::load(&source, &HubOptions::from_env(), &opts).map_err(|e| param("model", e))?
+            model::load(&source, &HubSettings::from_env(), &opts).map_err(|e| param("model", e))?
         };
         let max_id = train_store.ids.iter().chain(&val_store.ids).copied().max().unwrap_or(0) as usize;
         if max_id >= base.config().vocab_size {

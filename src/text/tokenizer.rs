@@ -4,9 +4,10 @@
 //! - `qwen3`: the real Qwen3 tokenizer (Apache-2.0, see `data/tokenizers/qwen3/NOTICE`), embedded in
 //!   the binary from a gzip copy so that the quickstart and the tests need neither network nor
 //!   `../shared`;
-//! - `hf:<owner>/<name>[@revision]`: `tokenizer.json` of a Hugging Face Hub model. The local HF cache
-//!   is looked at first (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`), so a
-//!   cached model works offline; with `HF_HUB_OFFLINE=1` nothing is downloaded;
+//! - `hf:<owner>/<name>[@revision]`: `tokenizer.json` of a Hugging Face Hub model, found where model
+//!   loading finds the model ([`crate::hub`]): the local HF cache is looked at first (`HF_HUB_CACHE`,
+//!   else `HF_HOME/hub`, else `~/.cache/huggingface/hub`), so a cached model works offline; with
+//!   `HF_HUB_OFFLINE=1` nothing is downloaded;
 //! - anything else: a local path to a `tokenizer.json`, a gzipped one (detected by its magic bytes,
 //!   whatever its name), or a directory holding `tokenizer.json` (a model directory).
 
@@ -17,6 +18,7 @@ use std::sync::OnceLock;
 use tokenizers::Tokenizer;
 
 use super::TextError;
+use crate::hub::{HubSettings, RepoKind};
 
 /// The spec of the embedded tokenizer.
 pub const BUILTIN_QWEN3: &str = "qwen3";
@@ -85,7 +87,7 @@ impl TokenizerSource {
             TokenizerSource::BuiltinQwen3 => gunzip(QWEN3_GZ, "builtin qwen3"),
             TokenizerSource::File(p) => read_maybe_gz(&resolve_local(root, p)),
             TokenizerSource::Hub { repo, revision } => {
-                let path = hub_file(&HubEnv::from_env(), repo, revision, "tokenizer.json")?;
+                let path = hub_file(&HubSettings::from_env(), repo, revision, "tokenizer.json")?;
                 read_maybe_gz(&path)
             }
         }
@@ -147,57 +149,15 @@ fn gunzip(bytes: &[u8], what: &str) -> Result<Vec<u8>, TextError> {
     Ok(out)
 }
 
-/// Where the hub cache is and whether the network may be used; read from the environment once so
-/// that tests can pass their own.
-#[derive(Debug, Clone)]
-pub struct HubEnv {
-    pub cache_dir: PathBuf,
-    pub offline: bool,
-}
-
-impl HubEnv {
-    /// The same variables as the Python `huggingface_hub`: `HF_HUB_CACHE`, `HF_HOME`, `HF_HUB_OFFLINE`.
-    pub fn from_env() -> Self {
-        let cache_dir = match std::env::var_os("HF_HUB_CACHE") {
-            Some(p) if !p.is_empty() => PathBuf::from(p),
-            _ => hf_hub::Cache::from_env().path().clone(),
-        };
-        let offline = std::env::var("HF_HUB_OFFLINE")
-            .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
-            .unwrap_or(false);
-        HubEnv { cache_dir, offline }
-    }
-}
-
-/// A file of a hub model: from the cache when it is there (by branch/tag ref or by commit hash),
-/// otherwise downloaded unless offline. Also meant for model checkpoints (`hf:` model ids).
-pub fn hub_file(env: &HubEnv, repo: &str, revision: &str, file: &str) -> Result<PathBuf, TextError> {
-    use hf_hub::{Repo, RepoType};
-    let hrepo = Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string());
-    let cache = hf_hub::Cache::new(env.cache_dir.clone());
-    if let Some(p) = cache.repo(hrepo.clone()).get(file) {
-        return Ok(p);
-    }
-    // A pinned commit has a snapshot directory but usually no ref file named after it.
-    let snapshot = env.cache_dir.join(hrepo.folder_name()).join("snapshots").join(revision).join(file);
-    if snapshot.is_file() {
-        return Ok(snapshot);
-    }
-    let offline = |why: String| TextError::Offline {
+/// A file of a hub model (`tokenizer.json`), from the cache or downloaded ([`crate::hub`]).
+pub fn hub_file(hub: &HubSettings, repo: &str, revision: &str, file: &str) -> Result<PathBuf, TextError> {
+    hub.repo(RepoKind::Model, repo, revision).get(file).map_err(|e| TextError::Offline {
         repo: repo.to_string(),
         revision: revision.to_string(),
         file: file.to_string(),
-        cache: env.cache_dir.display().to_string(),
-        why,
-    };
-    if env.offline {
-        return Err(offline("HF_HUB_OFFLINE is set".to_string()));
-    }
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
-        .with_progress(false)
-        .build()
-        .map_err(|e| offline(format!("the hub client could not start ({e})")))?;
-    api.repo(hrepo).get(file).map_err(|e| offline(format!("the download failed ({e})")))
+        cache: hub.cache_description(),
+        why: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -254,8 +214,8 @@ mod tests {
     #[test]
     fn hub_cache_is_used_offline_and_a_miss_says_what_to_do() {
         let cache = tempfile::tempdir().unwrap();
-        let env = HubEnv { cache_dir: cache.path().to_path_buf(), offline: true };
-        let err = hub_file(&env, "Qwen/Qwen3-Reranker-0.6B", "main", "tokenizer.json").unwrap_err().to_string();
+        let hub = HubSettings::offline_at(cache.path());
+        let err = hub_file(&hub, "Qwen/Qwen3-Reranker-0.6B", "main", "tokenizer.json").unwrap_err().to_string();
         assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
         assert!(err.contains("point `tokenizer` at a local file"), "{err}");
 
@@ -267,8 +227,8 @@ mod tests {
         std::fs::create_dir_all(repo_dir.join("snapshots").join(commit)).unwrap();
         let file = repo_dir.join("snapshots").join(commit).join("tokenizer.json");
         std::fs::write(&file, b"{}").unwrap();
-        assert_eq!(hub_file(&env, "Qwen/Qwen3-Reranker-0.6B", "main", "tokenizer.json").unwrap(), file);
-        assert_eq!(hub_file(&env, "Qwen/Qwen3-Reranker-0.6B", commit, "tokenizer.json").unwrap(), file);
-        assert!(hub_file(&env, "Qwen/Qwen3-Reranker-0.6B", "v2", "tokenizer.json").is_err());
+        assert_eq!(hub_file(&hub, "Qwen/Qwen3-Reranker-0.6B", "main", "tokenizer.json").unwrap(), file);
+        assert_eq!(hub_file(&hub, "Qwen/Qwen3-Reranker-0.6B", commit, "tokenizer.json").unwrap(), file);
+        assert!(hub_file(&hub, "Qwen/Qwen3-Reranker-0.6B", "v2", "tokenizer.json").is_err());
     }
 }

@@ -105,7 +105,16 @@ impl Project {
     }
 
     pub fn pipe_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        self.pipe_env_unset(args, env, &[])
+    }
+
+    /// Like [`Project::pipe_env`], with the variables in `unset` removed (even the defaults of
+    /// [`Project::command`]).
+    pub fn pipe_env_unset(&self, args: &[&str], env: &[(&str, &str)], unset: &[&str]) -> Output {
         let mut c = self.command(args);
+        for k in unset {
+            c.env_remove(k);
+        }
         for (k, v) in env {
             c.env(k, v);
         }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::{params, s, upstream, Harness};
 use crate::engine::{ExternalInput, Stage, StageError};
-use crate::stages::hub::HubSettings;
+use crate::hub::HubSettings;
 use crate::stages::load::{self, Load, LoadParams};
 use crate::stages::normalize::Normalize;
 use crate::stages::split::{self, Split, SplitParams};
@@ -229,7 +229,7 @@ fn hub_paths_resolve_offline_from_a_hand_built_cache() {
 
     let spec = "hf://datasets/bstds/home_depot/data/train.jsonl";
     let p: LoadParams = params(&Load, &[("path", s(spec))]).decode().unwrap();
-    let hub = HubSettings { cache_dir: Some(h.root().join("hf")), offline: true, progress: false };
+    let hub = HubSettings::offline_at(h.root().join("hf"));
     let cancel = AtomicBool::new(false);
     let loaded = load::load(&p, h.root(), &hub, &cancel).unwrap();
     assert_eq!(loaded.records, expected_records());
