@@ -1,0 +1,58 @@
+//! `pipe compare`: puts finished runs side by side as a table (or Markdown, CSV, JSON), optionally with a
+//! chart of each metric against each swept parameter. Reads run records only; runs nothing.
+
+use std::path::PathBuf;
+
+use super::Exit;
+use crate::engine::compare;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// Sort rows by this metric (best first).
+    #[arg(long)]
+    pub sort: Option<String>,
+    /// Metric columns, comma-separated (suffixes of `<stage>.<metric>` names).
+    #[arg(long, value_delimiter = ',')]
+    pub metrics: Option<Vec<String>>,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+    /// Also draw each metric against each swept numeric parameter into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum Format {
+    Table,
+    Markdown,
+    Csv,
+    Json,
+}
+
+pub fn run(args: Args) -> Result<(), Exit> {
+    let Args { paths, sort, metrics, format, plot } = args;
+    let runs = compare::find_runs(&paths).map_err(Exit::usage)?;
+    let c = compare::build(runs, metrics.as_deref(), sort.as_deref(), paths.len()).map_err(Exit::usage)?;
+    let f = match format {
+        Format::Table => compare::Format::Table,
+        Format::Markdown => compare::Format::Markdown,
+        Format::Csv => compare::Format::Csv,
+        Format::Json => compare::Format::Json,
+    };
+    print!("{}", c.render(f));
+    if let Some(path) = plot {
+        let charts = crate::report::sweep::sweep_charts(&c);
+        if charts.is_empty() {
+            return Err(Exit::usage(anyhow::anyhow!(
+                "--plot {}: nothing to draw: no numeric parameter varies between these runs, or they have no metrics",
+                path.display()
+            )));
+        }
+        std::fs::write(&path, crate::report::sweep::stacked_svg(&charts))
+            .map_err(|e| Exit::failed(anyhow::anyhow!("{}: {e}", path.display())))?;
+        eprintln!("pipe: {} chart(s) written to {}", charts.len(), path.display());
+    }
+    Ok(())
+}

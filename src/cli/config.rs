@@ -1,0 +1,18 @@
+//! `pipe config`: the configuration a run would use, every default and override filled in, as TOML:
+//! what to read when a parameter's value is in doubt.
+
+use super::common::{load, PipelineArgs};
+use super::Exit;
+use crate::engine::Stage;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub p: PipelineArgs,
+}
+
+pub fn run(args: Args, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
+    let pipeline = load(&args.p, registry)?;
+    print!("{}", pipeline.to_toml());
+    Ok(())
+}
