@@ -302,9 +302,7 @@ fn layer_grads_by_hand(cfg: &Qwen3Config, seed: u64, dtype: DType, device: &Devi
         h = out;
     }
     let top = Var::from_tensor(&h)?;
-    let last = model.final_norm(&top.as_tensor().narrow(1, t - 1, 1)?.squeeze(1)?)?;
-    let logits = last.matmul(&model.lm_head_rows(&[9693, 2152])?.t()?)?;
-    let logit = (logits.narrow(1, 0, 1)? - logits.narrow(1, 1, 1)?)?.squeeze(1)?;
+    let logit = crate::model::reranker::score_last(&model, top.as_tensor(), &model.lm_head_rows(&[9693, 2152])?)?.logit;
     let grads = bce_with_logits(&logit.to_dtype(DType::F32)?, &targets)?.backward()?;
     let mut dy =
         grads.get(top.as_tensor()).ok_or_else(|| anyhow::anyhow!("no gradient reached the top layer"))?.clone();

@@ -78,14 +78,7 @@ impl Reranker {
     pub fn forward(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<RerankOutput, ModelError> {
         check_left_padded(attention_mask)?;
         let h = self.model.hidden_states(ids, attention_mask)?;
-        let t = h.dim(1)?;
-        let last = self.model.final_norm(&h.narrow(1, t - 1, 1)?.squeeze(1)?)?;
-        let w = self.model.lm_head_rows(&[self.yes_id, self.no_id])?;
-        let logits = last.matmul(&w.t()?)?; // [B, 2]
-        let yes = logits.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?;
-        let no = logits.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?;
-        let logit = (&yes - &no)?;
-        Ok(RerankOutput { yes, no, logit })
+        score_last(&self.model, &h, &self.model.lm_head_rows(&[self.yes_id, self.no_id])?)
     }
 
     /// Plain scores for inference: runs on a gradient-free view of the weights so no graph is
@@ -96,6 +89,25 @@ impl Reranker {
         let logits: Vec<f32> = out.logit.to_dtype(candle_core::DType::F32)?.to_vec1()?;
         Ok(logits.into_iter().map(|logit| RerankScore { logit, p_yes: sigmoid_f32(logit) }).collect())
     }
+}
+
+/// The head on the decoder's output `h: [B, T, H]`: the final norm of the last position (every
+/// row's last prompt token, batches being left-padded), then [`yes_no`]. The one place the head is
+/// computed, for inference, training and the benchmarks alike.
+pub fn score_last(model: &Qwen3, h: &Tensor, rows: &Tensor) -> Result<RerankOutput, ModelError> {
+    let t = h.dim(1)?;
+    yes_no(&model.final_norm(&h.narrow(1, t - 1, 1)?.squeeze(1)?)?, rows)
+}
+
+/// The yes and no logits of final-normed hidden states `x: [N, H]` against the head's two rows
+/// `rows: [2, H]` (yes first), and their difference. Training passes rows it gathered itself
+/// (a leaf of its own, or the tied embedding's), hence the rows as an argument.
+pub fn yes_no(x: &Tensor, rows: &Tensor) -> Result<RerankOutput, ModelError> {
+    let logits = x.matmul(&rows.t()?)?; // [N, 2]
+    let yes = logits.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?;
+    let no = logits.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?;
+    let logit = (&yes - &no)?;
+    Ok(RerankOutput { yes, no, logit })
 }
 
 fn sigmoid_f32(x: f32) -> f32 {

@@ -1,20 +1,8 @@
-//! One model being trained: its trainable parameters, their f32 master copies and AdamW moments,
-//! gradient accumulation, clipping and the update. The loop around it lives in
-//! [`super::trainer`].
-//!
-//! # Where the numbers live
-//!
-//! The model computes in `dtype` (f32, bf16 or f16) and reads each trainable parameter from a
-//! candle `Var`. The optimizer keeps an f32 master copy of every trainable parameter plus both
-//! Adam moments, whatever the compute dtype:
-//!
-//! - on the CPU, as flat `Vec<f32>` buffers updated by the loops of [`super::optim`] (for f32
-//!   compute the `Var`'s own storage is the master, updated in place through a candle in-place
-//!   op, so nothing is copied);
-//! - on a GPU, as one f32 tensor per parameter (master | m | v) updated in place by one fused
-//!   kernel ([`super::fused`]).
-//!
-//! After each update the master is written back into the `Var` in the compute dtype.
+//! One model being trained: how its gradients are computed. The learner gathers each batch's
+//! embedding rows, runs the forward pass, the loss and the backward pass (by hand or by autograd,
+//! with or without recomputation, full or LoRA), and hands every gradient to its
+//! [`Optimizer`] ([`super::optimizer`]), which owns the masters, the moments and the update. The
+//! loop around both lives in [`super::trainer`].
 //!
 //! # The embedding
 //!
@@ -24,11 +12,9 @@
 //! head) into a small leaf variable and feeds the decoder embeddings
 //! ([`Qwen3::hidden_states_from_embeds`]); the leaf's gradient (with the hand-written layer
 //! backward: each position's gradient directly, [`super::scatter`] on a device) is scattered into
-//! the accumulation buffer and the touched rows are remembered, which is also what lets
-//! [`super::optim::adamw_rows`] skip the Adam arithmetic on rows whose moments are still zero.
-//! On the CPU in f32, rows never touched do not even get their weight decay each step: the
-//! factors are recorded and applied, in order, when the row is next read (a batch gathers it,
-//! or [`Learner::sync`] before validation, checkpoints and export) — bit for bit the eager result.
+//! the optimizer's accumulator, which remembers the touched rows (see [`super::optimizer`] for what
+//! that saves). The rows a batch gathers are first brought up to date with any weight decay the
+//! optimizer deferred.
 //!
 //! # The backward pass
 //!
@@ -44,24 +30,20 @@
 //! whole accumulation group, so that the accumulated gradient is that of the group's mean loss:
 //! `batch_size × grad_accum` rows in micro-batches behave as one batch of that size.
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor, Var};
-use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::checkpoint::HostTensor;
-use super::config::{Mode, OptimizerBackend, TrainConfig};
+use super::config::{Mode, TrainConfig};
 use super::data::{pad_left, MicroBatch};
-use super::fused::{FusedAdamW, SumSquaresInto, WriteMaster};
 use super::lora::{adapter_specs, check_modules, init_a, merge, AdapterSpec};
-use super::optim::{adamw_dense, adamw_rows, apply_pending_decay, clip_factor, sum_squares, RowState, StepScalars};
+use super::optimizer::{takes_weight_decay, LossScaler, Optimizer, SlotKind, StepReport};
 use super::TrainError;
 use crate::model::backward::LayerTape;
-use crate::model::storage::{contiguous_range, write_f32};
+use crate::model::reranker::{score_last, yes_no};
 use crate::model::{LoraAdapter, LoraDropout, ParamMap, Qwen3, Reranker};
 use crate::text::TokenStore;
 use crate::util::rng::stream;
@@ -69,150 +51,23 @@ use crate::util::rng::stream;
 const EMBED: &str = "model.embed_tokens.weight";
 const LM_HEAD: &str = "lm_head.weight";
 
-/// Weight decay applies to matrices, not to norm weights or biases (transformers' Trainer rule).
-pub fn takes_weight_decay(name: &str) -> bool {
-    !(name.ends_with(".bias") || name.contains("norm"))
-}
-
-struct HostState {
-    /// `None`: the `Var` is f32 on the CPU and its storage is the master.
-    master: Option<Vec<f32>>,
-    m: Vec<f32>,
-    v: Vec<f32>,
-    grad: Vec<f32>,
-    has_grad: bool,
-    /// Row-sparse parameters only: rows that ever had a gradient, and rows touched this step.
-    live: Vec<bool>,
-    touched: Vec<bool>,
-    touched_rows: Vec<usize>,
-    /// Deferred weight decay of never-live rows (row-sparse parameters whose master is the `Var`).
-    lazy: Option<LazyDecay>,
-}
-
-/// Decay factors of the steps since the last full catch-up, and how many of them each row has had.
-struct LazyDecay {
-    factors: Vec<f32>,
-    applied: Vec<u32>,
-}
-
-/// Optimizer state on the compute device: master weights and both moments in one f32 buffer
-/// `[3 × n]` (master | m | v), so that [`FusedAdamW`] updates all three in one in-place pass.
-struct DeviceState {
-    packed: Tensor,
-    shape: Vec<usize>,
-    grad: Option<Tensor>,
-}
-
-impl DeviceState {
-    fn new(master: &Tensor) -> candle_core::Result<Self> {
-        let flat = master.to_dtype(DType::F32)?.flatten_all()?;
-        let zeros = flat.zeros_like()?;
-        Ok(Self { packed: Tensor::cat(&[&flat, &zeros, &zeros], 0)?, shape: master.dims().to_vec(), grad: None })
-    }
-
-    /// Part `k` (0 master, 1 m, 2 v) as a flat view.
-    fn part(&self, k: usize) -> candle_core::Result<Tensor> {
-        let n = self.packed.dim(0)? / 3;
-        self.packed.narrow(0, k * n, n)
-    }
-}
-
-enum State {
-    Host(HostState),
-    Device(DeviceState),
-}
-
-struct Param {
-    name: String,
-    shape: Vec<usize>,
-    var: Var,
-    decay: bool,
-    /// Gradient arrives as rows (embedding, untied head) rather than from autograd on the `Var`.
-    rows: bool,
-    state: State,
-}
-
-/// Dynamic loss scaling for f16 (as torch.amp.GradScaler): multiply the loss so small gradients
-/// survive f16, skip steps whose gradients overflow and halve the scale, double it after 2000
-/// clean steps.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct LossScaler {
-    pub scale: f64,
-    pub good_steps: u32,
-}
-
-impl LossScaler {
-    const GROWTH_INTERVAL: u32 = 2000;
-    fn new() -> Self {
-        Self { scale: 65536.0, good_steps: 0 }
-    }
-}
-
-/// What one optimizer step did.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StepReport {
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    /// The f16 loss scaler found an overflow and skipped the update.
-    pub skipped: bool,
-}
-
-type Kernel<'a> = &'a mut dyn FnMut(&mut [f32]);
-
-/// In-place update of an f32 CPU storage (the master itself) by a closure.
-struct UpdateInPlace<'a>(RefCell<Kernel<'a>>);
-
-impl InplaceOp1 for UpdateInPlace<'_> {
-    fn name(&self) -> &'static str {
-        "pipe-adamw-in-place"
-    }
-    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let range = contiguous_range(layout, "in-place AdamW", "the parameter")?;
-        match storage {
-            CpuStorage::F32(data) => {
-                (self.0.borrow_mut())(&mut data[range]);
-                Ok(())
-            }
-            _ => Err(candle_core::Error::Msg("in-place AdamW needs f32 storage".into())),
-        }
-    }
-}
-
-/// Copies an f32 master into a CPU storage of any float dtype.
-struct WriteBack<'a>(&'a [f32]);
-
-impl InplaceOp1 for WriteBack<'_> {
-    fn name(&self) -> &'static str {
-        "pipe-write-back"
-    }
-    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let range = contiguous_range(layout, "write-back", "the parameter")?;
-        if range.len() != self.0.len() {
-            return Err(candle_core::Error::Msg("write-back length mismatch".into()));
-        }
-        write_f32(storage, range.start, self.0)
-    }
-}
-
 /// The trainable state of one model.
 pub struct Learner {
     model: Qwen3,
     yes: u32,
     no: u32,
-    params: Vec<Param>,
+    /// Masters, moments, gradients and the step of every trainable parameter.
+    optimizer: Optimizer,
+    /// Optimizer slots of the embedding and the untied head, whose gradients arrive as rows.
     embed: Option<usize>,
     head: Option<usize>,
     adapters: Vec<AdapterSpec>,
     lora_scale: f64,
     dropout: Option<Arc<AtomicU64>>,
     cfg: TrainConfig,
-    step: u64,
     dtype: DType,
     device: Device,
-    scaler: Option<LossScaler>,
     matching: Option<super::Matching>,
-    /// Index into `params` by name.
-    by_name: HashMap<String, usize>,
     /// Differentiate the decoder layers with autograd even where the hand-written backward
     /// applies (the reference the tests and `pipe bench` compare it with).
     autograd_layers: bool,
@@ -251,36 +106,18 @@ impl Learner {
             )));
         }
         let device = model.device().clone();
-        let host = match cfg.backend {
-            OptimizerBackend::Auto => device.is_cpu(),
-            OptimizerBackend::Host if !device.is_cpu() => {
-                return Err(TrainError::Config("the host optimizer backend needs a CPU model".into()))
-            }
-            OptimizerBackend::Host => true,
-            OptimizerBackend::Tensor => false,
-        };
+        let mut optimizer = Optimizer::new(cfg, dtype, &device)?;
         let qcfg = model.config().clone();
         let full = matches!(cfg.mode, Mode::Full);
         let mut map = ParamMap::new();
-        let mut params = Vec::new();
         for (name, t) in model.params().iter() {
             let trainable = full && !(cfg.freeze_embeddings && name == EMBED);
-            let compute = t.to_dtype(dtype)?.detach();
             if !trainable {
-                map.insert(name, compute);
+                map.insert(name, t.to_dtype(dtype)?.detach());
                 continue;
             }
-            let var = Var::from_tensor(&compute)?;
-            map.insert(name, var.as_tensor().clone());
-            let rows = name == EMBED || name == LM_HEAD;
-            params.push(Param {
-                name: name.to_string(),
-                shape: t.dims().to_vec(),
-                decay: takes_weight_decay(name),
-                rows,
-                state: new_state(t, rows, host, dtype)?,
-                var,
-            });
+            let kind = SlotKind { decay: takes_weight_decay(name), rows: name == EMBED || name == LM_HEAD };
+            map.insert(name, optimizer.add(name, t, kind)?.as_tensor().clone());
         }
         drop(model);
         let mut model = Qwen3::new(qcfg.clone(), map)?;
@@ -296,16 +133,8 @@ impl Learner {
                 let b = Tensor::zeros((spec.out_features, l.r), DType::F32, &device)?;
                 let mut vars = Vec::new();
                 for (name, t) in [(spec.a_name(), a), (spec.b_name(), b)] {
-                    let var = Var::from_tensor(&t.to_dtype(dtype)?.detach())?;
+                    let var = optimizer.add(&name, &t, SlotKind { decay: true, rows: false })?;
                     vars.push(var.as_tensor().clone());
-                    params.push(Param {
-                        shape: t.dims().to_vec(),
-                        state: new_state(&t, false, host, dtype)?,
-                        name,
-                        var,
-                        decay: true,
-                        rows: false,
-                    });
                 }
                 let linear = model.linear_mut(&spec.module).expect("checked above");
                 linear.lora = Some(LoraAdapter { a: vars[0].clone(), b: vars[1].clone(), scale: lora_scale });
@@ -313,26 +142,21 @@ impl Learner {
             }
             dropout = stream;
         }
-        let embed = params.iter().position(|p| p.name == EMBED);
-        let head = params.iter().position(|p| p.name == LM_HEAD);
-        let by_name = params.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+        let (embed, head) = (optimizer.index(EMBED), optimizer.index(LM_HEAD));
         Ok(Self {
             model,
             yes,
             no,
-            params,
+            optimizer,
             embed,
             head,
             adapters,
             lora_scale,
             dropout,
             cfg: cfg.clone(),
-            step: 0,
             dtype,
             device,
-            scaler: (dtype == DType::F16).then(LossScaler::new),
             matching: None,
-            by_name,
             autograd_layers: false,
         })
     }
@@ -364,22 +188,27 @@ impl Learner {
         &self.device
     }
 
+    /// The optimizer: its step, loss scaler, masters and state for checkpoints.
+    pub fn optimizer(&self) -> &Optimizer {
+        &self.optimizer
+    }
+
     /// Optimizer steps taken.
     pub fn step(&self) -> u64 {
-        self.step
+        self.optimizer.step()
     }
 
     /// Names of the trainable parameters (LoRA adapters as `<module>.lora_A.weight` / `lora_B`).
     pub fn trainable(&self) -> Vec<String> {
-        self.params.iter().map(|p| p.name.clone()).collect()
+        self.optimizer.names()
     }
 
     pub fn trainable_count(&self) -> usize {
-        self.params.iter().map(|p| p.shape.iter().product::<usize>()).sum()
+        self.optimizer.count()
     }
 
     pub fn loss_scaler(&self) -> Option<LossScaler> {
-        self.scaler
+        self.optimizer.loss_scaler()
     }
 
     /// Forward and backward of one micro-batch; its gradient is added to the accumulation
@@ -405,7 +234,7 @@ impl Learner {
         // Gather the embedding rows this batch uses into a leaf of its own (see the module docs).
         let mut embed_leaf: Option<(Var, Vec<u32>)> = None;
         if let Some(h) = self.head {
-            self.catch_up(h, Some(&head_ids))?;
+            self.optimizer.catch_up(h, Some(&head_ids))?;
         }
         let embeds = match self.embed {
             Some(e) => {
@@ -415,8 +244,8 @@ impl Learner {
                 }
                 uniq.sort_unstable();
                 uniq.dedup();
-                self.catch_up(e, Some(&uniq))?;
-                let table = self.params[e].var.as_tensor().detach();
+                self.optimizer.catch_up(e, Some(&uniq))?;
+                let table = self.optimizer.var(e).as_tensor().detach();
                 let leaf =
                     Var::from_tensor(&table.index_select(&Tensor::from_slice(&uniq, uniq.len(), &self.device)?, 0)?)?;
                 let local: Vec<u32> =
@@ -437,7 +266,7 @@ impl Learner {
                 leaf.as_tensor().index_select(&Tensor::from_vec(pos, 2, &self.device)?, 0)?
             }
             (_, Some(h)) => {
-                let table = self.params[h].var.as_tensor().detach();
+                let table = self.optimizer.var(h).as_tensor().detach();
                 let leaf = Var::from_tensor(&table.index_select(&Tensor::new(&head_ids, &self.device)?, 0)?)?;
                 let x = leaf.as_tensor().clone();
                 head_leaf = Some(leaf);
@@ -447,8 +276,8 @@ impl Learner {
         };
 
         // The loss of the group's mean, scaled for f16, from the last layer's hidden states.
-        let scale = self.scaler.map_or(1.0, |s| s.scale);
-        let step = self.step + 1;
+        let scale = self.optimizer.loss_scale();
+        let step = self.optimizer.step() + 1;
         let matching = match &self.matching {
             Some(m) if self.cfg.match_loss > 0.0 => Some(m.batch(store, &micro.rows, t, &self.device)?),
             _ => None,
@@ -459,17 +288,14 @@ impl Learner {
                 // The same yes/no head read at every position: "is this document token in the
                 // query" shares the direction of "is this document relevant" (see super::matching).
                 let all = model.final_norm(h)?.reshape((b * t, hidden))?;
-                let logits = all.matmul(&head.t()?)?;
-                let z = (logits.narrow(1, 0, 1)? - logits.narrow(1, 1, 1)?)?.reshape((b, t))?;
+                let z = yes_no(&all, &head)?.logit.reshape((b, t))?;
                 let aux = super::matching::weighted_bce_sum(&z, y, w)?;
                 match_value.set(aux.to_scalar::<f32>()? as f64 / denom.max(1) as f64);
                 let logit = z.narrow(1, t - 1, 1)?.squeeze(1)?;
                 let main = super::loss::micro_loss(self.cfg.loss, &logit, store, &micro.rows)?;
                 (main + aux.affine(self.cfg.match_loss, 0.0)?)?
             } else {
-                let last = model.final_norm(&h.narrow(1, t - 1, 1)?.squeeze(1)?)?;
-                let logits = last.matmul(&head.t()?)?;
-                let logit = (logits.narrow(1, 0, 1)? - logits.narrow(1, 1, 1)?)?.squeeze(1)?;
+                let logit = score_last(model, h, &head)?.logit;
                 super::loss::micro_loss(self.cfg.loss, &logit, store, &micro.rows)?
             };
             if inject_nan {
@@ -511,8 +337,8 @@ impl Learner {
                 };
                 let (dx, layer_grads) = self.model.layer_backward(tape, &dy)?;
                 for (name, grad) in layer_grads {
-                    if let Some(&i) = self.by_name.get(&name) {
-                        add_dense(&mut self.params[i].state, &grad)?;
+                    if let Some(i) = self.optimizer.index(&name) {
+                        self.optimizer.add_dense(i, &grad)?;
                     }
                 }
                 g = Some(dx);
@@ -521,20 +347,14 @@ impl Learner {
             // row of the accumulator (with the gathered rows' own gradient, from a tied head,
             // added below).
             if let (Some(e), Some(dx)) = (self.embed, &g) {
-                add_rows(
-                    &mut self.params[e].state,
-                    &padded.flat_ids,
-                    &dx.reshape((b * t, hidden))?,
-                    hidden,
-                    &self.device,
-                )?;
+                self.optimizer.add_rows(e, &padded.flat_ids, &dx.reshape((b * t, hidden))?)?;
             }
             (value, embed_grad, head_grad)
         } else if !self.cfg.recompute {
             let h = self.model.hidden_states_from_embeds(&embeds, &padded.mask)?;
             let (scaled, value) = head_loss(&self.model, &h)?;
             let grads = scaled.backward()?;
-            self.add_param_grads(&grads)?;
+            self.optimizer.add_grads(&grads)?;
             let embed_grad = embed_leaf.as_ref().and_then(|(leaf, _)| grads.get(leaf.as_tensor()).cloned());
             let head_grad = head_leaf.as_ref().and_then(|leaf| grads.get(leaf.as_tensor()).cloned());
             (value, embed_grad, head_grad)
@@ -576,7 +396,7 @@ impl Learner {
                 // Summed over the hidden size first: candle's CUDA reduction gives each output one
                 // block, so a whole-tensor sum would run on one; the gradient is the same.
                 let grads = out.mul(&grad_out)?.sum(candle_core::D::Minus1)?.sum_all()?.backward()?;
-                self.add_param_grads(&grads)?;
+                self.optimizer.add_grads(&grads)?;
                 match &leaf {
                     Some(v) => g = grads.get(v.as_tensor()).cloned(),
                     None => {
@@ -595,10 +415,10 @@ impl Learner {
             (value, embed_grad, head_grad)
         };
         if let (Some(e), Some((_, uniq)), Some(g)) = (self.embed, &embed_leaf, &embed_grad) {
-            add_rows(&mut self.params[e].state, uniq, g, hidden, &self.device)?;
+            self.optimizer.add_rows(e, uniq, g)?;
         }
         if let (Some(h), Some(g)) = (self.head, &head_grad) {
-            add_rows(&mut self.params[h].state, &head_ids, g, hidden, &self.device)?;
+            self.optimizer.add_rows(h, &head_ids, g)?;
         }
         Ok(MicroReport { loss: value, tokens: padded.tokens, padded_tokens: b * t, match_loss: match_value.get() })
     }
@@ -614,208 +434,30 @@ impl Learner {
         head_leaf: Option<&Var>,
     ) -> Result<[Option<Tensor>; 3], TrainError> {
         let grads = loss.backward()?;
-        self.add_param_grads(&grads)?;
+        self.optimizer.add_grads(&grads)?;
         let of = |v: Option<&Var>| v.and_then(|v| grads.get(v.as_tensor()).cloned());
         Ok([of(embed_leaf), of(head_leaf), of(Some(top))])
     }
 
-    /// Adds the gradient of every dense trainable parameter that `grads` holds.
-    fn add_param_grads(&mut self, grads: &candle_core::backprop::GradStore) -> Result<(), TrainError> {
-        for p in self.params.iter_mut().filter(|p| !p.rows) {
-            if let Some(g) = grads.get(p.var.as_tensor()) {
-                add_dense(&mut p.state, g)?;
-            }
-        }
-        Ok(())
-    }
-
     /// The accumulated gradients in f32 (after removing the loss scale), by parameter name.
     pub fn gradients(&self) -> Result<BTreeMap<String, Vec<f32>>, TrainError> {
-        let inv = 1.0 / self.scaler.map_or(1.0, |s| s.scale) as f32;
-        let mut out = BTreeMap::new();
-        for p in &self.params {
-            let g: Vec<f32> = match &p.state {
-                State::Host(h) => h.grad.clone(),
-                State::Device(d) => match &d.grad {
-                    Some(g) => g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
-                    None => vec![0.0; p.shape.iter().product()],
-                },
-            };
-            out.insert(p.name.clone(), g.into_iter().map(|x| x * inv).collect());
-        }
-        Ok(out)
+        self.optimizer.gradients()
     }
 
-    /// Clips the accumulated gradient to `max_grad_norm` (global norm), applies AdamW with `lr`,
-    /// writes the new weights back into the model and clears the gradients.
+    /// Clips the accumulated gradient, applies AdamW with `lr` and clears the gradients (see
+    /// [`Optimizer::apply`]); the model computes with the new weights at once.
     pub fn apply(&mut self, lr: f64) -> Result<StepReport, TrainError> {
-        let loss_scale = self.scaler.map_or(1.0, |s| s.scale);
-        let mut sq = 0.0f64;
-        // Device-held gradients: each parameter's partial sums of squares go into its slot of one
-        // device buffer, read back in one transfer at the end (one sync per step instead of one
-        // per parameter) and added in parameter order, in f64.
-        let device_grads: Vec<&Tensor> = self
-            .params
-            .iter()
-            .filter_map(|p| match &p.state {
-                State::Device(d) => d.grad.as_ref(),
-                State::Host(_) => None,
-            })
-            .collect();
-        if !device_grads.is_empty() {
-            let parts = SumSquaresInto::PARTS;
-            let partials = Tensor::zeros(device_grads.len() * parts, DType::F32, &self.device)?;
-            for (slot, g) in device_grads.iter().enumerate() {
-                partials.inplace_op2(&g.flatten_all()?.contiguous()?, &SumSquaresInto { slot })?;
-            }
-            for slot in partials.to_vec1::<f32>()?.chunks(parts) {
-                sq += slot.iter().map(|&x| x as f64).sum::<f64>();
-            }
-        }
-        for p in &self.params {
-            sq += match &p.state {
-                State::Host(h) if p.rows => {
-                    let cols = p.shape[1];
-                    h.touched_rows.iter().map(|&r| sum_squares(&h.grad[r * cols..(r + 1) * cols])).sum()
-                }
-                State::Host(h) => sum_squares(&h.grad),
-                State::Device(_) => 0.0,
-            };
-        }
-        let grad_norm = sq.sqrt() / loss_scale;
-        if !grad_norm.is_finite() {
-            if let Some(s) = &mut self.scaler {
-                s.scale /= 2.0;
-                s.good_steps = 0;
-                self.zero_grad();
-                return Ok(StepReport { grad_norm, skipped: true });
-            }
-            return Err(TrainError::NonFinite {
-                step: self.step + 1,
-                what: "gradient norm",
-                value: grad_norm,
-                last_checkpoint: None,
-            });
-        }
-        let grad_scale = clip_factor(grad_norm, self.cfg.max_grad_norm) / loss_scale as f32;
-        self.step += 1;
-        let (adam, wd, step) = (self.cfg.adam, self.cfg.weight_decay, self.step);
-        for p in &mut self.params {
-            let s = StepScalars::new(&adam, lr, if p.decay { wd } else { 0.0 }, step, grad_scale);
-            let Param { var, state, rows, shape, .. } = p;
-            match state {
-                State::Host(h) => {
-                    if !h.has_grad {
-                        // torch skips parameters without a gradient.
-                        continue;
-                    }
-                    let cols = if *rows { shape[1] } else { 0 };
-                    let HostState { master, m, v, grad, live, touched, lazy, .. } = h;
-                    if let Some(l) = lazy {
-                        if s.decay != 1.0 {
-                            l.factors.push(s.decay);
-                        }
-                    }
-                    let lazy = lazy.is_some();
-                    let mut kernel = |w: &mut [f32]| {
-                        if *rows {
-                            adamw_rows(w, m, v, grad, RowState { cols, live, touched, lazy }, &s);
-                        } else {
-                            adamw_dense(w, m, v, grad, &s);
-                        }
-                    };
-                    match master {
-                        None => var.as_tensor().inplace_op1(&UpdateInPlace(RefCell::new(&mut kernel)))?,
-                        Some(w) => {
-                            kernel(w);
-                            var.as_tensor().inplace_op1(&WriteBack(w))?;
-                        }
-                    }
-                }
-                State::Device(d) => {
-                    let Some(g) = d.grad.take() else { continue };
-                    d.packed.inplace_op2(&g.flatten_all()?.contiguous()?, &FusedAdamW(s))?;
-                    var.as_tensor().inplace_op2(&d.packed, &WriteMaster)?;
-                }
-            }
-        }
-        self.zero_grad();
-        if let Some(s) = &mut self.scaler {
-            s.good_steps += 1;
-            if s.good_steps >= LossScaler::GROWTH_INTERVAL {
-                s.scale *= 2.0;
-                s.good_steps = 0;
-            }
-        }
-        Ok(StepReport { grad_norm, skipped: false })
+        self.optimizer.apply(lr)
     }
 
     /// Applies every deferred weight decay, so that the weights the model holds are exact.
     pub fn sync(&mut self) -> Result<(), TrainError> {
-        for i in 0..self.params.len() {
-            self.catch_up(i, None)?;
-        }
-        Ok(())
-    }
-
-    /// Brings `rows` (all rows when `None`) of a lazily decayed parameter up to date.
-    fn catch_up(&mut self, idx: usize, rows: Option<&[u32]>) -> Result<(), TrainError> {
-        let p = &mut self.params[idx];
-        let State::Host(HostState { lazy: Some(l), live, .. }) = &mut p.state else { return Ok(()) };
-        if l.factors.is_empty() {
-            return Ok(());
-        }
-        let cols = p.shape[1];
-        let n = l.factors.len();
-        let LazyDecay { factors, applied } = l;
-        let mut fix = |w: &mut [f32]| match rows {
-            Some(rows) => {
-                for &r in rows {
-                    let r = r as usize;
-                    if !live[r] && (applied[r] as usize) < n {
-                        apply_pending_decay(&mut w[r * cols..(r + 1) * cols], &factors[applied[r] as usize..]);
-                        applied[r] = n as u32;
-                    }
-                }
-            }
-            None => {
-                w.par_chunks_mut(cols).zip(applied.par_iter_mut()).zip(live.par_iter()).with_min_len(1024).for_each(
-                    |((row, a), &is_live)| {
-                        if !is_live && (*a as usize) < n {
-                            apply_pending_decay(row, &factors[*a as usize..]);
-                        }
-                        *a = 0;
-                    },
-                );
-            }
-        };
-        p.var.as_tensor().inplace_op1(&UpdateInPlace(RefCell::new(&mut fix)))?;
-        if rows.is_none() {
-            factors.clear();
-        }
-        Ok(())
+        self.optimizer.sync()
     }
 
     /// Drops the accumulated gradients.
     pub fn zero_grad(&mut self) {
-        for p in &mut self.params {
-            match &mut p.state {
-                State::Host(h) => {
-                    if p.rows {
-                        let cols = p.shape[1];
-                        for &r in &h.touched_rows {
-                            h.grad[r * cols..(r + 1) * cols].fill(0.0);
-                            h.touched[r] = false;
-                        }
-                        h.touched_rows.clear();
-                    } else if h.has_grad {
-                        h.grad.fill(0.0);
-                    }
-                    h.has_grad = false;
-                }
-                State::Device(d) => d.grad = None,
-            }
-        }
+        self.optimizer.zero_grad()
     }
 
     /// Reranker logits (`yes − no`) of `rows`, without recording a graph, in batches of
@@ -840,34 +482,12 @@ impl Learner {
 
     /// The f32 master weights of the trainable parameters.
     pub fn masters(&mut self) -> Result<BTreeMap<String, HostTensor>, TrainError> {
-        self.sync()?;
-        let mut out = BTreeMap::new();
-        for p in &self.params {
-            let data = match &p.state {
-                State::Host(HostState { master: Some(w), .. }) => w.clone(),
-                State::Host(_) => p.var.as_tensor().flatten_all()?.to_vec1()?,
-                State::Device(d) => d.part(0)?.to_vec1()?,
-            };
-            out.insert(p.name.clone(), HostTensor { shape: p.shape.clone(), data });
-        }
-        Ok(out)
+        self.optimizer.masters()
     }
 
-    /// Everything an exact resume needs: masters and both moments (`master/`, `m/`, `v/` + name).
+    /// Everything an exact resume needs (see [`Optimizer::state_tensors`]).
     pub fn state_tensors(&mut self) -> Result<BTreeMap<String, HostTensor>, TrainError> {
-        let mut out = BTreeMap::new();
-        for (name, t) in self.masters()? {
-            out.insert(format!("master/{name}"), t);
-        }
-        for p in &self.params {
-            let (m, v) = match &p.state {
-                State::Host(h) => (h.m.clone(), h.v.clone()),
-                State::Device(d) => (d.part(1)?.to_vec1()?, d.part(2)?.to_vec1()?),
-            };
-            out.insert(format!("m/{}", p.name), HostTensor { shape: p.shape.clone(), data: m });
-            out.insert(format!("v/{}", p.name), HostTensor { shape: p.shape.clone(), data: v });
-        }
-        Ok(out)
+        self.optimizer.state_tensors()
     }
 
     /// Restores [`Self::state_tensors`] and the step counter (and the f16 loss scale).
@@ -877,58 +497,7 @@ impl Learner {
         step: u64,
         scaler: Option<LossScaler>,
     ) -> Result<(), TrainError> {
-        let get = |kind: &str, p: &Param| -> Result<&HostTensor, TrainError> {
-            let key = format!("{kind}/{}", p.name);
-            let t = tensors.get(&key).ok_or_else(|| TrainError::Config(format!("checkpoint lacks `{key}`")))?;
-            if t.shape != p.shape {
-                return Err(TrainError::Config(format!(
-                    "checkpoint `{key}` has shape {:?}, expected {:?}",
-                    t.shape, p.shape
-                )));
-            }
-            Ok(t)
-        };
-        for i in 0..self.params.len() {
-            let (w, m, v) = {
-                let p = &self.params[i];
-                (get("master", p)?.data.clone(), get("m", p)?.data.clone(), get("v", p)?.data.clone())
-            };
-            let dtype = self.dtype;
-            let device = self.device.clone();
-            let p = &mut self.params[i];
-            match &mut p.state {
-                State::Host(h) => {
-                    p.var.as_tensor().inplace_op1(&WriteBack(&w))?;
-                    if let Some(master) = &mut h.master {
-                        *master = w;
-                    }
-                    if let Some(l) = &mut h.lazy {
-                        l.factors.clear();
-                        l.applied.fill(0);
-                    }
-                    if p.rows {
-                        let cols = p.shape[1];
-                        for (r, live) in h.live.iter_mut().enumerate() {
-                            let span = r * cols..(r + 1) * cols;
-                            *live = m[span.clone()].iter().chain(&v[span]).any(|&x| x != 0.0);
-                        }
-                    }
-                    h.m = m;
-                    h.v = v;
-                }
-                State::Device(d) => {
-                    let n = w.len();
-                    d.packed = Tensor::from_vec([w, m, v].concat(), 3 * n, &device)?;
-                    p.var.set(&d.part(0)?.reshape(p.shape.as_slice())?.to_dtype(dtype)?)?;
-                }
-            }
-        }
-        self.zero_grad();
-        self.step = step;
-        if self.scaler.is_some() {
-            self.scaler = scaler.or(self.scaler);
-        }
-        Ok(())
+        self.optimizer.load_state(tensors, step, scaler)
     }
 
     /// The model to export, on the CPU in `dtype`: frozen weights as loaded, trainable ones from
@@ -972,78 +541,4 @@ impl Learner {
         }
         Ok(Qwen3::new(self.model.config().clone(), map.to_dtype(dtype)?)?)
     }
-}
-
-fn new_state(t: &Tensor, rows: bool, host: bool, dtype: DType) -> Result<State, TrainError> {
-    let n = t.elem_count();
-    if host {
-        let master = if dtype == DType::F32 { None } else { Some(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
-        let nrows = if rows { t.dims()[0] } else { 0 };
-        Ok(State::Host(HostState {
-            master,
-            m: vec![0.0; n],
-            v: vec![0.0; n],
-            grad: vec![0.0; n],
-            has_grad: false,
-            live: vec![false; nrows],
-            touched: vec![false; nrows],
-            touched_rows: Vec::new(),
-            lazy: (rows && dtype == DType::F32).then(|| LazyDecay { factors: Vec::new(), applied: vec![0; nrows] }),
-        }))
-    } else {
-        Ok(State::Device(DeviceState::new(t)?))
-    }
-}
-
-fn add_dense(state: &mut State, g: &Tensor) -> Result<(), TrainError> {
-    match state {
-        State::Host(h) => {
-            let g: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            if h.has_grad {
-                h.grad.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
-            } else {
-                h.grad.copy_from_slice(&g);
-                h.has_grad = true;
-            }
-        }
-        State::Device(d) => {
-            // A micro-batch's 16-bit gradient is kept as it is (the optimizer's kernels read any
-            // float dtype): with one micro-batch per step nothing is widened or copied. A second
-            // one makes the f32 accumulator. An f32 gradient is autograd's own and is copied
-            // before it becomes the accumulator.
-            d.grad = Some(match d.grad.take() {
-                Some(acc) => (acc.to_dtype(DType::F32)? + g.to_dtype(DType::F32)?)?,
-                None if g.dtype() != DType::F32 => g.clone(),
-                None => g.copy()?,
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Adds the gradient of gathered rows (`g: [ids.len(), cols]`) into a row-sparse parameter.
-fn add_rows(state: &mut State, ids: &[u32], g: &Tensor, cols: usize, device: &Device) -> Result<(), TrainError> {
-    match state {
-        State::Host(h) => {
-            let g: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            for (k, &id) in ids.iter().enumerate() {
-                let r = id as usize;
-                let dst = &mut h.grad[r * cols..(r + 1) * cols];
-                dst.iter_mut().zip(&g[k * cols..(k + 1) * cols]).for_each(|(a, b)| *a += b);
-                if !h.touched[r] {
-                    h.touched[r] = true;
-                    h.touched_rows.push(r);
-                }
-            }
-            h.has_grad = true;
-        }
-        State::Device(d) => {
-            if d.grad.is_none() {
-                d.grad = Some(Tensor::zeros(d.shape.as_slice(), DType::F32, device)?);
-            }
-            let acc = d.grad.as_ref().expect("set above");
-            super::scatter::Plan::new(ids, device)?.add_into(acc, g)?;
-        }
-    }
-    Ok(())
 }

@@ -13,7 +13,10 @@
 //!   CUDA kernel on the GPU), deterministically.
 //! - [`schedule`]: linear warmup then linear decay, as transformers.
 //! - [`lora`]: adapters (PEFT's initialisation) and merging them for export.
-//! - [`learner`]: trainable parameters, f32 masters and moments, accumulation and the update.
+//! - [`optimizer`]: the trainable parameters' f32 masters, AdamW moments, gradient accumulation,
+//!   lazy decay, f16 loss scaling, the step and its save/load (torch.optim's place).
+//! - [`learner`]: how gradients are computed: the forward/backward strategy (hand-written layer
+//!   backward, autograd, recomputation, LoRA), handing each gradient to the optimizer.
 //! - [`checkpoint`]: atomic resumable checkpoints.
 //! - [`trainer`]: the loop: epochs, validation, best/epoch/step checkpoints, resume, the log.
 //!
@@ -29,6 +32,7 @@ pub mod lora;
 pub mod loss;
 pub mod matching;
 pub mod optim;
+pub mod optimizer;
 pub mod scatter;
 pub mod schedule;
 pub mod trainer;
@@ -38,6 +42,7 @@ use std::path::{Path, PathBuf};
 pub use config::{AdamConfig, BestMetric, Fault, LoraConfig, LossKind, Mode, OptimizerBackend, TrainConfig};
 pub use learner::Learner;
 pub use matching::Matching;
+pub use optimizer::{LossScaler, Optimizer, StepReport};
 pub use schedule::Schedule;
 pub use trainer::{train, Outcome, RunEnv, Summary, TrainData, ValResult};
 
