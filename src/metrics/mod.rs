@@ -42,6 +42,7 @@
 //! their denominator is 0 (scikit-learn's `zero_division` default). Without an explicit label a pair is
 //! relevant when `relevance >= 2.33` ([`Options::positive_relevance`]).
 
+pub mod bootstrap;
 mod calibrate;
 mod classify;
 mod ranking;
