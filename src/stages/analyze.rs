@@ -24,7 +24,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use baselines::{expected_random, random_scores, tokenize, Bm25, RandomExpectation};
+pub use baselines::{expected_random, overlap, random_scores, tokenize, Bm25, RandomExpectation};
 pub use slices::{has_digits_or_units, length_slice, Calibration, ConfidentErrors, QuerySlice, RelevanceSlice};
 
 use super::table::{self, Labeled};

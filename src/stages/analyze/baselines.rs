@@ -1,4 +1,5 @@
-//! The baselines a model must beat: BM25 over product text, and a random order.
+//! The baselines a model must beat: BM25 over product text, the share of the query's words the
+//! product text contains, and a random order.
 //!
 //! On this data ranking metrics are high by chance (a random order scores NDCG@10 ≈ 0.91 on a
 //! query-grouped split), so the random baseline is computed exactly where a closed form exists
@@ -79,6 +80,19 @@ impl Bm25 {
             })
             .sum()
     }
+}
+
+/// The share of the query's distinct words that occur in the document: no statistics, no learning.
+/// Why it is a baseline: relevance on product search is mostly lexical overlap, so a model that does
+/// not beat this has learned nothing a string match does not already know. 0 for a query without
+/// words.
+pub fn overlap(query: &[String], doc: &[String]) -> f64 {
+    let words: HashSet<&String> = query.iter().collect();
+    if words.is_empty() {
+        return 0.0;
+    }
+    let doc: HashSet<&String> = doc.iter().collect();
+    words.iter().filter(|w| doc.contains(*w)).count() as f64 / words.len() as f64
 }
 
 /// Uniform scores in [0, 1) from the project's fixed generator, so a seed means the same draw forever.
@@ -217,6 +231,18 @@ mod tests {
         assert_eq!(bm.score(&toks("angle bracket"), &docs[2]), 0.0);
         // An unseen word has the largest IDF and no match anywhere.
         assert!(bm.idf("zzz") > idf_angle);
+    }
+
+    #[test]
+    fn overlap_is_the_share_of_distinct_query_words_in_the_document() {
+        let title = toks("1/2 in. Copper-Pipe Elbow");
+        // Every query word is in the title, whatever the punctuation and case.
+        assert_eq!(overlap(&toks("copper pipe 1/2 in"), &title), 1.0);
+        // Two of five distinct words (pipe, elbow, pvc, 3, 4); the repeated "pipe" counts once.
+        assert_eq!(overlap(&toks("pipe pipe elbow pvc 3/4"), &title), 2.0 / 5.0);
+        assert_eq!(overlap(&toks("angle bracket"), &toks("Simpson Strong-Tie 90 degree angle")), 0.5);
+        assert_eq!(overlap(&toks("gazebo"), &title), 0.0);
+        assert_eq!(overlap(&[], &title), 0.0);
     }
 
     #[test]
