@@ -245,6 +245,8 @@ fn show_and_dag() {
 
 #[path = "cli/bench.rs"]
 mod bench;
+#[path = "cli/compare.rs"]
+mod compare;
 #[path = "cli/crash.rs"]
 mod crash;
 #[path = "cli/docs.rs"]

@@ -1,10 +1,13 @@
 //! `pipe compare`: puts finished runs side by side as a table (or Markdown, CSV, JSON), optionally with a
-//! chart of each metric against each swept parameter. Reads run records only; runs nothing.
+//! chart of each metric against each swept parameter. Reads run records and, for intervals, the runs'
+//! evaluate predictions; runs nothing.
 
 use std::path::PathBuf;
 
 use super::Exit;
 use crate::engine::compare;
+use crate::metrics::bootstrap::BootstrapOptions;
+use crate::report::uncertainty;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -21,6 +24,16 @@ pub struct Args {
     /// Also draw each metric against each swept numeric parameter into this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// Show every other run's difference from this one (a run name, or its run directory), with a
+    /// paired 95 % interval where both scored the same test pairs.
+    #[arg(long, value_name = "RUN")]
+    pub baseline: Option<String>,
+    /// Bootstrap resamples behind the intervals (0: no intervals, the fastest).
+    #[arg(long, default_value_t = 1000)]
+    pub resamples: usize,
+    /// Seed of the bootstrap draws.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
@@ -32,9 +45,16 @@ pub enum Format {
 }
 
 pub fn run(args: Args) -> Result<(), Exit> {
-    let Args { paths, sort, metrics, format, plot } = args;
+    let Args { paths, sort, metrics, format, plot, baseline, resamples, seed } = args;
     let runs = compare::find_runs(&paths).map_err(Exit::usage)?;
-    let c = compare::build(runs, metrics.as_deref(), sort.as_deref(), paths.len()).map_err(Exit::usage)?;
+    let mut c = compare::build(runs, metrics.as_deref(), sort.as_deref(), paths.len()).map_err(Exit::usage)?;
+    if resamples > 0 || baseline.is_some() {
+        let boot = BootstrapOptions { resamples, seed, level: 0.95 };
+        uncertainty::attach(&mut c, baseline.as_deref(), &boot).map_err(|e| match e {
+            uncertainty::UncertaintyError::Read(_) => Exit::failed(e),
+            _ => Exit::usage(e),
+        })?;
+    }
     let f = match format {
         Format::Table => compare::Format::Table,
         Format::Markdown => compare::Format::Markdown,

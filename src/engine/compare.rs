@@ -3,6 +3,11 @@
 //! Input is only run records (`run.json`), so runs made on another machine or by an older checkout
 //! compare the same way as local ones. Parameters that are equal in every run fold into one header
 //! line; the rest become columns, next to the metrics that matter.
+//!
+//! The engine does not know what a metric means, so it cannot say whether a difference is real:
+//! whoever can ([`crate::report::uncertainty`], from the runs' predictions) attaches intervals,
+//! paired differences against a baseline run and ties within noise as [`Uncertainty`], and the
+//! renderings show them. Each run lists where its stages' artifacts are ([`Run::artifacts`]) for that.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,6 +29,52 @@ pub struct Run {
     pub status: String,
     pub params: BTreeMap<String, serde_json::Value>,
     pub metrics: BTreeMap<String, f64>,
+    /// Stage id → (kind, artifact directory), for the stages whose artifact is still there: looked up
+    /// in the store the record was found in first (a store copied from another machine keeps
+    /// working), then at the path the record wrote.
+    #[serde(skip)]
+    pub artifacts: BTreeMap<String, (String, PathBuf)>,
+}
+
+/// What is known about the noise in a comparison, attached by a caller that can compute it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Uncertainty {
+    /// Confidence level of every interval (0.95).
+    pub level: f64,
+    /// (run index, metric) → interval of that run's value.
+    #[serde(skip)]
+    pub intervals: BTreeMap<(usize, String), [f64; 2]>,
+    /// The run the others are compared with (`--baseline`).
+    #[serde(skip)]
+    pub baseline: Option<usize>,
+    /// (run index, metric) → the run's difference from the baseline.
+    #[serde(skip)]
+    pub deltas: BTreeMap<(usize, String), Delta>,
+    /// With `--sort`, when it could be judged: the runs whose value of the sort metric is within
+    /// noise of the first row's.
+    #[serde(skip)]
+    pub ties: Option<Vec<usize>>,
+}
+
+impl Uncertainty {
+    fn is_empty(&self) -> bool {
+        self.intervals.is_empty() && self.baseline.is_none() && self.ties.is_none()
+    }
+}
+
+/// A run minus the baseline on one metric; interval and p-value when both scored the same pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Delta {
+    pub diff: f64,
+    pub ci95: Option<[f64; 2]>,
+    pub p_value: Option<f64>,
+}
+
+impl Delta {
+    /// `Some(false)` when the interval contains 0; `None` without an interval.
+    pub fn significant(&self) -> Option<bool> {
+        self.ci95.map(|[lo, hi]| lo > 0.0 || hi < 0.0)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,15 +103,28 @@ fn flatten_metrics(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<Strin
     }
 }
 
+/// The store a run record lies in: the parent of the nearest `runs` directory above it.
+fn store_of(record_dir: &Path) -> Option<&Path> {
+    record_dir.ancestors().find(|a| a.file_name().is_some_and(|n| n == "runs")).and_then(Path::parent)
+}
+
 fn parse_run(root: &str, dir: &Path, v: &serde_json::Value) -> Run {
     let mut params = BTreeMap::new();
     let mut metrics = BTreeMap::new();
+    let mut artifacts = BTreeMap::new();
+    let store = store_of(dir);
     for s in v["stages"].as_array().into_iter().flatten() {
         let id = s["id"].as_str().unwrap_or("?");
         for (k, val) in s["params"].as_object().into_iter().flatten() {
             params.insert(format!("{id}.{k}"), val.clone());
         }
         flatten_metrics(id, &s["metrics"], &mut metrics);
+        let kind = s["kind"].as_str().unwrap_or("?");
+        let here = s["key"].as_str().zip(store).map(|(key, store)| store.join(kind).join(super::key::dir_name(key)));
+        let recorded = s["dir"].as_str().map(PathBuf::from);
+        if let Some(found) = here.into_iter().chain(recorded).find(|d| d.is_dir()) {
+            artifacts.insert(id.to_string(), (kind.to_string(), found));
+        }
     }
     let name = v["sweep"]["point"].as_str().or(v["run_id"].as_str()).unwrap_or("?").to_string();
     Run {
@@ -71,6 +135,7 @@ fn parse_run(root: &str, dir: &Path, v: &serde_json::Value) -> Run {
         status: v["status"].as_str().unwrap_or("?").to_string(),
         params,
         metrics,
+        artifacts,
     }
 }
 
@@ -133,6 +198,9 @@ pub struct Comparison {
     pub constant: Vec<(String, serde_json::Value)>,
     pub metrics: Vec<String>,
     pub show_root: bool,
+    /// The metric rows were sorted by (`--sort`).
+    pub sorted_by: Option<String>,
+    pub uncertainty: Uncertainty,
 }
 
 fn resolve_metric(all: &[String], want: &str) -> Vec<String> {
@@ -192,6 +260,7 @@ pub fn build(
             }
         }
     };
+    let mut sorted_by = None;
     if let Some(s) = sort {
         let m = resolve_metric(&all_metrics, s)
             .into_iter()
@@ -212,8 +281,17 @@ pub fn build(
                 ord.reverse()
             }
         });
+        sorted_by = Some(m);
     }
-    Ok(Comparison { runs, varying, constant, metrics: chosen, show_root: roots > 1 })
+    Ok(Comparison {
+        runs,
+        varying,
+        constant,
+        metrics: chosen,
+        show_root: roots > 1,
+        sorted_by,
+        uncertainty: Uncertainty::default(),
+    })
 }
 
 fn show(v: Option<&serde_json::Value>) -> String {
@@ -256,7 +334,69 @@ impl Comparison {
         h.push("status".to_string());
         h.extend(self.varying.iter().cloned());
         h.extend(self.metrics.iter().cloned());
+        if self.uncertainty.ties.is_some() {
+            h.push("tie".to_string());
+        }
         h
+    }
+
+    /// A metric cell: the value, and its interval when there is one.
+    fn cell(&self, run: usize, metric: &str) -> String {
+        let v = num(self.runs[run].metrics.get(metric));
+        match self.uncertainty.intervals.get(&(run, metric.to_string())) {
+            Some([lo, hi]) => format!("{v} [{}, {}]", num(Some(lo)), num(Some(hi))),
+            None => v,
+        }
+    }
+
+    /// A difference from the baseline: signed, its interval, and `n.s.` when the interval holds 0.
+    fn delta_cell(&self, run: usize, metric: &str) -> String {
+        match self.uncertainty.deltas.get(&(run, metric.to_string())) {
+            None => "-".into(),
+            Some(d) => {
+                let mut out = format!("{:+.4}", d.diff);
+                if let Some([lo, hi]) = d.ci95 {
+                    out.push_str(&format!(" [{lo:+.4}, {hi:+.4}]"));
+                }
+                if d.significant() == Some(false) {
+                    out.push_str(" n.s.");
+                }
+                out
+            }
+        }
+    }
+
+    /// The baseline section's header and rows (every run but the baseline), when there is one.
+    fn baseline_rows(&self) -> Option<(String, Vec<String>, Vec<Vec<String>>)> {
+        let b = self.uncertainty.baseline?;
+        let mut header = vec!["run".to_string()];
+        header.extend(self.metrics.iter().map(|m| format!("Δ {m}")));
+        let rows = (0..self.runs.len())
+            .filter(|&i| i != b)
+            .map(|i| {
+                let mut row = vec![self.runs[i].name.clone()];
+                row.extend(self.metrics.iter().map(|m| self.delta_cell(i, m)));
+                row
+            })
+            .collect();
+        Some((self.runs[b].name.clone(), header, rows))
+    }
+
+    /// The lines under the table that say what the marks mean.
+    fn legend(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let pct = (self.uncertainty.level * 100.0).round();
+        if !self.uncertainty.intervals.is_empty() {
+            out.push(format!("[lo, hi]: {pct} % bootstrap interval over queries"));
+        }
+        if self.uncertainty.ties.is_some() {
+            if let Some(m) = &self.sorted_by {
+                out.push(format!(
+                    "tie: {m} within noise of the first row (paired {pct} % interval of the difference holds 0)"
+                ));
+            }
+        }
+        out
     }
 
     fn rows(&self, mark: &dyn Fn(String) -> String) -> Vec<Vec<String>> {
@@ -273,8 +413,11 @@ impl Comparison {
                 row.push(r.status.clone());
                 row.extend(self.varying.iter().map(|p| show(r.params.get(p))));
                 for (m, b) in self.metrics.iter().zip(&best) {
-                    let v = num(r.metrics.get(m));
+                    let v = self.cell(i, m);
                     row.push(if *b == Some(i) { mark(v) } else { v });
+                }
+                if let Some(ties) = &self.uncertainty.ties {
+                    row.push(if ties.contains(&i) { "≈ first".into() } else { String::new() });
                 }
                 row
             })
@@ -317,6 +460,16 @@ impl Comparison {
                 if self.runs.iter().any(|_| true) && !self.metrics.is_empty() {
                     out.push_str("* best in column\n");
                 }
+                for line in self.legend() {
+                    out.push_str(&format!("{line}\n"));
+                }
+                if let Some((name, header, rows)) = self.baseline_rows() {
+                    let pct = (self.uncertainty.level * 100.0).round();
+                    out.push_str(&format!(
+                        "\nagainst {name} (run − baseline; paired {pct} % interval; n.s.: the interval holds 0):\n"
+                    ));
+                    out.push_str(&align(&header, &rows));
+                }
                 if let Some((p, m)) = self.diff() {
                     out.push_str("\nparams diff:\n");
                     out.push_str(&align(
@@ -340,6 +493,21 @@ impl Comparison {
                 for r in rows {
                     out.push_str(&format!("| {} |\n", r.join(" | ")));
                 }
+                let legend = self.legend();
+                if !legend.is_empty() {
+                    out.push('\n');
+                    for line in legend {
+                        out.push_str(&format!("{line}  \n"));
+                    }
+                }
+                if let Some((name, header, rows)) = self.baseline_rows() {
+                    out.push_str(&format!("\nAgainst {name} (run − baseline; n.s.: the interval holds 0):\n\n"));
+                    out.push_str(&format!("| {} |\n", header.join(" | ")));
+                    out.push_str(&format!("|{}\n", header.iter().map(|_| "---|").collect::<String>()));
+                    for r in rows {
+                        out.push_str(&format!("| {} |\n", r.join(" | ")));
+                    }
+                }
                 if let Some((p, m)) = self.diff() {
                     out.push_str("\n| param | old | new |\n|---|---|---|\n");
                     for (a, b, c) in p {
@@ -354,8 +522,8 @@ impl Comparison {
             }
             Format::Csv => {
                 let mut w = csv::Writer::from_writer(Vec::new());
-                let _ = w.write_record(self.header());
-                for r in self.rows(&|v| v) {
+                let _ = w.write_record(self.csv_header());
+                for r in self.csv_rows() {
                     let _ = w.write_record(r);
                 }
                 String::from_utf8(w.into_inner().unwrap_or_default()).unwrap_or_default()
@@ -375,6 +543,9 @@ impl Comparison {
                     "best": best,
                     "runs": self.runs,
                 });
+                if !self.uncertainty.is_empty() {
+                    v["uncertainty"] = self.uncertainty_json();
+                }
                 if let Some((p, m)) = self.diff() {
                     v["diff"] = serde_json::json!({
                         "params": p.iter().map(|(k, a, b)| serde_json::json!({"param": k, "old": a, "new": b})).collect::<Vec<_>>(),
@@ -384,6 +555,84 @@ impl Comparison {
                 format!("{}\n", serde_json::to_string_pretty(&v).expect("json"))
             }
         }
+    }
+}
+
+impl Comparison {
+    /// CSV keeps one number per cell: intervals and differences get columns of their own.
+    fn csv_header(&self) -> Vec<String> {
+        let mut h = self.header();
+        if !self.uncertainty.intervals.is_empty() {
+            h.extend(self.metrics.iter().flat_map(|m| [format!("{m} lo"), format!("{m} hi")]));
+        }
+        if self.uncertainty.baseline.is_some() {
+            h.extend(
+                self.metrics
+                    .iter()
+                    .flat_map(|m| [format!("Δ {m}"), format!("Δ {m} lo"), format!("Δ {m} hi"), format!("Δ {m} p")]),
+            );
+        }
+        h
+    }
+
+    fn csv_rows(&self) -> Vec<Vec<String>> {
+        let opt = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
+        (0..self.runs.len())
+            .map(|i| {
+                let r = &self.runs[i];
+                let mut row = Vec::new();
+                if self.show_root {
+                    row.push(r.root.clone());
+                }
+                row.push(r.name.clone());
+                row.push(r.status.clone());
+                row.extend(self.varying.iter().map(|p| show(r.params.get(p))));
+                row.extend(self.metrics.iter().map(|m| num(r.metrics.get(m))));
+                if let Some(ties) = &self.uncertainty.ties {
+                    row.push(if ties.contains(&i) { "1".into() } else { String::new() });
+                }
+                if !self.uncertainty.intervals.is_empty() {
+                    for m in &self.metrics {
+                        let ci = self.uncertainty.intervals.get(&(i, m.clone()));
+                        row.extend([opt(ci.map(|c| c[0])), opt(ci.map(|c| c[1]))]);
+                    }
+                }
+                if self.uncertainty.baseline.is_some() {
+                    for m in &self.metrics {
+                        let d = self.uncertainty.deltas.get(&(i, m.clone()));
+                        let ci = d.and_then(|d| d.ci95);
+                        row.extend([
+                            opt(d.map(|d| d.diff)),
+                            opt(ci.map(|c| c[0])),
+                            opt(ci.map(|c| c[1])),
+                            opt(d.and_then(|d| d.p_value)),
+                        ]);
+                    }
+                }
+                row
+            })
+            .collect()
+    }
+
+    fn uncertainty_json(&self) -> serde_json::Value {
+        let u = &self.uncertainty;
+        let mut intervals = serde_json::Map::new();
+        for ((i, m), ci) in &u.intervals {
+            let run = intervals.entry(self.runs[*i].name.clone()).or_insert_with(|| serde_json::json!({}));
+            run[m] = serde_json::json!(ci);
+        }
+        let mut deltas = serde_json::Map::new();
+        for ((i, m), d) in &u.deltas {
+            let run = deltas.entry(self.runs[*i].name.clone()).or_insert_with(|| serde_json::json!({}));
+            run[m] = serde_json::json!({"diff": d.diff, "ci95": d.ci95, "p_value": d.p_value, "significant": d.significant()});
+        }
+        serde_json::json!({
+            "level": u.level,
+            "intervals": intervals,
+            "baseline": u.baseline.map(|b| self.runs[b].name.clone()),
+            "deltas": deltas,
+            "ties": u.ties.as_ref().map(|t| t.iter().map(|&i| self.runs[i].name.clone()).collect::<Vec<_>>()),
+        })
     }
 }
 

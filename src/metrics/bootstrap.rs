@@ -344,7 +344,7 @@ mod tests {
     fn intervals_equal_the_numpy_reference() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/metrics");
         let expected: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("bootstrap.expected.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("bootstrap.intervals.json")).unwrap()).unwrap();
         let mut reader = csv::Reader::from_path(dir.join("bootstrap.csv")).unwrap();
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for rec in reader.records() {

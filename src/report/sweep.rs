@@ -156,6 +156,7 @@ mod tests {
             status: "ok".into(),
             params,
             metrics,
+            artifacts: BTreeMap::new(),
         }
     }
 
