@@ -339,6 +339,9 @@ impl<'a> Engine<'a> {
     /// the returned record with `status = "failed"`.
     pub fn run(&self, opts: &RunOptions) -> Result<RunRecord, EngineError> {
         let p = self.pipeline;
+        // Before the store is touched: a stage this build cannot run would fail only after its
+        // upstream stages had run.
+        p.check_runnable()?;
         for f in opts.force.iter().chain(opts.until.iter()) {
             if p.stage(f).is_none() {
                 let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
@@ -596,7 +599,16 @@ impl<'a> Engine<'a> {
             Err((msg, secs))
         };
         let out = match result {
-            Ok(Ok(out)) => out,
+            Ok(Ok(out)) => match imp.contract().writes.iter().find(|f| !tmp.join(f).exists()) {
+                // Caught here, not by the consumer that would read it from a cached artifact later.
+                Some(f) => {
+                    return fail(format!(
+                        "internal error: stage `{}` ({}) finished without writing `{f}`, which its kind declares",
+                        s.id, s.kind
+                    ))
+                }
+                None => out,
+            },
             Ok(Err(StageError::Cancelled)) => return fail("interrupted".into()),
             Ok(Err(e)) => return fail(e.to_string()),
             Err(panic) => {

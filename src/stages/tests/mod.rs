@@ -68,7 +68,7 @@ pub fn params(stage: &dyn Stage, overrides: &[(&str, toml::Value)]) -> Params {
         assert!(old.is_some(), "`{k}` is not a parameter of {}", stage.kind());
     }
     let p = Params(table);
-    stage.check(&p).unwrap_or_else(|(k, m)| panic!("{k}: {m}"));
+    stage.check(&p).unwrap_or_else(|e| panic!("{e}"));
     p
 }
 
