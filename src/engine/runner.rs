@@ -694,3 +694,42 @@ pub fn summary(record: &RunRecord) -> String {
 pub fn short(key: &str) -> &str {
     dir_name(key)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::config::{load_str, Overrides};
+    use crate::engine::{Contract, StageOutput, StageParams, TypedStage};
+
+    #[derive(serde::Deserialize)]
+    struct NoParams {}
+    impl StageParams for NoParams {}
+
+    /// Declares a file it never writes.
+    struct Forgetful;
+    impl TypedStage for Forgetful {
+        type Params = NoParams;
+        const KIND: &'static str = "forgetful";
+        const VERSION: u32 = 1;
+        const DEFAULTS: &'static str = "";
+        const CONTRACT: Contract = Contract { needs: &[], writes: &["out.txt"] };
+        fn run(_ctx: &StageContext, _p: &NoParams) -> Result<StageOutput, StageError> {
+            Ok(StageOutput::default())
+        }
+    }
+
+    #[test]
+    fn a_stage_that_skips_a_declared_file_fails_and_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "[pipeline]\nname = \"p\"\n\n[stages.f]\nkind = \"forgetful\"\n";
+        let registry: Vec<Box<dyn Stage>> = vec![Box::new(Forgetful)];
+        let p = load_str(&dir.path().join("p.toml"), text, &Overrides::default(), &registry).unwrap();
+        let engine = Engine::new(&p, &registry).unwrap();
+        let record = engine.run(&RunOptions { quiet: true, ..Default::default() }).unwrap();
+        let f = &record.stages[0];
+        assert_eq!(f.status, Status::Failed);
+        let reason = f.reason.as_deref().unwrap();
+        assert!(reason.contains("stage `f` (forgetful) finished without writing `out.txt`"), "{reason}");
+        assert!(engine.store.manifest("forgetful", f.key.as_deref().unwrap()).unwrap().is_none());
+    }
+}

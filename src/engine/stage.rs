@@ -184,15 +184,15 @@ impl StageContext<'_> {
 
     /// The upstream artifact of one of `kinds` when there is one; more than one is an error.
     pub fn optional_upstream(&self, kinds: &[&str]) -> Result<Option<&Upstream>, StageError> {
-        let mut found = self.upstream.iter().filter(|u| kinds.contains(&u.kind.as_str()));
-        match (found.next(), found.next()) {
-            (u, None) => Ok(u),
-            (Some(_), Some(_)) => Err(StageError::Upstream(format!(
+        let found: Vec<&Upstream> = self.upstream.iter().filter(|u| kinds.contains(&u.kind.as_str())).collect();
+        match found.as_slice() {
+            [] => Ok(None),
+            [u] => Ok(Some(u)),
+            _ => Err(StageError::Upstream(format!(
                 "stage `{}` has more than one upstream stage of kind `{}`",
                 self.id,
                 kinds.join("` or `")
             ))),
-            (None, Some(_)) => unreachable!("an iterator yields nothing after its end"),
         }
     }
 
