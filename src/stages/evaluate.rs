@@ -112,7 +112,7 @@ impl TypedStage for Evaluate {
         // CPU and GPU scores differ in the last bits: where it computes is part of the key.
         let device = ExternalInput::Remote(compute_identity(&p.device));
         match p.model.as_str() {
-            "trained" | "base" => vec![device],
+            m if MODELS_FROM_TRAIN.contains(&m) => vec![device],
             hub if hub.starts_with("hf:") => vec![ExternalInput::Remote(hub.to_string()), device],
             dir => vec![ExternalInput::Dir(dir.to_string()), device],
         }
