@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 use figment::value::{Dict, Map};
 use figment::{Figment, Metadata, Profile, Provider};
 
-use super::params::Params;
-use super::stage::Stage;
+use super::params::{ParamError, Params};
+use super::stage::{Need, Stage, When};
 
 /// A configuration mistake. Always names where it is and, when it can, what to write instead.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub struct ConfigError {
     /// The file, variable or flag the offending value came from.
     pub origin: String,
@@ -55,6 +55,10 @@ pub struct StageConfig {
     pub kind: String,
     pub needs: Vec<String>,
     pub params: Params,
+    /// Why this build cannot run the stage as configured (device `cuda` without the `cuda`
+    /// feature), found at load with the layer the value came from; [`Pipeline::check_runnable`]
+    /// reports it for the commands that compute.
+    pub unavailable: Option<ConfigError>,
 }
 
 /// A resolved pipeline: what the runner executes and what the run record stores.
@@ -101,6 +105,16 @@ pub enum Dist {
 impl Pipeline {
     pub fn stage(&self, id: &str) -> Option<&StageConfig> {
         self.stages.iter().find(|s| s.id == id)
+    }
+
+    /// Whether this build can run every stage. Not part of loading, so that a GPU pipeline can be
+    /// inspected (`config`, `status`, `dag`) on a machine without CUDA; `run` and `sweep` call it
+    /// before they touch the store.
+    pub fn check_runnable(&self) -> Result<(), ConfigError> {
+        match self.stages.iter().find_map(|s| s.unavailable.clone()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// The resolved configuration as TOML: every default filled in, every override applied.
@@ -595,10 +609,12 @@ pub fn load_str(
             params.insert(k, v);
         }
         let params = Params(params);
-        if let Err((k, msg)) = stage_of(kind).check(&params) {
-            let key = format!("stages.{id}.{k}");
-            return Err(ConfigError::new(origin_of(&key), key, msg));
-        }
+        let imp = stage_of(kind);
+        let param_error = |e: ParamError, what: &str| {
+            let key = if e.key.is_empty() { format!("stages.{id}") } else { format!("stages.{id}.{}", e.key) };
+            ConfigError::new(origin_of(&key), key, format!("{what}{}", e.message))
+        };
+        imp.check(&params).map_err(|e| param_error(e, ""))?;
         for n in needs {
             if !ids.contains(&n.as_str()) {
                 let hint = did_you_mean(n, ids.iter().copied());
@@ -607,7 +623,9 @@ pub fn load_str(
                 );
             }
         }
-        stages.push(StageConfig { id: id.clone(), kind: kind.clone(), needs: needs.clone(), params });
+        let unavailable =
+            imp.available(&params).err().map(|e| param_error(e, &format!("stage `{id}` cannot run in this build: ")));
+        stages.push(StageConfig { id: id.clone(), kind: kind.clone(), needs: needs.clone(), params, unavailable });
     }
     let mut sweep = match sk.table.get("sweep") {
         Some(v) => Some(parse_sweep(&origin, v, &stages, registry)?),
@@ -621,7 +639,7 @@ pub fn load_str(
     }
     let root = project_root(file, sk.root.as_deref());
     let artifacts = root.join(&sk.artifacts);
-    Ok(Pipeline {
+    let pipeline = Pipeline {
         name: sk.name,
         file: file.to_path_buf(),
         root,
@@ -630,7 +648,80 @@ pub fn load_str(
         sweep,
         source_text: text.to_string(),
         overrides: overrides.clone(),
-    })
+    };
+    // A cycle first: a stage that needs itself is missing its real upstream too, and the cycle is
+    // the mistake to report.
+    super::graph::build(&pipeline)?;
+    for s in &pipeline.stages {
+        check_needs(&origin, s, &pipeline.stages, stage_of(&s.kind).contract().needs)?;
+    }
+    Ok(pipeline)
+}
+
+/// Check a stage's `needs` against what its kind reads: every required upstream kind present, none
+/// twice. Before anything runs, so a pipeline that forgot an upstream does not fail after the
+/// stages before it have spent their time.
+fn check_needs(origin: &str, s: &StageConfig, stages: &[StageConfig], contract: &[Need]) -> Result<(), ConfigError> {
+    let key = format!("stages.{}.needs", s.id);
+    let kind_of = |id: &str| stages.iter().find(|t| t.id == id).map(|t| t.kind.as_str()).unwrap_or_default();
+    let quoted = |v: &[String]| v.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ");
+    for need in contract {
+        let kinds = need.kinds.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(" or ");
+        let found: Vec<&String> = s.needs.iter().filter(|n| need.kinds.contains(&kind_of(n))).collect();
+        if found.len() > 1 {
+            let names = found.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+            return Err(ConfigError::new(
+                origin,
+                key,
+                format!(
+                    "stage `{}` ({}) reads one upstream stage of kind {kinds}, but `needs` names {}: {names}",
+                    s.id,
+                    s.kind,
+                    found.len()
+                ),
+            )
+            .hint(Some("keep exactly one of them in `needs`".into())));
+        }
+        if !found.is_empty() || !need.required(&s.params) {
+            continue;
+        }
+        let because = match need.when {
+            When::ParamIs { key: param, .. } => {
+                let value = s.params.get(param).map(|v| v.to_string()).unwrap_or_default();
+                format!(" because `{param} = {value}`")
+            }
+            _ => String::new(),
+        };
+        let candidates: Vec<&StageConfig> =
+            stages.iter().filter(|t| need.kinds.contains(&t.kind.as_str()) && t.id != s.id).collect();
+        let mut hint = match candidates.as_slice() {
+            [one] => {
+                let mut with = s.needs.clone();
+                with.push(one.id.clone());
+                format!("write `needs = [{}]`", quoted(&with))
+            }
+            [] => format!("add a stage of kind {kinds} to the pipeline and name it in `needs`"),
+            many => format!(
+                "add one of {} to `needs`",
+                many.iter().map(|t| format!("`{}`", t.id)).collect::<Vec<_>>().join(", ")
+            ),
+        };
+        if let When::ParamIs { key: param, .. } = need.when {
+            hint.push_str(&format!(", or change `{param}`"));
+        }
+        return Err(ConfigError::new(
+            origin,
+            key,
+            format!(
+                "stage `{}` ({}) reads an upstream stage of kind {kinds}{because}, but none is in `needs = [{}]`",
+                s.id,
+                s.kind,
+                quoted(&s.needs)
+            ),
+        )
+        .hint(Some(hint)));
+    }
+    Ok(())
 }
 
 /// `stage.param=a,b,c` with two or more values is a grid axis. A value that parses whole as TOML

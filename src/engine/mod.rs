@@ -3,8 +3,10 @@
 pub mod params;
 pub mod stage;
 
-pub use params::Params;
-pub use stage::{ExternalInput, JsonMap, Stage, StageContext, StageError, StageOutput, Upstream};
+pub use params::{ParamError, Params, StageParams};
+pub use stage::{
+    Contract, ExternalInput, JsonMap, Need, Stage, StageContext, StageError, StageOutput, TypedStage, Upstream, When,
+};
 pub mod compare;
 pub mod config;
 pub mod dirty;

@@ -339,6 +339,9 @@ impl<'a> Engine<'a> {
     /// the returned record with `status = "failed"`.
     pub fn run(&self, opts: &RunOptions) -> Result<RunRecord, EngineError> {
         let p = self.pipeline;
+        // Before the store is touched: a stage this build cannot run would fail only after its
+        // upstream stages had run.
+        p.check_runnable()?;
         for f in opts.force.iter().chain(opts.until.iter()) {
             if p.stage(f).is_none() {
                 let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
@@ -596,7 +599,16 @@ impl<'a> Engine<'a> {
             Err((msg, secs))
         };
         let out = match result {
-            Ok(Ok(out)) => out,
+            Ok(Ok(out)) => match imp.contract().writes.iter().find(|f| !tmp.join(f).exists()) {
+                // Caught here, not by the consumer that would read it from a cached artifact later.
+                Some(f) => {
+                    return fail(format!(
+                        "internal error: stage `{}` ({}) finished without writing `{f}`, which its kind declares",
+                        s.id, s.kind
+                    ))
+                }
+                None => out,
+            },
             Ok(Err(StageError::Cancelled)) => return fail("interrupted".into()),
             Ok(Err(e)) => return fail(e.to_string()),
             Err(panic) => {
@@ -681,4 +693,43 @@ pub fn summary(record: &RunRecord) -> String {
 /// Directory names are short keys; show them relative to the store in messages.
 pub fn short(key: &str) -> &str {
     dir_name(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::config::{load_str, Overrides};
+    use crate::engine::{Contract, StageOutput, StageParams, TypedStage};
+
+    #[derive(serde::Deserialize)]
+    struct NoParams {}
+    impl StageParams for NoParams {}
+
+    /// Declares a file it never writes.
+    struct Forgetful;
+    impl TypedStage for Forgetful {
+        type Params = NoParams;
+        const KIND: &'static str = "forgetful";
+        const VERSION: u32 = 1;
+        const DEFAULTS: &'static str = "";
+        const CONTRACT: Contract = Contract { needs: &[], writes: &["out.txt"] };
+        fn run(_ctx: &StageContext, _p: &NoParams) -> Result<StageOutput, StageError> {
+            Ok(StageOutput::default())
+        }
+    }
+
+    #[test]
+    fn a_stage_that_skips_a_declared_file_fails_and_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "[pipeline]\nname = \"p\"\n\n[stages.f]\nkind = \"forgetful\"\n";
+        let registry: Vec<Box<dyn Stage>> = vec![Box::new(Forgetful)];
+        let p = load_str(&dir.path().join("p.toml"), text, &Overrides::default(), &registry).unwrap();
+        let engine = Engine::new(&p, &registry).unwrap();
+        let record = engine.run(&RunOptions { quiet: true, ..Default::default() }).unwrap();
+        let f = &record.stages[0];
+        assert_eq!(f.status, Status::Failed);
+        let reason = f.reason.as_deref().unwrap();
+        assert!(reason.contains("stage `f` (forgetful) finished without writing `out.txt`"), "{reason}");
+        assert!(engine.store.manifest("forgetful", f.key.as_deref().unwrap()).unwrap().is_none());
+    }
 }

@@ -1,16 +1,18 @@
 //! The one trait every stage kind implements, and what the runner hands it.
 //!
-//! The engine (config, DAG, cache, store, runner, CLI) only sees this trait: a stage is a kind name, an
-//! implementation version, embedded documented defaults, the external inputs it reads, and a `run`
-//! that writes files into a directory. Everything ML-specific lives behind it in `crate::stages`.
+//! The engine (config, DAG, cache, store, runner, CLI) only sees [`Stage`]: a stage is a kind name, an
+//! implementation version, embedded documented defaults, a [`Contract`] (the upstream kinds it reads
+//! and the files it writes), the external inputs it reads, and a `run` that writes files into a
+//! directory. Everything ML-specific lives behind it in `crate::stages`, where each kind implements
+//! [`TypedStage`] once and gets [`Stage`] from it, so `check`, `inputs` and `run` all see the same
+//! decoded, validated parameter struct.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::de::DeserializeOwned;
 
-use super::params::Params;
+use super::params::{ParamError, Params, StageParams};
 
 /// Metrics and statistics a stage reports; they land in its manifest and in the run record.
 pub type JsonMap = serde_json::Map<String, serde_json::Value>;
@@ -63,6 +65,72 @@ impl StageError {
     pub fn failed(msg: impl Into<String>) -> Self {
         StageError::Failed(msg.into())
     }
+    /// A parameter that turned out wrong while running; `key` is relative to the stage.
+    pub fn param(key: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        StageError::Param { key: key.into(), message: message.to_string() }
+    }
+}
+
+impl From<ParamError> for StageError {
+    fn from(e: ParamError) -> Self {
+        StageError::Param { key: e.key, message: e.message }
+    }
+}
+
+/// When a stage reads an upstream kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    Always,
+    /// Read when present (analyze draws the loss curve when there is a train stage), never missed.
+    Optional,
+    /// Read only when the string parameter `key` is one of `one_of` (evaluate reads the train
+    /// stage's model only for `model = "trained"` or `"base"`). Data, not code, so the engine can
+    /// check it at load and say which value made the upstream necessary.
+    ParamIs {
+        key: &'static str,
+        one_of: &'static [&'static str],
+    },
+}
+
+/// One upstream a stage reads: exactly one stage of any of `kinds` (split reads `normalize`, or
+/// `load` when the pipeline does not normalize).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Need {
+    pub kinds: &'static [&'static str],
+    pub when: When,
+}
+
+impl Need {
+    pub const fn always(kinds: &'static [&'static str]) -> Self {
+        Need { kinds, when: When::Always }
+    }
+    pub const fn optional(kinds: &'static [&'static str]) -> Self {
+        Need { kinds, when: When::Optional }
+    }
+    /// Whether these parameters make the upstream necessary.
+    pub fn required(&self, params: &Params) -> bool {
+        match self.when {
+            When::Always => true,
+            When::Optional => false,
+            When::ParamIs { key, one_of } => {
+                params.get(key).and_then(|v| v.as_str()).is_some_and(|v| one_of.contains(&v))
+            }
+        }
+    }
+}
+
+/// What a stage kind reads from its upstream stages and what it leaves in its artifact directory.
+///
+/// Declared once per kind, next to the file-name constants that the producer writes with and the
+/// consumers read with, so a file is named in one place. The engine checks `needs` against each
+/// stage's `needs` list when the pipeline is loaded (a pipeline missing an upstream fails before
+/// anything runs, not after the upstream stages have run) and `writes` after each run (a stage that
+/// forgot a file fails instead of caching an artifact its consumers cannot read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Contract {
+    pub needs: &'static [Need],
+    /// Files (or directories) relative to the artifact directory, always present after a run.
+    pub writes: &'static [&'static str],
 }
 
 /// One upstream stage's committed artifact.
@@ -92,11 +160,6 @@ pub struct StageContext<'a> {
 }
 
 impl StageContext<'_> {
-    /// Typed view of the parameters; they were already type-checked against the defaults.
-    pub fn params<T: DeserializeOwned>(&self) -> Result<T, StageError> {
-        self.params.decode().map_err(|e| StageError::Failed(format!("parameters: {e}")))
-    }
-
     /// Resolve a path parameter against the project root.
     pub fn path(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
@@ -107,18 +170,28 @@ impl StageContext<'_> {
         }
     }
 
-    /// The single upstream artifact of a given kind; a clear error when it is missing or ambiguous.
-    pub fn upstream_of(&self, kind: &str) -> Result<&Upstream, StageError> {
-        let mut found = self.upstream.iter().filter(|u| u.kind == kind);
-        match (found.next(), found.next()) {
-            (Some(u), None) => Ok(u),
-            (None, _) => Err(StageError::Upstream(format!(
-                "stage `{}` needs an upstream stage of kind `{kind}`; add it to `needs`",
-                self.id
-            ))),
-            (Some(_), Some(_)) => Err(StageError::Upstream(format!(
-                "stage `{}` has more than one upstream stage of kind `{kind}`",
-                self.id
+    /// The single upstream artifact of one of `kinds`. The engine checked the contract at load, so
+    /// the errors here only reach a stage run by hand (tests) with the wrong upstreams.
+    pub fn upstream_of(&self, kinds: &[&str]) -> Result<&Upstream, StageError> {
+        self.optional_upstream(kinds)?.ok_or_else(|| {
+            StageError::Upstream(format!(
+                "stage `{}` needs an upstream stage of kind `{}`; add it to `needs`",
+                self.id,
+                kinds.join("` or `")
+            ))
+        })
+    }
+
+    /// The upstream artifact of one of `kinds` when there is one; more than one is an error.
+    pub fn optional_upstream(&self, kinds: &[&str]) -> Result<Option<&Upstream>, StageError> {
+        let found: Vec<&Upstream> = self.upstream.iter().filter(|u| kinds.contains(&u.kind.as_str())).collect();
+        match found.as_slice() {
+            [] => Ok(None),
+            [u] => Ok(Some(u)),
+            _ => Err(StageError::Upstream(format!(
+                "stage `{}` has more than one upstream stage of kind `{}`",
+                self.id,
+                kinds.join("` or `")
             ))),
         }
     }
@@ -148,7 +221,8 @@ impl StageContext<'_> {
     }
 }
 
-/// A stage kind. Implementations are registered in `crate::stages::registry`.
+/// A stage kind as the engine sees it. Stage modules implement [`TypedStage`] instead and get this
+/// from the blanket impl; the engine never sees their parameter structs.
 pub trait Stage: Send + Sync {
     /// The `kind = "..."` name in pipeline files; also the store bucket `artifacts/<kind>/`.
     fn kind(&self) -> &'static str;
@@ -156,18 +230,75 @@ pub trait Stage: Send + Sync {
     fn version(&self) -> u32;
     /// The documented defaults (`stages/<kind>.toml`, embedded): the bottom config layer and the schema.
     fn defaults(&self) -> &'static str;
-    /// Value checks beyond types (ratios sum to one, a known enum value). Return (key, message).
-    fn check(&self, _params: &Params) -> Result<(), (String, String)> {
-        Ok(())
-    }
+    /// The upstream kinds it reads and the files it writes.
+    fn contract(&self) -> Contract;
+    /// Value checks beyond types (ratios sum to one, a known enum value), made at load.
+    fn check(&self, params: &Params) -> Result<(), ParamError>;
+    /// Whether this build can run the stage as configured (a CUDA device in a build without CUDA).
+    /// Apart from `check` because such a pipeline is still valid: `pipe config`, `status` and
+    /// `dag` work on it anywhere; only the commands that compute refuse it, before anything runs.
+    fn available(&self, params: &Params) -> Result<(), ParamError>;
     /// Top-level parameters that change how the stage computes but never what it outputs (a
     /// memory/speed trade-off): left out of the cache key, so switching one reuses the artifact.
-    fn unkeyed(&self) -> &'static [&'static str] {
-        &[]
-    }
+    fn unkeyed(&self) -> &'static [&'static str];
     /// Files or remote ids outside the store that the output depends on.
-    fn inputs(&self, _params: &Params) -> Vec<ExternalInput> {
+    fn inputs(&self, params: &Params) -> Vec<ExternalInput>;
+    fn run(&self, ctx: &StageContext) -> Result<StageOutput, StageError>;
+}
+
+/// A stage kind with its parameter struct: what each module in `crate::stages` implements.
+///
+/// The parameters are decoded from the resolved table into `Self::Params` and validated by
+/// [`StageParams::validate`] in one place (the blanket [`Stage`] impl), for the load-time check, the
+/// cache key's inputs and the run alike, so no stage reads a parameter by name or keeps a default
+/// of its own: the defaults are `stages/<kind>.toml` only.
+pub trait TypedStage: Send + Sync {
+    type Params: StageParams;
+    const KIND: &'static str;
+    const VERSION: u32;
+    const DEFAULTS: &'static str;
+    const CONTRACT: Contract;
+    const UNKEYED: &'static [&'static str] = &[];
+    // Associated functions, not methods: a kind is stateless, and `Tokenize.run(&ctx)` stays
+    // unambiguous with both traits in scope.
+    fn available(_params: &Self::Params) -> Result<(), ParamError> {
+        Ok(())
+    }
+    fn inputs(_params: &Self::Params) -> Vec<ExternalInput> {
         Vec::new()
     }
-    fn run(&self, ctx: &StageContext) -> Result<StageOutput, StageError>;
+    fn run(ctx: &StageContext, params: &Self::Params) -> Result<StageOutput, StageError>;
+}
+
+impl<T: TypedStage> Stage for T {
+    fn kind(&self) -> &'static str {
+        T::KIND
+    }
+    fn version(&self) -> u32 {
+        T::VERSION
+    }
+    fn defaults(&self) -> &'static str {
+        T::DEFAULTS
+    }
+    fn contract(&self) -> Contract {
+        T::CONTRACT
+    }
+    fn check(&self, params: &Params) -> Result<(), ParamError> {
+        params.decode::<T::Params>()?.validate()
+    }
+    fn available(&self, params: &Params) -> Result<(), ParamError> {
+        T::available(&params.decode::<T::Params>()?)
+    }
+    fn unkeyed(&self) -> &'static [&'static str] {
+        T::UNKEYED
+    }
+    fn inputs(&self, params: &Params) -> Vec<ExternalInput> {
+        // Only called on parameters that passed `check` at load.
+        params.decode::<T::Params>().map(|p| T::inputs(&p)).unwrap_or_default()
+    }
+    fn run(&self, ctx: &StageContext) -> Result<StageOutput, StageError> {
+        let p = ctx.params.decode::<T::Params>()?;
+        p.validate()?;
+        T::run(ctx, &p)
+    }
 }

@@ -174,9 +174,6 @@ pub fn run_sweep(
     let pts = points(&spec, &is_int);
     let id = sweep_id(base, &pts);
     let sweep_dir = base.artifacts.join("runs").join(&base.name).join(&id);
-    if !quiet {
-        eprintln!("pipe: sweep {id}: {} point(s) → {}", pts.len(), sweep_dir.display());
-    }
     // Resolve every point first: a bad value fails the sweep before anything runs.
     let mut pipelines = Vec::new();
     for pt in &pts {
@@ -185,8 +182,12 @@ pub fn run_sweep(
             .retain(|s| !spec.grid.iter().any(|(k, _)| s.split_once('=').map(|(p, _)| p.trim()) == Some(k.as_str())));
         ov.sets.extend(pt.values.iter().map(|(k, v)| format!("{k}={}", toml_inline(v))));
         let mut p = config::load_str(&base.file, &base.source_text, &ov, registry)?;
+        p.check_runnable()?;
         p.sweep = None;
         pipelines.push(p);
+    }
+    if !quiet {
+        eprintln!("pipe: sweep {id}: {} point(s) → {}", pts.len(), sweep_dir.display());
     }
     let results: Mutex<Vec<Option<PointResult>>> = Mutex::new(vec![None; pts.len()]);
     let next = AtomicUsize::new(0);

@@ -38,6 +38,20 @@ impl std::str::FromStr for DeviceSpec {
 }
 
 impl DeviceSpec {
+    /// Whether this build can compute on the device at all (CUDA is a compile-time feature), without
+    /// opening it: cheap enough for the check when a pipeline is loaded, so a CPU-only build refuses
+    /// `cuda` before any stage runs. Whether the GPU answers is only known by [`DeviceSpec::open`].
+    pub fn available(self) -> Result<(), ModelError> {
+        match self {
+            Self::Cuda(_) if !candle_core::utils::cuda_is_available() => Err(ModelError::Config(
+                "device `cuda` requested but this pipe was built without CUDA support; rebuild with \
+                 `cargo build --release --features cuda`, or set device = \"cpu\""
+                    .into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Opens the device. `auto` never fails: a CUDA build whose GPU cannot be opened runs on the CPU.
     pub fn open(self) -> Result<Device, ModelError> {
         match self {
@@ -51,13 +65,7 @@ impl DeviceSpec {
                 Ok(Device::Cpu)
             }
             Self::Cuda(n) => {
-                if !candle_core::utils::cuda_is_available() {
-                    return Err(ModelError::Config(
-                        "device `cuda` requested but this pipe was built without CUDA support; rebuild with \
-                         `cargo build --release --features cuda`, or set device = \"cpu\""
-                            .into(),
-                    ));
-                }
+                self.available()?;
                 Device::new_cuda(n)
                     .map(tuned)
                     .map_err(|e| ModelError::Config(format!("cannot open CUDA device {n}: {e}")))
@@ -176,7 +184,9 @@ mod tests {
         if !candle_core::utils::cuda_is_available() {
             assert!(matches!(parse_device("auto").unwrap(), Device::Cpu));
             assert!(parse_device("cuda").unwrap_err().to_string().contains("--features cuda"));
+            assert!(DeviceSpec::Cuda(1).available().unwrap_err().to_string().contains("--features cuda"));
         }
+        assert!(DeviceSpec::Auto.available().is_ok() && DeviceSpec::Cpu.available().is_ok());
     }
 
     #[test]

@@ -28,9 +28,12 @@ pub use baselines::{expected_random, overlap, random_scores, tokenize, Bm25, Ran
 pub use slices::{has_digits_or_units, length_slice, Calibration, ConfidentErrors, QuerySlice, RelevanceSlice};
 
 use super::table::{self, Labeled};
-use crate::engine::{JsonMap, Params, Stage, StageContext, StageError, StageOutput};
+use crate::engine::{
+    Contract, JsonMap, Need, ParamError, StageContext, StageError, StageOutput, StageParams, TypedStage,
+};
 use crate::metrics::{self, Gain, Metrics, Options, Prediction};
 
+pub const KIND: &str = "analyze";
 /// Bump when the same inputs and parameters would give different files.
 pub const VERSION: u32 = 1;
 const DEFAULTS: &str = include_str!("../../stages/analyze.toml");
@@ -39,6 +42,17 @@ const DEFAULTS: &str = include_str!("../../stages/analyze.toml");
 pub const ANALYSIS_FILE: &str = "analysis.json";
 pub const REPORT_MD: &str = "report.md";
 pub const REPORT_HTML: &str = "report.html";
+
+/// The predictions and the split tables always; the train log when there is a train stage (without
+/// one, a zero-shot evaluation, the loss chart is left out and the report says so).
+pub const CONTRACT: Contract = Contract {
+    needs: &[
+        Need::always(&[super::evaluate::KIND]),
+        Need::always(&[super::split::KIND]),
+        Need::optional(&[super::train::KIND]),
+    ],
+    writes: &[ANALYSIS_FILE, REPORT_MD, REPORT_HTML],
+};
 
 /// The metrics lifts are reported for (the headline NDCG is added in front).
 const LIFT_METRICS: [&str; 3] = ["map", "mrr", "auc"];
@@ -63,9 +77,9 @@ pub struct AnalyzeParams {
     pub calibration_bins: i64,
 }
 
-impl AnalyzeParams {
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        let err = |k: &str, m: String| Err((k.to_string(), m));
+impl StageParams for AnalyzeParams {
+    fn validate(&self) -> Result<(), ParamError> {
+        let err = |k: &str, m: String| Err(ParamError::new(k, m));
         if self.k.is_empty() {
             return err("k", "the list is empty; give at least one cut-off, e.g. [1, 3, 5, 10]".into());
         }
@@ -103,7 +117,9 @@ impl AnalyzeParams {
         }
         Ok(())
     }
+}
 
+impl AnalyzeParams {
     pub fn options(&self) -> Options {
         Options {
             ks: self.k.iter().map(|&k| k as usize).collect(),
@@ -505,7 +521,7 @@ pub fn analyze(
     evaluation: Option<&serde_json::Value>,
     training: Option<TrainLog>,
 ) -> Result<Analysis, StageError> {
-    p.validate().map_err(|(key, message)| StageError::Param { key, message })?;
+    p.validate()?;
     let opts = p.options();
     // Validation rows first, then test, each in file order: every scorer's vectors line up with these.
     let pairs: Vec<&ScoredPair> =
@@ -747,42 +763,20 @@ fn check_evaluation(evaluation: Option<&serde_json::Value>, val: Option<&Metrics
 }
 
 /// The upstream of a kind if the pipeline has one; an error if it has several.
-fn optional_upstream<'a>(ctx: &'a StageContext, kind: &str) -> Result<Option<&'a Path>, StageError> {
-    let mut found = ctx.upstream.iter().filter(|u| u.kind == kind);
-    match (found.next(), found.next()) {
-        (None, _) => Ok(None),
-        (Some(u), None) => Ok(Some(&u.dir)),
-        (Some(_), Some(_)) => {
-            Err(StageError::Upstream(format!("stage `{}` has more than one upstream stage of kind `{kind}`", ctx.id)))
-        }
-    }
-}
+impl TypedStage for Analyze {
+    type Params = AnalyzeParams;
+    const KIND: &'static str = KIND;
+    const VERSION: u32 = VERSION;
+    const DEFAULTS: &'static str = DEFAULTS;
+    const CONTRACT: Contract = CONTRACT;
 
-impl Stage for Analyze {
-    fn kind(&self) -> &'static str {
-        "analyze"
-    }
-    fn version(&self) -> u32 {
-        VERSION
-    }
-    fn defaults(&self) -> &'static str {
-        DEFAULTS
-    }
+    fn run(ctx: &StageContext, p: &AnalyzeParams) -> Result<StageOutput, StageError> {
+        let eval_dir = &ctx.upstream_of(&[super::evaluate::KIND])?.dir;
+        let split_dir = &ctx.upstream_of(&[super::split::KIND])?.dir;
+        let train_dir = ctx.optional_upstream(&[super::train::KIND])?.map(|u| &u.dir);
 
-    fn check(&self, params: &Params) -> Result<(), (String, String)> {
-        let p: AnalyzeParams = params.decode().map_err(|e| (String::new(), e.to_string()))?;
-        p.validate()
-    }
-
-    fn run(&self, ctx: &StageContext) -> Result<StageOutput, StageError> {
-        let p: AnalyzeParams = ctx.params()?;
-        p.validate().map_err(|(key, message)| StageError::Param { key, message })?;
-        let eval_dir = &ctx.upstream_of("evaluate")?.dir;
-        let split_dir = &ctx.upstream_of("split")?.dir;
-        let train_dir = optional_upstream(ctx, "train")?;
-
-        let scored = read_scored(&eval_dir.join("predictions.csv"))?;
-        let metrics_path = eval_dir.join("evaluation_metrics.json");
+        let scored = read_scored(&eval_dir.join(super::evaluate::PREDICTIONS))?;
+        let metrics_path = eval_dir.join(super::evaluate::METRICS);
         let evaluation: Option<serde_json::Value> = if metrics_path.is_file() {
             let bytes = std::fs::read(&metrics_path).map_err(|e| StageError::io(&metrics_path, e))?;
             Some(serde_json::from_slice(&bytes).map_err(|e| StageError::Data {
@@ -794,16 +788,16 @@ impl Stage for Analyze {
             None
         };
         let mut split: [Vec<Labeled>; 3] = Default::default();
-        for (i, name) in super::split::SPLITS.iter().enumerate() {
-            split[i] = table::read_labeled(&split_dir.join(format!("{name}.csv")))?;
+        for (i, file) in super::split::FILES.iter().enumerate() {
+            split[i] = table::read_labeled(&split_dir.join(file))?;
         }
         let training = match train_dir {
-            Some(d) => Some(read_train_log(&d.join("train_log.jsonl"))?),
+            Some(d) => Some(read_train_log(&d.join(super::train::TRAIN_LOG))?),
             None => None,
         };
         ctx.check_cancel()?;
 
-        let analysis = analyze(ctx.id, &p, &scored, &split, evaluation.as_ref(), training)?;
+        let analysis = analyze(ctx.id, p, &scored, &split, evaluation.as_ref(), training)?;
         ctx.check_cancel()?;
         let json =
             serde_json::to_string_pretty(&analysis).map_err(|e| StageError::failed(format!("analysis.json: {e}")))?;

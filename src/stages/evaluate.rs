@@ -10,95 +10,120 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::engine::{ExternalInput, JsonMap, Params, Stage, StageContext, StageError, StageOutput};
+use crate::engine::{
+    Contract, ExternalInput, JsonMap, Need, ParamError, StageContext, StageError, StageOutput, StageParams, TypedStage,
+    When,
+};
 use crate::hub::HubSettings;
 use crate::metrics::{self, Prediction};
-use crate::model::device::{parse_device, parse_dtype};
+use crate::model::device::{compute_identity, parse_device, parse_dtype, DeviceSpec};
 use crate::model::score::score_all;
 use crate::model::{LoadOptions, ModelError, ModelSource, Reranker};
 use crate::text::TokenStore;
 
+pub const KIND: &str = "evaluate";
 /// Bump when the predictions or metrics for the same inputs change.
 pub const VERSION: u32 = 1;
 const DEFAULTS: &str = include_str!("../../stages/evaluate.toml");
 const SPLITS: [&str; 2] = ["val", "test"];
 
+/// `split,query,product_id,title,relevance,label,score,rank`, one row per scored pair (`analyze`
+/// recomputes every metric from it).
+pub const PREDICTIONS: &str = "predictions.csv";
+/// `{"val": {…}, "test": {…}, "tuned_threshold": {…}}`.
+pub const METRICS: &str = "evaluation_metrics.json";
+/// Per split and relevance level: count, mean score, accuracy, share predicted positive.
+pub const RELEVANCE_ANALYSIS: &str = "relevance_analysis.csv";
+
+/// The `model` values that score the upstream train stage's model (`trained`) or the model it
+/// started from (`base`, read from its manifest): only these need a train stage.
+pub const MODELS_FROM_TRAIN: &[&str] = &["trained", "base"];
+
+/// The token stores always; the train stage for [`MODELS_FROM_TRAIN`]; the split tables when
+/// present, for product ids and titles in the predictions.
+pub const CONTRACT: Contract = Contract {
+    needs: &[
+        Need::always(&[super::tokenize::KIND]),
+        Need { kinds: &[super::train::KIND], when: When::ParamIs { key: "model", one_of: MODELS_FROM_TRAIN } },
+        Need::optional(&[super::split::KIND]),
+    ],
+    writes: &[PREDICTIONS, METRICS, RELEVANCE_ANALYSIS],
+};
+
 pub struct Evaluate;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct EvaluateParams {
-    model: String,
-    batch_size: i64,
-    device: String,
-    dtype: String,
-    threshold: f64,
-    k: Vec<i64>,
+pub struct EvaluateParams {
+    pub model: String,
+    pub batch_size: i64,
+    pub device: String,
+    pub dtype: String,
+    pub threshold: f64,
+    pub k: Vec<i64>,
+}
+
+impl StageParams for EvaluateParams {
+    fn validate(&self) -> Result<(), ParamError> {
+        if self.batch_size < 1 {
+            return Err(ParamError::new("batch_size", format!("must be at least 1, found {}", self.batch_size)));
+        }
+        if self.device.parse::<DeviceSpec>().is_err() {
+            return Err(ParamError::new(
+                "device",
+                format!("expected auto, cpu, cuda or cuda:N, found {:?}", self.device),
+            ));
+        }
+        if parse_dtype(&self.dtype).is_err() {
+            return Err(ParamError::new("dtype", format!("expected f32, bf16 or f16, found {:?}", self.dtype)));
+        }
+        if !(0.0..=1.0).contains(&self.threshold) {
+            return Err(ParamError::new("threshold", format!("must be in [0, 1], found {}", self.threshold)));
+        }
+        if self.k.is_empty() || self.k.iter().any(|k| *k < 1) {
+            return Err(ParamError::new("k", "expected a non-empty list of cut-offs >= 1"));
+        }
+        if self.model.is_empty() {
+            return Err(ParamError::new(
+                "model",
+                "expected \"trained\", \"base\", a model directory or hf:<owner>/<name>",
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn model_err(e: ModelError) -> StageError {
     StageError::Failed(e.to_string())
 }
 
-impl Stage for Evaluate {
-    fn kind(&self) -> &'static str {
-        "evaluate"
+impl TypedStage for Evaluate {
+    type Params = EvaluateParams;
+    const KIND: &'static str = KIND;
+    const VERSION: u32 = VERSION;
+    const DEFAULTS: &'static str = DEFAULTS;
+    const CONTRACT: Contract = CONTRACT;
+
+    fn available(p: &EvaluateParams) -> Result<(), ParamError> {
+        super::device_available(&p.device)
     }
-    fn version(&self) -> u32 {
-        VERSION
-    }
-    fn defaults(&self) -> &'static str {
-        DEFAULTS
-    }
-    fn check(&self, p: &Params) -> Result<(), (String, String)> {
-        let bs = p.i64("batch_size").unwrap_or(0);
-        if bs < 1 {
-            return Err(("batch_size".into(), format!("must be at least 1, found {bs}")));
-        }
-        let dev = p.str("device").unwrap_or("");
-        if dev.parse::<crate::model::device::DeviceSpec>().is_err() {
-            return Err(("device".into(), format!("expected auto, cpu, cuda or cuda:N, found {dev:?}")));
-        }
-        let dt = p.str("dtype").unwrap_or("");
-        if parse_dtype(dt).is_err() {
-            return Err(("dtype".into(), format!("expected f32, bf16 or f16, found {dt:?}")));
-        }
-        let t = p.f64("threshold").unwrap_or(-1.0);
-        if !(0.0..=1.0).contains(&t) {
-            return Err(("threshold".into(), format!("must be in [0, 1], found {t}")));
-        }
-        let ks =
-            p.get("k").and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|v| v.as_integer()).collect::<Vec<_>>());
-        match ks {
-            Some(ks) if !ks.is_empty() && ks.iter().all(|k| *k >= 1) => {}
-            _ => return Err(("k".into(), "expected a non-empty list of cut-offs >= 1".into())),
-        }
-        let m = p.str("model").unwrap_or("");
-        if m.is_empty() {
-            return Err((
-                "model".into(),
-                "expected \"trained\", \"base\", a model directory or hf:<owner>/<name>".into(),
-            ));
-        }
-        Ok(())
-    }
-    fn inputs(&self, p: &Params) -> Vec<ExternalInput> {
+
+    fn inputs(p: &EvaluateParams) -> Vec<ExternalInput> {
         // CPU and GPU scores differ in the last bits: where it computes is part of the key.
-        let device = ExternalInput::Remote(crate::model::device::compute_identity(p.str("device").unwrap_or("auto")));
-        match p.str("model").unwrap_or("trained") {
-            "trained" | "base" => vec![device],
+        let device = ExternalInput::Remote(compute_identity(&p.device));
+        match p.model.as_str() {
+            m if MODELS_FROM_TRAIN.contains(&m) => vec![device],
             hub if hub.starts_with("hf:") => vec![ExternalInput::Remote(hub.to_string()), device],
             dir => vec![ExternalInput::Dir(dir.to_string()), device],
         }
     }
 
-    fn run(&self, ctx: &StageContext) -> Result<StageOutput, StageError> {
-        let p: EvaluateParams = ctx.params()?;
+    fn run(ctx: &StageContext, p: &EvaluateParams) -> Result<StageOutput, StageError> {
         let device = parse_device(&p.device).map_err(model_err)?;
         let dtype = parse_dtype(&p.dtype).map_err(model_err)?;
-        let tok_dir = &ctx.upstream_of("tokenize")?.dir;
+        let tok_dir = &ctx.upstream_of(&[super::tokenize::KIND])?.dir;
         let model_dir = match p.model.as_str() {
-            "trained" => Some(ctx.upstream_of("train")?.dir.join("model")),
+            "trained" => Some(ctx.upstream_of(&[super::train::KIND])?.dir.join(super::train::MODEL_DIR)),
             _ => None,
         };
         let source: ModelSource = match (&model_dir, p.model.as_str()) {
@@ -114,18 +139,20 @@ impl Stage for Evaluate {
         let model = crate::model::load(&source, &HubSettings::from_env(), &opts).map_err(model_err)?;
 
         // product ids and titles from the split stage, by row id, when it is upstream.
-        let split_rows: HashMap<(String, String), (String, String)> = match ctx.upstream_of("split") {
-            Ok(u) => {
-                let mut m = HashMap::new();
-                for s in SPLITS {
-                    for r in crate::stages::table::read_labeled(&u.dir.join(format!("{s}.csv")))? {
-                        m.insert((s.to_string(), r.record.id.clone()), (r.record.product_id, r.record.title));
+        let split_rows: HashMap<(String, String), (String, String)> =
+            match ctx.optional_upstream(&[super::split::KIND])? {
+                Some(u) => {
+                    let mut m = HashMap::new();
+                    for s in SPLITS {
+                        let file = super::split::file_of(s).expect("evaluate scores splits that split writes");
+                        for r in crate::stages::table::read_labeled(&u.dir.join(file))? {
+                            m.insert((s.to_string(), r.record.id.clone()), (r.record.product_id, r.record.title));
+                        }
                     }
+                    m
                 }
-                m
-            }
-            Err(_) => HashMap::new(),
-        };
+                None => HashMap::new(),
+            };
 
         let stores: Vec<TokenStore> = SPLITS
             .iter()
@@ -178,8 +205,8 @@ impl Stage for Evaluate {
         }
         bar.finish_and_clear();
         let bytes = csv.into_inner().map_err(|e| StageError::failed(e.to_string()))?;
-        write(ctx.out, "predictions.csv", &bytes)?;
-        write(ctx.out, "relevance_analysis.csv", analysis.as_bytes())?;
+        write(ctx.out, PREDICTIONS, &bytes)?;
+        write(ctx.out, RELEVANCE_ANALYSIS, analysis.as_bytes())?;
 
         let opts = metrics::Options {
             ks: p.k.iter().map(|k| *k as usize).collect(),
@@ -197,7 +224,7 @@ impl Stage for Evaluate {
                 serde_json::json!({"threshold": t.threshold, "val_f1": t.val_f1, "test": t.test}),
             );
         }
-        write(ctx.out, "evaluation_metrics.json", &serde_json::to_vec_pretty(&file).expect("json"))?;
+        write(ctx.out, METRICS, &serde_json::to_vec_pretty(&file).expect("json"))?;
         if !ctx.quiet {
             eprint!("{}", metrics::render_table(&[("val", &m.val), ("test", &m.test)]));
         }
@@ -221,7 +248,7 @@ fn yes_no_ids(store: &TokenStore, tok_dir: &Path) -> Result<(u32, u32), StageErr
     if let (Some(yes), Some(no)) = (id("yes_id"), id("no_id")) {
         return Ok((yes, no));
     }
-    let tok = crate::text::load_tokenizer(&tok_dir.join("tokenizer.json").display().to_string(), tok_dir)
+    let tok = crate::text::load_tokenizer(&tok_dir.join(super::tokenize::TOKENIZER).display().to_string(), tok_dir)
         .map_err(|e| StageError::Upstream(e.to_string()))?;
     let ids = crate::text::yes_no_ids(&tok).map_err(|e| StageError::Upstream(e.to_string()))?;
     Ok((ids.yes, ids.no))
@@ -229,18 +256,16 @@ fn yes_no_ids(store: &TokenStore, tok_dir: &Path) -> Result<(u32, u32), StageErr
 
 /// The model the upstream train stage started from (its `model` parameter, from its manifest).
 fn base_model(ctx: &StageContext) -> Result<ModelSource, StageError> {
-    let train = ctx.upstream_of("train")?;
+    let train = ctx.upstream_of(&[super::train::KIND])?;
     let manifest = crate::engine::store::read_manifest(&train.dir)
         .map_err(|e| StageError::Upstream(e.to_string()))?
         .ok_or_else(|| StageError::Upstream("the train artifact has no manifest".into()))?;
     let spec = manifest.key_inputs.params.get("model").and_then(|v| v.as_str()).unwrap_or("random").to_string();
     if spec == "random" {
-        return Err(StageError::Param {
-            key: "model".into(),
-            message:
-                "`base` is the train stage's starting model, but it was `random`: there is no pretrained base to score"
-                    .into(),
-        });
+        return Err(StageError::param(
+            "model",
+            "`base` is the train stage's starting model, but it was `random`: there is no pretrained base to score",
+        ));
     }
     let spec = if spec.starts_with("hf:") { spec } else { ctx.path(&spec).display().to_string() };
     spec.parse().map_err(model_err)

@@ -17,12 +17,17 @@ use serde_json::Value;
 
 use super::hub;
 use super::table::{self, Record};
-use crate::engine::{ExternalInput, Params, Stage, StageContext, StageError, StageOutput};
+use crate::engine::{
+    Contract, ExternalInput, ParamError, StageContext, StageError, StageOutput, StageParams, TypedStage,
+};
 use crate::hub::HubSettings;
 
+pub const KIND: &str = "load";
 /// Bump when the table `load` writes for the same inputs changes meaning.
 pub const VERSION: u32 = 1;
 const DEFAULTS: &str = include_str!("../../stages/load.toml");
+/// Reads no upstream; writes the table.
+pub const CONTRACT: Contract = Contract { needs: &[], writes: &[table::TABLE_FILE] };
 
 pub struct Load;
 
@@ -74,15 +79,15 @@ impl Format {
     }
 
     /// `format` wins over the extension; `""` means "from the extension".
-    pub fn resolve(format: &str, path: &str) -> Result<Format, (String, String)> {
+    pub fn resolve(format: &str, path: &str) -> Result<Format, ParamError> {
         match format {
             "csv" => Ok(Format::Csv),
             "json" => Ok(Format::Json),
             "jsonl" => Ok(Format::Jsonl),
             "parquet" => Ok(Format::Parquet),
             "" => Format::from_extension(path).ok_or_else(|| {
-                (
-                    "format".to_string(),
+                ParamError::new(
+                    "format",
                     format!(
                         "cannot tell the format of `{path}` from its extension \
                          (.csv, .json, .jsonl, .ndjson, .parquet, optionally + .gz); \
@@ -90,8 +95,8 @@ impl Format {
                     ),
                 )
             }),
-            other => Err((
-                "format".to_string(),
+            other => Err(ParamError::new(
+                "format",
                 format!("unknown format `{other}`; expected \"\", \"csv\", \"json\", \"jsonl\" or \"parquet\""),
             )),
         }
@@ -108,28 +113,36 @@ pub enum Encoding {
 }
 
 impl Encoding {
-    fn parse(s: &str) -> Result<Encoding, (String, String)> {
+    fn parse(s: &str) -> Result<Encoding, ParamError> {
         match s {
             "latin-1" => Ok(Encoding::Latin1),
             "utf-8" => Ok(Encoding::Utf8),
-            other => {
-                Err(("encoding".to_string(), format!("unknown encoding `{other}`; expected \"latin-1\" or \"utf-8\"")))
-            }
+            other => Err(ParamError::new(
+                "encoding",
+                format!("unknown encoding `{other}`; expected \"latin-1\" or \"utf-8\""),
+            )),
         }
     }
 }
 
+impl StageParams for LoadParams {
+    fn validate(&self) -> Result<(), ParamError> {
+        self.resolved().map(drop)
+    }
+}
+
 impl LoadParams {
-    fn validate(&self) -> Result<(Format, Encoding), (String, String)> {
+    /// The format and encoding the values name; validation is resolving them.
+    fn resolved(&self) -> Result<(Format, Encoding), ParamError> {
         if self.path.trim().is_empty() {
-            return Err(("path".into(), "must name a file or an hf://datasets/… path".into()));
+            return Err(ParamError::new("path", "must name a file or an hf://datasets/… path"));
         }
         if self.revision.trim().is_empty() {
-            return Err(("revision".into(), "must not be empty; the default is \"main\"".into()));
+            return Err(ParamError::new("revision", "must not be empty; the default is \"main\""));
         }
         for (key, value) in [("path", &self.path), ("descriptions", &self.descriptions)] {
             if let Some(Err(message)) = hub::parse(value) {
-                return Err((key.into(), message));
+                return Err(ParamError::new(key, message));
             }
         }
         let format = Format::resolve(&self.format, &self.path)?;
@@ -150,27 +163,15 @@ impl LoadParams {
     }
 }
 
-impl Stage for Load {
-    fn kind(&self) -> &'static str {
-        "load"
-    }
-    fn version(&self) -> u32 {
-        VERSION
-    }
-    fn defaults(&self) -> &'static str {
-        DEFAULTS
-    }
+impl TypedStage for Load {
+    type Params = LoadParams;
+    const KIND: &'static str = KIND;
+    const VERSION: u32 = VERSION;
+    const DEFAULTS: &'static str = DEFAULTS;
+    const CONTRACT: Contract = CONTRACT;
 
-    fn check(&self, params: &Params) -> Result<(), (String, String)> {
-        let p: LoadParams = params.decode().map_err(|e| (String::new(), e.to_string()))?;
-        p.validate().map(drop)
-    }
-
-    fn inputs(&self, params: &Params) -> Vec<ExternalInput> {
-        let Ok(p) = params.decode::<LoadParams>() else {
-            return Vec::new();
-        };
-        let Ok((format, _)) = p.validate() else {
+    fn inputs(p: &LoadParams) -> Vec<ExternalInput> {
+        let Ok((format, _)) = p.resolved() else {
             return Vec::new();
         };
         let mut inputs = vec![p.input(&p.path)];
@@ -180,12 +181,11 @@ impl Stage for Load {
         inputs
     }
 
-    fn run(&self, ctx: &StageContext) -> Result<StageOutput, StageError> {
-        let p: LoadParams = ctx.params()?;
+    fn run(ctx: &StageContext, p: &LoadParams) -> Result<StageOutput, StageError> {
         let hub = HubSettings::from_env().with_progress(!ctx.quiet);
-        let loaded = load(&p, ctx.root, &hub, ctx.cancel)?;
+        let loaded = load(p, ctx.root, &hub, ctx.cancel)?;
         table::write_table(&ctx.out.join(table::TABLE_FILE), &loaded.records)?;
-        Ok(StageOutput { stats: loaded.stats(&p), ..Default::default() })
+        Ok(StageOutput { stats: loaded.stats(p), ..Default::default() })
     }
 }
 
@@ -214,7 +214,7 @@ impl Loaded {
 
 /// Read and validate the input `p` describes; relative paths resolve against `root`.
 pub fn load(p: &LoadParams, root: &Path, hub: &HubSettings, cancel: &AtomicBool) -> Result<Loaded, StageError> {
-    let (format, encoding) = p.validate().map_err(|(key, message)| StageError::Param { key, message })?;
+    let (format, encoding) = p.resolved()?;
     let main = locate(&p.path, "path", &p.revision, root, hub)?;
     let mut records = match format {
         Format::Csv => parse_kaggle(&read_bytes(&main)?, &p.path, encoding, cancel)?,
@@ -240,15 +240,12 @@ pub fn load(p: &LoadParams, root: &Path, hub: &HubSettings, cancel: &AtomicBool)
 /// A local file for a `path`-like parameter: the file itself, or the hub file it names.
 fn locate(spec: &str, key: &str, revision: &str, root: &Path, hub: &HubSettings) -> Result<PathBuf, StageError> {
     if let Some(parsed) = hub::parse(spec) {
-        let parsed = parsed.map_err(|message| StageError::Param { key: key.into(), message })?;
+        let parsed = parsed.map_err(|message| StageError::param(key, message))?;
         return hub::resolve(spec, &parsed, revision, key, hub);
     }
     let path = if Path::new(spec).is_absolute() { PathBuf::from(spec) } else { root.join(spec) };
     if !path.is_file() {
-        return Err(StageError::Param {
-            key: key.into(),
-            message: format!("`{spec}`: no such file (looked at {})", path.display()),
-        });
+        return Err(StageError::param(key, format!("`{spec}`: no such file (looked at {})", path.display())));
     }
     Ok(path)
 }

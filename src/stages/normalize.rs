@@ -10,11 +10,16 @@ use serde::Deserialize;
 use unicode_normalization::{is_nfc_quick, is_nfkc_quick, IsNormalized, UnicodeNormalization};
 
 use super::table::{self, TableReader, TableWriter};
-use crate::engine::{JsonMap, Params, Stage, StageContext, StageError, StageOutput};
+use crate::engine::{
+    Contract, JsonMap, Need, ParamError, StageContext, StageError, StageOutput, StageParams, TypedStage,
+};
 
+pub const KIND: &str = "normalize";
 /// Bump when the same input and parameters would give different text.
 pub const VERSION: u32 = 1;
 const DEFAULTS: &str = include_str!("../../stages/normalize.toml");
+/// The `load` table in, the same columns out.
+pub const CONTRACT: Contract = Contract { needs: &[Need::always(&[super::load::KIND])], writes: &[table::TABLE_FILE] };
 
 pub struct Normalize;
 
@@ -25,6 +30,12 @@ pub struct NormalizeParams {
     pub unicode: String,
 }
 
+impl StageParams for NormalizeParams {
+    fn validate(&self) -> Result<(), ParamError> {
+        Form::parse(&self.unicode).map(drop)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Form {
     Nfc,
@@ -33,13 +44,13 @@ pub enum Form {
 }
 
 impl Form {
-    fn parse(s: &str) -> Result<Form, (String, String)> {
+    fn parse(s: &str) -> Result<Form, ParamError> {
         match s {
             "nfc" => Ok(Form::Nfc),
             "nfkc" => Ok(Form::Nfkc),
             "none" => Ok(Form::None),
-            other => Err((
-                "unicode".to_string(),
+            other => Err(ParamError::new(
+                "unicode",
                 format!("unknown normalization form `{other}`; expected \"nfc\", \"nfkc\" or \"none\""),
             )),
         }
@@ -112,27 +123,16 @@ fn needs_whitespace_fix(s: &str) -> bool {
     prev_space && !s.is_empty()
 }
 
-impl Stage for Normalize {
-    fn kind(&self) -> &'static str {
-        "normalize"
-    }
-    fn version(&self) -> u32 {
-        VERSION
-    }
-    fn defaults(&self) -> &'static str {
-        DEFAULTS
-    }
+impl TypedStage for Normalize {
+    type Params = NormalizeParams;
+    const KIND: &'static str = KIND;
+    const VERSION: u32 = VERSION;
+    const DEFAULTS: &'static str = DEFAULTS;
+    const CONTRACT: Contract = CONTRACT;
 
-    fn check(&self, params: &Params) -> Result<(), (String, String)> {
-        let p: NormalizeParams = params.decode().map_err(|e| (String::new(), e.to_string()))?;
-        Form::parse(&p.unicode).map(drop)
-    }
-
-    fn run(&self, ctx: &StageContext) -> Result<StageOutput, StageError> {
-        let p: NormalizeParams = ctx.params()?;
-        let form = Form::parse(&p.unicode).map_err(|(key, message)| StageError::Param { key, message })?;
-        let opts = Options { lowercase: p.lowercase, form };
-        let input = ctx.upstream_of("load")?.dir.join(table::TABLE_FILE);
+    fn run(ctx: &StageContext, p: &NormalizeParams) -> Result<StageOutput, StageError> {
+        let opts = Options { lowercase: p.lowercase, form: Form::parse(&p.unicode)? };
+        let input = ctx.upstream_of(&[super::load::KIND])?.dir.join(table::TABLE_FILE);
         let reader = TableReader::open(&input)?;
         let mut writer = TableWriter::create(&ctx.out.join(table::TABLE_FILE), false)?;
         let (mut rows, mut query, mut title, mut description) = (0u64, 0u64, 0u64, 0u64);

@@ -6,21 +6,37 @@
 //! forever, whatever version of `rand` the build picks up.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 
 use serde::Deserialize;
 
 use crate::util::rng::SplitMix64;
 
 use super::table::{self, Record, TableWriter};
-use crate::engine::{JsonMap, Params, Stage, StageContext, StageError, StageOutput};
+use crate::engine::{
+    Contract, JsonMap, Need, ParamError, StageContext, StageError, StageOutput, StageParams, TypedStage,
+};
 
+pub const KIND: &str = "split";
 /// Bump when the same input and parameters would give a different split.
 pub const VERSION: u32 = 1;
 const DEFAULTS: &str = include_str!("../../stages/split.toml");
 
-/// The split names, in output order; also the file stems (`train.csv`, …).
+/// The split names, in output order.
 pub const SPLITS: [&str; 3] = ["train", "val", "test"];
+/// The file of each split in [`SPLITS`] (a labeled table, see [`table::read_labeled`]).
+pub const FILES: [&str; 3] = [TRAIN_FILE, VAL_FILE, TEST_FILE];
+pub const TRAIN_FILE: &str = "train.csv";
+pub const VAL_FILE: &str = "val.csv";
+pub const TEST_FILE: &str = "test.csv";
+
+/// One table in — `normalize`'s, or `load`'s when the pipeline skips normalizing — three out.
+pub const CONTRACT: Contract =
+    Contract { needs: &[Need::always(&[super::normalize::KIND, super::load::KIND])], writes: &FILES };
+
+/// The file of a split named in [`SPLITS`].
+pub fn file_of(split: &str) -> Option<&'static str> {
+    SPLITS.iter().position(|s| *s == split).map(|i| FILES[i])
+}
 
 /// Lower edges of the mean-relevance bins: [1,1.67), [1.67,2), [2,2.33), [2.33,3].
 pub const BIN_EDGES: [f64; 3] = [1.67, 2.0, 2.33];
@@ -37,19 +53,19 @@ pub struct SplitParams {
     pub relevance_threshold: f64,
 }
 
-impl SplitParams {
-    pub fn validate(&self) -> Result<(), (String, String)> {
+impl StageParams for SplitParams {
+    fn validate(&self) -> Result<(), ParamError> {
         for (key, v) in
             [("train_ratio", self.train_ratio), ("val_ratio", self.val_ratio), ("test_ratio", self.test_ratio)]
         {
             if !(v > 0.0 && v < 1.0) {
-                return Err((key.into(), format!("{v} is not in (0, 1)")));
+                return Err(ParamError::new(key, format!("{v} is not in (0, 1)")));
             }
         }
         let sum = self.train_ratio + self.val_ratio + self.test_ratio;
         if (sum - 1.0).abs() > 1e-6 {
-            return Err((
-                "train_ratio".into(),
+            return Err(ParamError::new(
+                "train_ratio",
                 format!(
                     "train_ratio + val_ratio + test_ratio = {} + {} + {} = {sum}; they must sum to 1",
                     self.train_ratio, self.val_ratio, self.test_ratio
@@ -57,11 +73,11 @@ impl SplitParams {
             ));
         }
         if self.seed < 0 {
-            return Err(("seed".into(), format!("{} is negative; expected an integer >= 0", self.seed)));
+            return Err(ParamError::new("seed", format!("{} is negative; expected an integer >= 0", self.seed)));
         }
         if !(1.0..=3.0).contains(&self.relevance_threshold) {
-            return Err((
-                "relevance_threshold".into(),
+            return Err(ParamError::new(
+                "relevance_threshold",
                 format!("{} is outside [1, 3], the range of relevance grades", self.relevance_threshold),
             ));
         }
@@ -165,32 +181,21 @@ fn ratio(a: usize, b: usize) -> f64 {
     }
 }
 
-impl Stage for Split {
-    fn kind(&self) -> &'static str {
-        "split"
-    }
-    fn version(&self) -> u32 {
-        VERSION
-    }
-    fn defaults(&self) -> &'static str {
-        DEFAULTS
-    }
+impl TypedStage for Split {
+    type Params = SplitParams;
+    const KIND: &'static str = KIND;
+    const VERSION: u32 = VERSION;
+    const DEFAULTS: &'static str = DEFAULTS;
+    const CONTRACT: Contract = CONTRACT;
 
-    fn check(&self, params: &Params) -> Result<(), (String, String)> {
-        let p: SplitParams = params.decode().map_err(|e| (String::new(), e.to_string()))?;
-        p.validate()
-    }
-
-    fn run(&self, ctx: &StageContext) -> Result<StageOutput, StageError> {
-        let p: SplitParams = ctx.params()?;
-        p.validate().map_err(|(key, message)| StageError::Param { key, message })?;
-        let input = input_table(ctx)?;
+    fn run(ctx: &StageContext, p: &SplitParams) -> Result<StageOutput, StageError> {
+        let input = ctx.upstream_of(&[super::normalize::KIND, super::load::KIND])?.dir.join(table::TABLE_FILE);
         let records = table::read_table(&input)?;
         ctx.check_cancel()?;
-        let parts = assign(&records, &p);
+        let parts = assign(&records, p);
         let mut writers = Vec::new();
-        for name in SPLITS {
-            writers.push(TableWriter::create(&ctx.out.join(format!("{name}.csv")), true)?);
+        for file in FILES {
+            writers.push(TableWriter::create(&ctx.out.join(file), true)?);
         }
         let mut tallies: [Tally; 3] = Default::default();
         for (r, &s) in records.iter().zip(&parts) {
@@ -221,21 +226,5 @@ impl Stage for Split {
             stats.insert((*name).into(), t.json(records.len()));
         }
         Ok(StageOutput { stats, ..Default::default() })
-    }
-}
-
-/// The table to split: the `normalize` output, or `load`'s when the pipeline skips normalizing.
-fn input_table(ctx: &StageContext) -> Result<PathBuf, StageError> {
-    let mut found = ctx.upstream.iter().filter(|u| u.kind == "normalize" || u.kind == "load");
-    match (found.next(), found.next()) {
-        (Some(u), None) => Ok(u.dir.join(table::TABLE_FILE)),
-        (None, _) => Err(StageError::Upstream(format!(
-            "stage `{}` needs an upstream `normalize` or `load` stage; add it to `needs`",
-            ctx.id
-        ))),
-        (Some(_), Some(_)) => Err(StageError::Upstream(format!(
-            "stage `{}` has several upstream tables (normalize/load); give it exactly one in `needs`",
-            ctx.id
-        ))),
     }
 }

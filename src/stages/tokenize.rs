@@ -13,13 +13,33 @@ use rayon::prelude::*;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::engine::{ExternalInput, JsonMap, Params, Stage, StageContext, StageError, StageOutput};
+use crate::engine::{
+    Contract, ExternalInput, JsonMap, Need, ParamError, StageContext, StageError, StageOutput, StageParams, TypedStage,
+};
 use crate::text::{PromptConfig, PromptEncoder, TextError, TokenStore, TokenizerSource};
 
+pub const KIND: &str = "tokenize";
 /// Bump when the ids or the store layout change for the same inputs.
 pub const VERSION: u32 = 1;
 /// The splits the `split` stage writes, in this order.
-pub const SPLITS: [&str; 3] = ["train", "val", "test"];
+pub const SPLITS: [&str; 3] = super::split::SPLITS;
+/// The tokenizer the ids were made with, so that training, evaluation and the saved model use it.
+pub const TOKENIZER: &str = "tokenizer.json";
+
+/// The split tables in; one token store per split (the layout of [`TokenStore`]; `<s>.pair_ids.json`
+/// only when ids are not integers) and the tokenizer out.
+pub const CONTRACT: Contract = Contract {
+    needs: &[Need::always(&[super::split::KIND])],
+    writes: &[
+        "train.safetensors",
+        "train.queries.json",
+        "val.safetensors",
+        "val.queries.json",
+        "test.safetensors",
+        "test.queries.json",
+        TOKENIZER,
+    ],
+};
 
 /// Rows per rayon task: small enough to balance two cores and to poll for Ctrl-C often.
 const CHUNK: usize = 256;
@@ -28,11 +48,26 @@ pub struct Tokenize;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TokenizeParams {
-    tokenizer: String,
-    instruction: String,
-    max_length: i64,
-    max_description_tokens: i64,
+pub struct TokenizeParams {
+    pub tokenizer: String,
+    pub instruction: String,
+    pub max_length: i64,
+    pub max_description_tokens: i64,
+}
+
+impl StageParams for TokenizeParams {
+    fn validate(&self) -> Result<(), ParamError> {
+        TokenizerSource::parse(&self.tokenizer).map_err(|e| ParamError::new("tokenizer", e))?;
+        let n = self.max_length;
+        if !(1..=i64::from(u32::MAX)).contains(&n) {
+            return Err(ParamError::new("max_length", format!("must be a positive number of tokens, got {n}")));
+        }
+        let n = self.max_description_tokens;
+        if n < 0 || n > i64::from(u32::MAX) {
+            return Err(ParamError::new("max_description_tokens", format!("must be 0 or more tokens, got {n}")));
+        }
+        Ok(())
+    }
 }
 
 /// One row of a split CSV; other columns (product_id) are not needed here.
@@ -47,37 +82,15 @@ struct Row {
     label: u8,
 }
 
-impl Stage for Tokenize {
-    fn kind(&self) -> &'static str {
-        "tokenize"
-    }
-    fn version(&self) -> u32 {
-        VERSION
-    }
-    fn defaults(&self) -> &'static str {
-        include_str!("../../stages/tokenize.toml")
-    }
+impl TypedStage for Tokenize {
+    type Params = TokenizeParams;
+    const KIND: &'static str = KIND;
+    const VERSION: u32 = VERSION;
+    const DEFAULTS: &'static str = include_str!("../../stages/tokenize.toml");
+    const CONTRACT: Contract = CONTRACT;
 
-    fn check(&self, params: &Params) -> Result<(), (String, String)> {
-        if let Some(spec) = params.str("tokenizer") {
-            TokenizerSource::parse(spec).map_err(|e| ("tokenizer".to_string(), e.to_string()))?;
-        }
-        match params.i64("max_length") {
-            Some(n) if !(1..=i64::from(u32::MAX)).contains(&n) => {
-                return Err(("max_length".into(), format!("must be a positive number of tokens, got {n}")));
-            }
-            _ => {}
-        }
-        match params.i64("max_description_tokens") {
-            Some(n) if n < 0 || n > i64::from(u32::MAX) => {
-                Err(("max_description_tokens".into(), format!("must be 0 or more tokens, got {n}")))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    fn inputs(&self, params: &Params) -> Vec<ExternalInput> {
-        let Some(Ok(src)) = params.str("tokenizer").map(TokenizerSource::parse) else {
+    fn inputs(p: &TokenizeParams) -> Vec<ExternalInput> {
+        let Ok(src) = TokenizerSource::parse(&p.tokenizer) else {
             return Vec::new();
         };
         match &src {
@@ -88,16 +101,15 @@ impl Stage for Tokenize {
         }
     }
 
-    fn run(&self, ctx: &StageContext) -> Result<StageOutput, StageError> {
-        let p: TokenizeParams = ctx.params()?;
-        let param = |key: &str, e: TextError| StageError::Param { key: key.to_string(), message: e.to_string() };
+    fn run(ctx: &StageContext, p: &TokenizeParams) -> Result<StageOutput, StageError> {
+        let param = |key: &str, e: TextError| StageError::param(key, e);
         let source = TokenizerSource::parse(&p.tokenizer).map_err(|e| param("tokenizer", e))?;
         if let TokenizerSource::File(f) = &source {
             if ctx.path(&f.display().to_string()).is_dir() {
-                return Err(StageError::Param {
-                    key: "tokenizer".into(),
-                    message: format!("{} is a directory; name the tokenizer.json inside it", f.display()),
-                });
+                return Err(StageError::param(
+                    "tokenizer",
+                    format!("{} is a directory; name the tokenizer.json inside it", f.display()),
+                ));
             }
         }
         let json = source.read_json(ctx.root).map_err(|e| param("tokenizer", e))?;
@@ -112,10 +124,10 @@ impl Stage for Tokenize {
             _ => param("tokenizer", e),
         })?;
 
-        let split_dir = ctx.upstream_of("split")?.dir.clone();
+        let split_dir = ctx.upstream_of(&[super::split::KIND])?.dir.clone();
         let mut tables = Vec::new();
-        for split in SPLITS {
-            tables.push((split, read_rows(&split_dir.join(format!("{split}.csv")))?));
+        for (split, file) in SPLITS.into_iter().zip(super::split::FILES) {
+            tables.push((split, read_rows(&split_dir.join(file))?));
         }
         let total: usize = tables.iter().map(|(_, rows)| rows.len()).sum();
         let bar = ctx.bar(total as u64, "encoding prompts");
@@ -173,7 +185,7 @@ impl Stage for Tokenize {
         }
         bar.finish_and_clear();
 
-        let tok_path = ctx.out.join("tokenizer.json");
+        let tok_path = ctx.out.join(TOKENIZER);
         std::fs::write(&tok_path, &json).map_err(|e| StageError::io(&tok_path, e))?;
 
         let mut all = length_stats(&all_lengths);

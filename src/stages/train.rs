@@ -10,14 +10,25 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::engine::{ExternalInput, JsonMap, Params, Stage, StageContext, StageError, StageOutput};
+use crate::engine::{
+    Contract, ExternalInput, JsonMap, Need, ParamError, StageContext, StageError, StageOutput, StageParams, TypedStage,
+};
 use crate::hub::HubSettings;
 use crate::model::{self, DeviceSpec, LoadOptions, ModelSource, Qwen3Config, SaveOptions};
 use crate::text::TokenStore;
 use crate::train::{self, BestMetric, Fault, LoraConfig, LossKind, Mode, RunEnv, TrainConfig, TrainData, TrainError};
 
+pub const KIND: &str = "train";
 /// Bump when the artifact's meaning changes for the same parameters.
 pub const VERSION: u32 = 1;
+/// The trained weights, in Hugging Face layout (what `evaluate` with `model = "trained"` loads).
+pub const MODEL_DIR: &str = "model";
+/// One JSON object per optimizer step and per validation (what `analyze` draws the loss curve from).
+pub const TRAIN_LOG: &str = "train_log.jsonl";
+
+/// The token stores and tokenizer in; the model and the log out.
+pub const CONTRACT: Contract =
+    Contract { needs: &[Need::always(&[super::tokenize::KIND])], writes: &[MODEL_DIR, TRAIN_LOG] };
 
 /// The environment variable of the testing hook (see `stages/train.toml`).
 pub const FAULT_ENV: &str = "PIPE_TRAIN_FAULT";
@@ -26,7 +37,7 @@ pub struct Train;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TrainParams {
+pub struct TrainParams {
     model: String,
     mode: String,
     freeze_embeddings: bool,
@@ -80,18 +91,32 @@ struct InitParams {
 }
 
 fn param(key: &str, message: impl std::fmt::Display) -> StageError {
-    StageError::Param { key: key.into(), message: message.to_string() }
+    StageError::param(key, message)
 }
 
-fn count(key: &str, v: i64, min: i64) -> Result<usize, StageError> {
+fn count(key: &str, v: i64, min: i64) -> Result<usize, ParamError> {
     if v < min {
-        return Err(param(key, format!("must be at least {min}, got {v}")));
+        return Err(ParamError::new(key, format!("must be at least {min}, got {v}")));
     }
     Ok(v as usize)
 }
 
+impl StageParams for TrainParams {
+    fn validate(&self) -> Result<(), ParamError> {
+        self.config()?;
+        self.init_config()?;
+        if self.model != "random" {
+            self.model.parse::<ModelSource>().map_err(|e| ParamError::new("model", e))?;
+        }
+        self.device.parse::<DeviceSpec>().map_err(|e| ParamError::new("device", e))?;
+        model::parse_dtype(&self.dtype).map_err(|e| ParamError::new("dtype", e))?;
+        Ok(())
+    }
+}
+
 impl TrainParams {
-    fn config(&self) -> Result<TrainConfig, StageError> {
+    /// The trainer's typed configuration; every error names its parameter.
+    fn config(&self) -> Result<TrainConfig, ParamError> {
         let mode = match self.mode.as_str() {
             "full" => Mode::Full,
             "lora" => Mode::Lora(LoraConfig {
@@ -100,12 +125,12 @@ impl TrainParams {
                 dropout: self.lora.dropout as f32,
                 target_modules: self.lora.target_modules.clone(),
             }),
-            other => return Err(param("mode", format!("`{other}` is not one of full, lora"))),
+            other => return Err(ParamError::new("mode", format!("`{other}` is not one of full, lora"))),
         };
         let cfg = TrainConfig {
             mode,
             freeze_embeddings: self.freeze_embeddings,
-            loss: self.loss.parse::<LossKind>().map_err(|e| param("loss", e))?,
+            loss: self.loss.parse::<LossKind>().map_err(|e| ParamError::new("loss", e))?,
             epochs: count("epochs", self.epochs, 1)?,
             batch_size: count("batch_size", self.batch_size, 1)?,
             grad_accum: count("grad_accum", self.grad_accum, 1)?,
@@ -117,7 +142,7 @@ impl TrainParams {
             eval_every: count("eval_every", self.eval_every, 0)? as u64,
             eval_batch_size: count("eval_batch_size", self.eval_batch_size, 1)?,
             early_stopping: count("early_stopping", self.early_stopping, 0)?,
-            best_metric: self.best_metric.parse::<BestMetric>().map_err(|e| param("best_metric", e))?,
+            best_metric: self.best_metric.parse::<BestMetric>().map_err(|e| ParamError::new("best_metric", e))?,
             keep_checkpoints: count("keep_checkpoints", self.keep_checkpoints, 0)?,
             max_steps: count("max_steps", self.max_steps, 0)? as u64,
             checkpoint_every: count("checkpoint_every", self.checkpoint_every, 1)? as u64,
@@ -128,27 +153,11 @@ impl TrainParams {
             backend: Default::default(),
             fault: None,
         };
-        cfg.validate().map_err(|e| {
-            let msg = e.to_string();
-            let key = [
-                "lora.target_modules",
-                "lora.dropout",
-                "lora.r",
-                "warmup_ratio",
-                "learning_rate",
-                "weight_decay",
-                "max_grad_norm",
-                "match_loss",
-            ]
-            .into_iter()
-            .find(|k| msg.contains(k))
-            .unwrap_or("mode");
-            param(key, msg)
-        })?;
+        cfg.validate().map_err(|e| ParamError::new(e.key, e.message))?;
         Ok(cfg)
     }
 
-    fn init_config(&self) -> Result<(Qwen3Config, u64), StageError> {
+    fn init_config(&self) -> Result<(Qwen3Config, u64), ParamError> {
         let i = &self.init;
         let mut cfg = Qwen3Config::tiny(
             count("init.vocab_size", i.vocab_size, 1)?,
@@ -161,13 +170,13 @@ impl TrainParams {
             i.tie_word_embeddings,
         );
         if !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads) {
-            return Err(param("init.num_key_value_heads", "must divide init.num_attention_heads"));
+            return Err(ParamError::new("init.num_key_value_heads", "must divide init.num_attention_heads"));
         }
         if !cfg.head_dim.is_multiple_of(2) {
-            return Err(param("init.head_dim", "must be even (RoPE rotates pairs)"));
+            return Err(ParamError::new("init.head_dim", "must be even (RoPE rotates pairs)"));
         }
         if !(i.rope_theta.is_finite() && i.rope_theta > 0.0) {
-            return Err(param("init.rope_theta", "must be positive"));
+            return Err(ParamError::new("init.rope_theta", "must be positive"));
         }
         cfg.rope_theta = i.rope_theta;
         Ok((cfg, count("init.seed", i.seed, 0)? as u64))
@@ -231,40 +240,21 @@ fn meta_id(store: &TokenStore, key: &str) -> Result<u32, StageError> {
         .ok_or_else(|| StageError::Upstream(format!("the token store does not record `{key}`; rerun tokenize")))
 }
 
-impl Stage for Train {
-    fn kind(&self) -> &'static str {
-        "train"
-    }
-    fn version(&self) -> u32 {
-        VERSION
-    }
-    fn defaults(&self) -> &'static str {
-        include_str!("../../stages/train.toml")
-    }
-    fn unkeyed(&self) -> &'static [&'static str] {
-        &["recompute"]
+impl TypedStage for Train {
+    type Params = TrainParams;
+    const KIND: &'static str = KIND;
+    const VERSION: u32 = VERSION;
+    const DEFAULTS: &'static str = include_str!("../../stages/train.toml");
+    const CONTRACT: Contract = CONTRACT;
+    const UNKEYED: &'static [&'static str] = &["recompute"];
+
+    fn available(p: &TrainParams) -> Result<(), ParamError> {
+        super::device_available(&p.device)
     }
 
-    fn check(&self, params: &Params) -> Result<(), (String, String)> {
-        let p: TrainParams = params.decode().map_err(|e| ("".to_string(), e.to_string()))?;
-        let as_pair = |e: StageError| match e {
-            StageError::Param { key, message } => (key, message),
-            other => ("".into(), other.to_string()),
-        };
-        p.config().map_err(as_pair)?;
-        p.init_config().map_err(as_pair)?;
-        if p.model != "random" {
-            p.model.parse::<ModelSource>().map_err(|e| ("model".to_string(), e.to_string()))?;
-        }
-        p.device.parse::<DeviceSpec>().map_err(|e| ("device".to_string(), e.to_string()))?;
-        model::parse_dtype(&p.dtype).map_err(|e| ("dtype".to_string(), e.to_string()))?;
-        Ok(())
-    }
-
-    fn inputs(&self, params: &Params) -> Vec<ExternalInput> {
-        let device =
-            ExternalInput::Remote(crate::model::device::compute_identity(params.str("device").unwrap_or("auto")));
-        let Some(spec) = params.str("model") else { return vec![device] };
+    fn inputs(p: &TrainParams) -> Vec<ExternalInput> {
+        let device = ExternalInput::Remote(crate::model::device::compute_identity(&p.device));
+        let spec = p.model.as_str();
         let mut inputs = match spec.parse::<ModelSource>() {
             _ if spec == "random" => Vec::new(),
             Ok(ModelSource::Hub { repo, revision }) => vec![ExternalInput::Remote(format!("hf:{repo}@{revision}"))],
@@ -277,8 +267,7 @@ impl Stage for Train {
         inputs
     }
 
-    fn run(&self, ctx: &StageContext) -> Result<StageOutput, StageError> {
-        let p: TrainParams = ctx.params()?;
+    fn run(ctx: &StageContext, p: &TrainParams) -> Result<StageOutput, StageError> {
         let mut cfg = p.config()?;
         if let Ok(f) = std::env::var(FAULT_ENV) {
             if !f.is_empty() {
@@ -288,7 +277,7 @@ impl Stage for Train {
         let device = p.device.parse::<DeviceSpec>().and_then(DeviceSpec::open).map_err(|e| param("device", e))?;
         let dtype = model::parse_dtype(&p.dtype).map_err(|e| param("dtype", e))?;
 
-        let tok_dir = ctx.upstream_of("tokenize")?.dir.clone();
+        let tok_dir = ctx.upstream_of(&[super::tokenize::KIND])?.dir.clone();
         let train_store = read_split(&tok_dir, "train")?;
         let val_store = read_split(&tok_dir, "val")?;
         let (yes, no) = (meta_id(&train_store, "yes_id")?, meta_id(&train_store, "no_id")?);
@@ -317,7 +306,7 @@ impl Stage for Train {
         }
 
         let matching = if cfg.match_loss > 0.0 {
-            let path = tok_dir.join("tokenizer.json");
+            let path = tok_dir.join(super::tokenize::TOKENIZER);
             let tok = tokenizers::Tokenizer::from_file(&path)
                 .map_err(|e| StageError::Upstream(format!("{}: {e}", path.display())))?;
             let m = train::Matching::for_store(&tok, &train_store).map_err(|e| param("match_loss", e))?;
@@ -336,8 +325,8 @@ impl Stage for Train {
         let env = RunEnv { scratch: ctx.scratch, cancel: ctx.cancel, progress: bar(ctx), quiet: ctx.quiet };
         let outcome = train::train(base, yes, no, dtype, &cfg, &data, &env).map_err(to_stage)?;
 
-        let model_dir = ctx.out.join("model");
-        let tokenizer = tok_dir.join("tokenizer.json");
+        let model_dir = ctx.out.join(MODEL_DIR);
+        let tokenizer = tok_dir.join(super::tokenize::TOKENIZER);
         let opts = SaveOptions {
             dtype: Some(dtype),
             tokenizer: tokenizer.is_file().then_some(tokenizer),
@@ -345,7 +334,7 @@ impl Stage for Train {
         };
         model::save(&outcome.model, &model_dir, &opts)
             .map_err(|e| StageError::failed(format!("saving the model: {e}")))?;
-        let log_dst = ctx.out.join("train_log.jsonl");
+        let log_dst = ctx.out.join(TRAIN_LOG);
         std::fs::copy(&outcome.log, &log_dst).map_err(|e| StageError::io(&log_dst, e))?;
 
         let s = &outcome.summary;

@@ -222,53 +222,92 @@ impl Default for TrainConfig {
     }
 }
 
+/// A value [`TrainConfig::validate`] rejects. `key` is the stage parameter it comes from (the field
+/// name, `lora.r` for the adapter's), so the train stage names the key without reading the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key} {message}")]
+pub struct InvalidConfig {
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl From<InvalidConfig> for TrainError {
+    fn from(e: InvalidConfig) -> Self {
+        TrainError::Config(e.to_string())
+    }
+}
+
 impl TrainConfig {
     /// Value checks that do not need the data.
-    pub fn validate(&self) -> Result<(), TrainError> {
-        let bad = |m: String| Err(TrainError::Config(m));
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        let bad = |key: &'static str, message: String| Err(InvalidConfig { key, message });
         if self.epochs == 0 {
-            return bad("epochs must be at least 1".into());
+            return bad("epochs", "must be at least 1".into());
         }
-        if self.batch_size == 0 || self.grad_accum == 0 || self.eval_batch_size == 0 {
-            return bad("batch_size, grad_accum and eval_batch_size must be at least 1".into());
+        for (key, v) in [
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+            ("eval_batch_size", self.eval_batch_size),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1".into());
+            }
         }
         if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
-            return bad(format!("learning_rate must be >= 0, got {}", self.learning_rate));
+            return bad("learning_rate", format!("must be >= 0, got {}", self.learning_rate));
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return bad(format!("weight_decay must be >= 0, got {}", self.weight_decay));
+            return bad("weight_decay", format!("must be >= 0, got {}", self.weight_decay));
         }
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
-            return bad(format!("warmup_ratio must be in [0, 1], got {}", self.warmup_ratio));
+            return bad("warmup_ratio", format!("must be in [0, 1], got {}", self.warmup_ratio));
         }
         if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
-            return bad(format!("max_grad_norm must be >= 0 (0 = no clipping), got {}", self.max_grad_norm));
+            return bad("max_grad_norm", format!("must be >= 0 (0 = no clipping), got {}", self.max_grad_norm));
         }
         if !(self.match_loss.is_finite() && self.match_loss >= 0.0) {
-            return bad(format!("match_loss must be >= 0 (0 = off), got {}", self.match_loss));
+            return bad("match_loss", format!("must be >= 0 (0 = off), got {}", self.match_loss));
         }
         if self.checkpoint_every == 0 {
-            return bad("checkpoint_every must be at least 1".into());
+            return bad("checkpoint_every", "must be at least 1".into());
         }
         if let Mode::Lora(l) = &self.mode {
             if l.r == 0 {
-                return bad("lora.r must be at least 1".into());
+                return bad("lora.r", "must be at least 1".into());
             }
             if !(0.0..1.0).contains(&l.dropout) {
-                return bad(format!("lora.dropout must be in [0, 1), got {}", l.dropout));
+                return bad("lora.dropout", format!("must be in [0, 1), got {}", l.dropout));
             }
             if l.target_modules.is_empty() {
-                return bad("lora.target_modules is empty".into());
+                return bad("lora.target_modules", "is empty".into());
             }
             for m in &l.target_modules {
                 if !super::lora::MODULES.contains(&m.as_str()) {
-                    return bad(format!(
-                        "lora.target_modules: `{m}` is not one of {}",
-                        super::lora::MODULES.join(", ")
-                    ));
+                    return bad(
+                        "lora.target_modules",
+                        format!("`{m}` is not one of {}", super::lora::MODULES.join(", ")),
+                    );
                 }
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        let lora = |r, dropout| TrainConfig {
+            mode: Mode::Lora(LoraConfig { r, alpha: 1.0, dropout, target_modules: vec!["q_proj".into()] }),
+            ..TrainConfig::default()
+        };
+        assert_eq!(lora(0, 0.0).validate().unwrap_err().key, "lora.r");
+        assert_eq!(lora(1, 1.0).validate().unwrap_err().key, "lora.dropout");
+        let e = TrainConfig { grad_accum: 0, ..TrainConfig::default() }.validate().unwrap_err();
+        assert_eq!((e.key, e.to_string().as_str()), ("grad_accum", "grad_accum must be at least 1"));
+        assert!(TrainConfig::default().validate().is_ok());
     }
 }

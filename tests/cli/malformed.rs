@@ -4,6 +4,9 @@ use crate::util::Project;
 
 const BASE: &str = "[pipeline]\nname = \"p\"\n\n[stages.load]\nkind = \"load\"\npath = \"data/train.csv\"\ndescriptions = \"\"\n\n[stages.normalize]\nkind = \"normalize\"\nneeds = [\"load\"]\n\n[stages.split]\nkind = \"split\"\nneeds = [\"normalize\"]\n";
 
+/// BASE up to a tokenize stage, and a tiny random-init train stage on the CPU.
+const MODEL_STAGES: &str = "\n[stages.tokenize]\nkind = \"tokenize\"\nneeds = [\"split\"]\n\n[stages.train]\nkind = \"train\"\nneeds = [\"tokenize\"]\nmodel = \"random\"\ndevice = \"cpu\"\n";
+
 /// (name, pipeline text, extra args, env, expected origin, expected key, expected text)
 type Case = (
     &'static str,
@@ -220,6 +223,47 @@ fn cases() -> Vec<Case> {
             "no such stage",
         ),
         (
+            "evaluate of the trained model without a train upstream",
+            format!(
+                "{BASE}\n[stages.tokenize]\nkind = \"tokenize\"\nneeds = [\"split\"]\n\n\
+                 [stages.eval]\nkind = \"evaluate\"\nneeds = [\"tokenize\", \"split\"]\n"
+            ),
+            vec![],
+            vec![],
+            f,
+            "stages.eval.needs",
+            "stage `eval` (evaluate) reads an upstream stage of kind `train` because `model = \"trained\"`",
+        ),
+        (
+            "evaluate without a train upstream, the train stage in the pipeline",
+            format!(
+                "{BASE}{MODEL_STAGES}\n[stages.eval]\nkind = \"evaluate\"\nneeds = [\"tokenize\"]\nmodel = \"base\"\n"
+            ),
+            vec![],
+            vec![],
+            f,
+            "stages.eval.needs",
+            "write `needs = [\"tokenize\", \"train\"]`, or change `model`",
+        ),
+        (
+            "analyze without its required upstreams",
+            format!("{BASE}\n[stages.report]\nkind = \"analyze\"\nneeds = [\"split\"]\n"),
+            vec![],
+            vec![],
+            f,
+            "stages.report.needs",
+            "reads an upstream stage of kind `evaluate`",
+        ),
+        (
+            "two upstream tables",
+            BASE.replace("needs = [\"normalize\"]", "needs = [\"normalize\", \"load\"]"),
+            vec![],
+            vec![],
+            f,
+            "stages.split.needs",
+            "kind `normalize` or `load`, but `needs` names 2: `normalize`, `load`",
+        ),
+        (
             "non-finite float",
             BASE.replace("needs = [\"normalize\"]", "needs = [\"normalize\"]\nrelevance_threshold = nan"),
             vec![],
@@ -254,5 +298,40 @@ fn malformed_pipelines_exit_2_naming_file_and_key() {
             assert!(out.stderr.contains(expect), "case `{name}`: `{expect}` missing:\n{out}");
             assert!(!p.path("artifacts").exists(), "case `{name}`: a config error touched the store");
         }
+    }
+}
+
+/// A compute stage on a device this build lacks is refused by the commands that compute, before the
+/// stages ahead of it run; the pipeline stays valid for the commands that only look at it.
+#[test]
+fn cuda_in_a_build_without_cuda_exits_2_before_anything_runs() {
+    if cfg!(feature = "cuda") {
+        eprintln!("skipped: this build has CUDA");
+        return;
+    }
+    let p = Project::with_sample();
+    let file = "pipelines/gpu.toml";
+    p.write(file, &format!("{BASE}{MODEL_STAGES}").replace("device = \"cpu\"", "device = \"cuda\""));
+    p.write("pipelines/cpu.toml", &format!("{BASE}{MODEL_STAGES}"));
+    let cases: [(&str, Vec<&str>); 5] = [
+        (file, vec!["run", file]),
+        (file, vec!["run", file, "--dry-run"]),
+        (file, vec!["run", file, "--json", "--until", "train"]),
+        ("--set train.device=cuda:1", vec!["run", "pipelines/cpu.toml", "--set", "train.device=cuda:1"]),
+        // A sweep point on the GPU fails the whole sweep before its first point runs; the origin is
+        // the point's own assignment.
+        ("--set train.device=\"cuda\"", vec!["run", "pipelines/cpu.toml", "--set", "train.device=cpu,cuda"]),
+    ];
+    for (origin, args) in cases {
+        let out = p.pipe(&args);
+        assert_eq!(out.code, 2, "{out}");
+        let first = out.stderr.lines().next().unwrap_or("");
+        assert!(first.starts_with(&format!("error: {origin}: `stages.train.device`")), "{out}");
+        assert!(out.stderr.contains("stage `train` cannot run in this build"), "{out}");
+        assert!(out.stderr.contains("--features cuda"), "the message says how to fix it:\n{out}");
+        assert!(!p.path("artifacts").exists(), "{out}");
+    }
+    for cmd in ["config", "dag", "status"] {
+        p.ok(&[cmd, file]);
     }
 }

@@ -257,16 +257,16 @@ fn inputs_name_both_kaggle_files_and_check_rejects_bad_values() {
     );
     let mut bad = p.clone();
     bad.0.insert("format".into(), s("xlsx"));
-    assert_eq!(Load.check(&bad).unwrap_err().0, "format");
+    assert_eq!(Load.check(&bad).unwrap_err().key, "format");
     let mut bad = p.clone();
     bad.0.insert("path".into(), s("data/train.xlsx"));
-    assert_eq!(Load.check(&bad).unwrap_err().0, "format");
+    assert_eq!(Load.check(&bad).unwrap_err().key, "format");
     let mut bad = p.clone();
     bad.0.insert("encoding".into(), s("cp1252"));
-    assert_eq!(Load.check(&bad).unwrap_err().0, "encoding");
+    assert_eq!(Load.check(&bad).unwrap_err().key, "encoding");
     let mut bad = p.clone();
     bad.0.insert("descriptions".into(), s("hf://models/x/y"));
-    assert_eq!(Load.check(&bad).unwrap_err().0, "descriptions");
+    assert_eq!(Load.check(&bad).unwrap_err().key, "descriptions");
     let mut bad = p;
     bad.0.insert("path".into(), s("missing.csv"));
     let h = Harness::new();
@@ -312,7 +312,7 @@ fn normalize_changes_only_spelling_and_counts_changed_rows() {
 
     let mut bad = params(&Normalize, &[]);
     bad.0.insert("unicode".into(), s("nfd"));
-    assert_eq!(Normalize.check(&bad).unwrap_err().0, "unicode");
+    assert_eq!(Normalize.check(&bad).unwrap_err().key, "unicode");
     let (res, _) = h.run(&Normalize, "n4", &params(&Normalize, &[]), &[]);
     assert!(matches!(res, Err(StageError::Upstream(_))));
 }
@@ -454,7 +454,7 @@ fn split_labels_at_the_threshold_and_checks_params() {
     let check = |k: &str, v: toml::Value| {
         let mut p = params(&Split, &[]);
         p.0.insert(k.into(), v);
-        Split.check(&p).err().map(|(key, _)| key)
+        Split.check(&p).err().map(|e| e.key)
     };
     assert_eq!(check("train_ratio", toml::Value::Float(0.8)), Some("train_ratio".into()));
     assert_eq!(check("val_ratio", toml::Value::Float(0.0)), Some("val_ratio".into()));

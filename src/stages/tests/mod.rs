@@ -68,7 +68,7 @@ pub fn params(stage: &dyn Stage, overrides: &[(&str, toml::Value)]) -> Params {
         assert!(old.is_some(), "`{k}` is not a parameter of {}", stage.kind());
     }
     let p = Params(table);
-    stage.check(&p).unwrap_or_else(|(k, m)| panic!("{k}: {m}"));
+    stage.check(&p).unwrap_or_else(|e| panic!("{e}"));
     p
 }
 
@@ -92,4 +92,49 @@ pub fn s(v: &str) -> toml::Value {
 
 pub fn upstream(kind: &str, dir: &Path) -> Upstream {
     Upstream { id: kind.to_string(), kind: kind.to_string(), dir: dir.to_path_buf() }
+}
+
+/// Every contract names registered kinds, and a parameter-dependent upstream names a string
+/// parameter of the kind's defaults: renaming the parameter must not silently switch the check off.
+#[test]
+fn contracts_name_registered_kinds_and_string_parameters() {
+    let registry = crate::stages::registry();
+    let kinds: Vec<&str> = registry.iter().map(|s| s.kind()).collect();
+    for stage in &registry {
+        let defaults: toml::Table = stage.defaults().parse().unwrap();
+        for need in stage.contract().needs {
+            for k in need.kinds {
+                assert!(kinds.contains(k), "{} reads unknown kind {k}", stage.kind());
+            }
+            if let crate::engine::When::ParamIs { key, .. } = need.when {
+                assert!(
+                    defaults.get(key).is_some_and(|v| v.is_str()),
+                    "{}: `{key}` is no string parameter",
+                    stage.kind()
+                );
+            }
+        }
+        assert!(!stage.contract().writes.is_empty(), "{} declares no file", stage.kind());
+    }
+}
+
+/// evaluate needs a train stage for the trained or base model only; any other model loads without one.
+#[test]
+fn evaluate_needs_train_only_for_the_models_train_makes() {
+    let registry = crate::stages::registry();
+    let pipeline = |model: &str| {
+        let text = format!(
+            "[pipeline]\nname = \"p\"\n[stages.load]\nkind = \"load\"\n[stages.split]\nkind = \"split\"\n\
+             needs = [\"load\"]\n[stages.tok]\nkind = \"tokenize\"\nneeds = [\"split\"]\n\
+             [stages.eval]\nkind = \"evaluate\"\nneeds = [\"tok\"]\nmodel = \"{model}\"\n"
+        );
+        crate::engine::config::load_str(Path::new("p.toml"), &text, &Default::default(), &registry)
+    };
+    assert!(pipeline("hf:Qwen/Qwen3-Reranker-0.6B").is_ok());
+    assert!(pipeline("models/mine").is_ok());
+    for model in ["trained", "base"] {
+        let e = pipeline(model).unwrap_err();
+        assert_eq!(e.key, "stages.eval.needs", "{e}");
+        assert!(e.message.contains(&format!("kind `train` because `model = \"{model}\"`")), "{e}");
+    }
 }

@@ -2,7 +2,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use super::*;
-use crate::engine::Upstream;
+use crate::engine::{Params, Stage, Upstream};
 use crate::text::tokenizer::builtin_qwen3;
 
 const HEADER: &str = "id,product_id,query,title,description,relevance,label\n";
@@ -43,7 +43,7 @@ fn run(
         quiet: true,
         cancel: &cancel,
     };
-    Tokenize.check(params).map_err(|(k, m)| StageError::Param { key: k, message: m })?;
+    Tokenize.check(params)?;
     let o = Tokenize.run(&ctx)?;
     Ok((out, o))
 }
@@ -59,14 +59,15 @@ fn encoder(max_length: usize, max_description_tokens: usize) -> PromptEncoder {
 #[test]
 fn defaults_parse_and_bad_values_are_refused() {
     let p = params("");
-    assert_eq!(p.str("tokenizer"), Some("qwen3"));
-    assert_eq!(p.i64("max_length"), Some(512));
-    assert_eq!(p.i64("max_description_tokens"), Some(350));
-    assert_eq!(p.str("instruction"), Some(crate::text::DEFAULT_INSTRUCTION));
+    let t: TokenizeParams = p.decode().unwrap();
+    assert_eq!(t.tokenizer, "qwen3");
+    assert_eq!(t.max_length, 512);
+    assert_eq!(t.max_description_tokens, 350);
+    assert_eq!(t.instruction, crate::text::DEFAULT_INSTRUCTION);
     assert!(Tokenize.check(&p).is_ok());
-    assert_eq!(Tokenize.check(&params("max_length = 0")).unwrap_err().0, "max_length");
-    assert_eq!(Tokenize.check(&params("max_description_tokens = -1")).unwrap_err().0, "max_description_tokens");
-    assert_eq!(Tokenize.check(&params("tokenizer = \"hf:nope\"")).unwrap_err().0, "tokenizer");
+    assert_eq!(Tokenize.check(&params("max_length = 0")).unwrap_err().key, "max_length");
+    assert_eq!(Tokenize.check(&params("max_description_tokens = -1")).unwrap_err().key, "max_description_tokens");
+    assert_eq!(Tokenize.check(&params("tokenizer = \"hf:nope\"")).unwrap_err().key, "tokenizer");
 }
 
 #[test]

@@ -1,4 +1,5 @@
 use super::*;
+use crate::engine::{Params, Stage};
 
 fn params(extra: &str) -> Params {
     let mut t: toml::Table = Train.defaults().parse().unwrap();
@@ -24,8 +25,7 @@ fn defaults_parse_into_the_documented_config() {
     let (init, seed) = tp.init_config().unwrap();
     assert_eq!((init.vocab_size, init.hidden_size, init.num_hidden_layers, seed), (151_669, 64, 2, 0));
     assert_eq!(init.rope_theta, 1e6);
-    assert_eq!(p.str("device"), Some("auto"));
-    assert_eq!(p.str("dtype"), Some("f32"));
+    assert_eq!((tp.device.as_str(), tp.dtype.as_str()), ("auto", "f32"));
 }
 
 #[test]
@@ -48,7 +48,7 @@ fn bad_values_name_their_parameter() {
         ("[init]\nhead_dim = 7", "init.head_dim"),
     ] {
         let err = Train.check(&params(text)).expect_err(text);
-        assert_eq!(err.0, key, "{text}: {err:?}");
+        assert_eq!(err.key, key, "{text}: {err:?}");
     }
     let lora = params("mode = \"lora\"\nloss = \"pairwise\"\nbest_metric = \"val_ndcg@10\"");
     assert!(Train.check(&lora).is_ok());
