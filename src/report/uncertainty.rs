@@ -50,7 +50,7 @@ fn options(run: &Run, stage: &str) -> Options {
 }
 
 fn scored(run: &Run, stage: &str, dir: &Path, boot: &BootstrapOptions) -> Result<Option<Scored>, StageError> {
-    let path = dir.join("predictions.csv");
+    let path = dir.join(crate::stages::evaluate::PREDICTIONS);
     if boot.resamples == 0 || !path.is_file() {
         return Ok(None);
     }
@@ -102,7 +102,7 @@ pub fn attach(c: &mut Comparison, baseline: Option<&str>, boot: &BootstrapOption
                 continue;
             }
             let Some((kind, dir)) = run.artifacts.get(*stage) else { continue };
-            if kind != "evaluate" {
+            if kind != crate::stages::evaluate::KIND {
                 continue;
             }
             if let Some(s) = scored(run, stage, dir, boot)? {
