@@ -57,6 +57,9 @@ pub enum BootstrapError {
     Level(f64),
 }
 
+/// Per query (its text), a system's value of each metric, `None` where the query is degenerate for it.
+pub type PerQuery = Vec<(String, Vec<Option<f64>>)>;
+
 /// One system's predictions reduced to what a resample needs: each query's per-query metric
 /// values, and its pairs for AUC.
 #[derive(Debug, Clone)]
@@ -66,9 +69,17 @@ pub struct Sample {
     keys: Vec<String>,
     /// `[query][metric]`, `None` where the query is degenerate for the metric.
     per_query: Vec<Vec<Option<f64>>>,
-    /// Pairs in descending score order as (query index, label), cut into runs of equal scores.
-    pairs: Vec<(u32, bool)>,
-    ties: Vec<Range<usize>>,
+    auc: Auc,
+}
+
+/// How a resample's AUC is found.
+#[derive(Debug, Clone)]
+enum Auc {
+    /// From the pairs, in descending score order as (query index, label), cut into runs of equal
+    /// scores.
+    Pairs { pairs: Vec<(u32, bool)>, ties: Vec<Range<usize>> },
+    /// The same on every resample (a random order's expectation, 0.5).
+    Constant(Option<f64>),
 }
 
 impl Sample {
@@ -101,9 +112,19 @@ impl Sample {
             queries: prep.queries.iter().map(|(q, _)| q.to_string()).collect(),
             keys,
             per_query,
-            pairs: all.into_iter().map(|(q, it)| (q, it.label)).collect(),
-            ties,
+            auc: Auc::Pairs { pairs: all.into_iter().map(|(q, it)| (q, it.label)).collect(), ties },
         })
+    }
+
+    /// A system known only by its per-query values (an expectation, not a scoring): `rows` maps each
+    /// query to its values in the order of `keys` (without `auc`), and its AUC is `auc` on every
+    /// resample. Pairs with a [`Sample::new`] of the same predictions.
+    pub fn from_per_query(keys: &[String], mut rows: PerQuery, auc: Option<f64>) -> Self {
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut keys = keys.to_vec();
+        keys.push("auc".into());
+        let (queries, per_query) = rows.into_iter().unzip();
+        Self { queries, keys, per_query, auc: Auc::Constant(auc) }
     }
 
     /// The metric keys, in the order of [`Distribution::values`].
@@ -133,9 +154,13 @@ impl Sample {
 
     /// The Mann–Whitney AUC with each pair counted as often as its query was drawn (ties half).
     fn auc(&self, counts: &[u32]) -> Option<f64> {
+        let (pairs, ties) = match &self.auc {
+            Auc::Pairs { pairs, ties } => (pairs, ties),
+            Auc::Constant(v) => return *v,
+        };
         let weight = |q: u32| counts[q as usize] as f64;
         let (mut pos, mut neg) = (0.0, 0.0);
-        for &(q, label) in &self.pairs {
+        for &(q, label) in pairs {
             if label {
                 pos += weight(q);
             } else {
@@ -146,9 +171,9 @@ impl Sample {
             return None;
         }
         let (mut neg_above, mut wins) = (0.0, 0.0);
-        for g in &self.ties {
+        for g in ties {
             let (mut p, mut n) = (0.0, 0.0);
-            for &(q, label) in &self.pairs[g.clone()] {
+            for &(q, label) in &pairs[g.clone()] {
                 if label {
                     p += weight(q);
                 } else {

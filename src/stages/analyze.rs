@@ -8,9 +8,11 @@
 //!   frequency slices, train products for BM25's statistics);
 //! - `train`, optional: `train_log.jsonl` (lines with `loss`, or with `val_loss`).
 //!
-//! Every system (the model, BM25 over title + description, BM25 over titles, random) is measured
-//! by the same [`crate::metrics`] code on exactly the pairs the model scored, so a lift is never an
-//! artefact of two definitions. The model's numbers are recomputed from `predictions.csv`, and
+//! Every system (the model, BM25 over title + description, BM25 over titles, the share of query
+//! words in the title and in title + description, random) is measured by the same [`crate::metrics`]
+//! code on exactly the pairs the model scored, so a lift is never an artefact of two definitions.
+//! Each also gets bootstrap intervals over test queries, all on the same resamples, so that each lift
+//! has a paired interval that says whether it is more than noise ([`crate::metrics::bootstrap`]). The model's numbers are recomputed from `predictions.csv`, and
 //! checked against `evaluation_metrics.json` (the report notes any difference).
 //!
 //! Writes `analysis.json` (everything, machine-readable), `report.md` and `report.html`.
@@ -19,23 +21,25 @@ mod baselines;
 mod render;
 mod slices;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use baselines::{expected_random, overlap, random_scores, tokenize, Bm25, RandomExpectation};
+pub use baselines::{expected_random, overlap, random_per_query, random_scores, tokenize, Bm25, RandomExpectation};
 pub use slices::{has_digits_or_units, length_slice, Calibration, ConfidentErrors, QuerySlice, RelevanceSlice};
 
 use super::table::{self, Labeled};
 use crate::engine::{
     Contract, JsonMap, Need, ParamError, StageContext, StageError, StageOutput, StageParams, TypedStage,
 };
+use crate::metrics::bootstrap::{self, BootstrapOptions, Distribution, Sample};
 use crate::metrics::{self, Gain, Metrics, Options, Prediction};
 
 pub const KIND: &str = "analyze";
 /// Bump when the same inputs and parameters would give different files.
-pub const VERSION: u32 = 1;
+/// 2: bootstrap intervals, paired lifts with p-values, the lexical-overlap baselines.
+pub const VERSION: u32 = 2;
 const DEFAULTS: &str = include_str!("../../stages/analyze.toml");
 
 /// Files the stage writes.
@@ -57,6 +61,9 @@ pub const CONTRACT: Contract = Contract {
 /// The metrics lifts are reported for (the headline NDCG is added in front).
 const LIFT_METRICS: [&str; 3] = ["map", "mrr", "auc"];
 
+/// The systems the model's lifts are measured against, by id.
+const BASELINES: [&str; 5] = ["bm25", "bm25_title", "overlap", "overlap_title", "random"];
+
 pub struct Analyze;
 
 /// The parameters of `stages/analyze.toml`.
@@ -75,6 +82,8 @@ pub struct AnalyzeParams {
     pub top_errors: i64,
     pub frequent_min: i64,
     pub calibration_bins: i64,
+    pub bootstrap_resamples: i64,
+    pub bootstrap_seed: i64,
 }
 
 impl StageParams for AnalyzeParams {
@@ -110,6 +119,8 @@ impl StageParams for AnalyzeParams {
             ("top_errors", self.top_errors, 0),
             ("frequent_min", self.frequent_min, 1),
             ("calibration_bins", self.calibration_bins, 1),
+            ("bootstrap_resamples", self.bootstrap_resamples, 1),
+            ("bootstrap_seed", self.bootstrap_seed, 0),
         ] {
             if v < min {
                 return err(key, format!("{v} is below the minimum {min}"));
@@ -310,6 +321,9 @@ pub struct System {
     pub test: Scores,
     /// F1 on test at the threshold that maximises F1 on validation.
     pub tuned_f1: Option<f64>,
+    /// 95 % bootstrap interval of each headline test metric, resampling queries (empty for the
+    /// mean of sampled random scorings, whose spread is `random_seeds`).
+    pub test_ci95: BTreeMap<String, [f64; 2]>,
 }
 
 /// The model minus one baseline on one test metric.
@@ -322,6 +336,12 @@ pub struct Lift {
     pub lift: Option<f64>,
     /// `lift / (1 - base)`: the share of the room above the baseline that the model took.
     pub headroom: Option<f64>,
+    /// Paired 95 % bootstrap interval of the lift (both systems on the same resampled queries).
+    pub ci95: Option<[f64; 2]>,
+    /// Two-sided: how often the resampled lift falls on the other side of zero, doubled.
+    pub p_value: Option<f64>,
+    /// False when the interval contains 0: the lift is within noise.
+    pub significant: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -407,7 +427,7 @@ impl Analysis {
         let mut m = JsonMap::new();
         let nd = format!("ndcg@{}", self.headline_k);
         let keys: Vec<&str> = [nd.as_str()].into_iter().chain(LIFT_METRICS).collect();
-        for s in self.systems.iter().filter(|s| matches!(s.id.as_str(), "random" | "bm25" | "bm25_title")) {
+        for s in self.systems.iter().filter(|s| BASELINES.contains(&s.id.as_str())) {
             for (part, scores) in [("val", s.val.as_ref()), ("test", Some(&s.test))] {
                 let Some(scores) = scores else { continue };
                 for k in &keys {
@@ -577,47 +597,85 @@ pub fn analyze(
     let model_val = to_preds(&val, &val.iter().map(|r| r.score).collect::<Vec<_>>());
     let model_test = to_preds(&test_refs, &test.iter().map(|r| r.score).collect::<Vec<_>>());
 
-    let mut systems = Vec::new();
-    let (mv, mt, mtuned) = measure("model", &model_val, &model_test, &opts)?;
-    systems.push(System {
-        id: "model".into(),
-        label: "model".into(),
-        val: mv.as_ref().map(Scores::from),
-        test: Scores::from(&mt),
-        tuned_f1: mtuned,
-    });
-
-    // BM25 over the chosen fields, and over titles alone beside it.
+    // Every system that scores pairs: (id, label, val scores, test scores).
     let title_only = p.bm25_fields == "title";
     let main = run_bm25(p, title_only, train, &pairs, &descriptions);
-    let mut bm25_runs = vec![("bm25", if title_only { "BM25 (title)" } else { "BM25 (title + description)" }, &main)];
-    let titles;
+    let mut scorers: Vec<(&str, &str, Vec<f64>, Vec<f64>)> =
+        vec![("model", "model", val.iter().map(|r| r.score).collect(), test.iter().map(|r| r.score).collect())];
+    // BM25 over the chosen fields, and over titles alone beside it.
+    let bm25_label = if title_only { "BM25 (title)" } else { "BM25 (title + description)" };
+    scorers.push(("bm25", bm25_label, main.scores_val.clone(), main.scores_test.clone()));
     if !title_only {
-        titles = run_bm25(p, true, train, &pairs, &descriptions);
-        bm25_runs.push(("bm25_title", "BM25 (title)", &titles));
+        let titles = run_bm25(p, true, train, &pairs, &descriptions);
+        scorers.push(("bm25_title", "BM25 (title)", titles.scores_val, titles.scores_test));
     }
-    for (sid, label, run) in &bm25_runs {
-        let (v, t, tuned) =
-            measure(sid, &to_preds(&val, &run.scores_val), &to_preds(&test_refs, &run.scores_test), &opts)?;
+    // The share of the query's words in the title, and in title + description.
+    for (sid, label, with_description) in [
+        ("overlap_title", "lexical overlap (title)", false),
+        ("overlap", "lexical overlap (title + description)", true),
+    ] {
+        let score = |r: &ScoredPair| {
+            let doc = if with_description {
+                format!("{} {}", r.title, descriptions.get(r.product_id.as_str()).copied().unwrap_or(""))
+            } else {
+                r.title.clone()
+            };
+            overlap(&tokenize(&r.query), &tokenize(&doc))
+        };
+        scorers.push((sid, label, val.iter().map(|r| score(r)).collect(), test.iter().map(score).collect()));
+    }
+
+    let boot =
+        BootstrapOptions { resamples: p.bootstrap_resamples as usize, seed: p.bootstrap_seed as u64, level: 0.95 };
+    let mut systems = Vec::new();
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut model_val_test = None;
+    for (sid, label, scores_val, scores_test) in &scorers {
+        let (v, t, tuned) = measure(sid, &to_preds(&val, scores_val), &to_preds(&test_refs, scores_test), &opts)?;
+        samples.push(Sample::new(&to_preds(&test_refs, scores_test), &opts).map_err(metrics_err(sid))?);
+        if *sid == "model" {
+            model_val_test = Some((v.clone(), t.clone()));
+        }
         systems.push(System {
             id: sid.to_string(),
             label: label.to_string(),
             val: v.as_ref().map(Scores::from),
             test: Scores::from(&t),
             tuned_f1: tuned,
+            test_ci95: BTreeMap::new(),
         });
     }
+    let (mv, mt) = model_val_test.expect("the model is the first scorer");
 
     // Random: the exact expectation, and the mean over seeded scorings.
     let exact_val = (!val.is_empty()).then(|| Scores(expected_random(&model_val, &opts).entries()));
     let exact_test = Scores(expected_random(&model_test, &opts).entries());
+    let (random_rows, random_auc) = random_per_query(&model_test, &opts);
+    let keys: Vec<String> = samples[0].keys().iter().filter(|k| *k != "auc").cloned().collect();
+    samples.push(Sample::from_per_query(&keys, random_rows, random_auc));
     systems.push(System {
         id: "random".into(),
         label: "random (exact expectation)".into(),
         val: exact_val,
         test: exact_test,
         tuned_f1: None,
+        test_ci95: BTreeMap::new(),
     });
+
+    // Intervals: every system on the same resampled queries, so that lifts are paired.
+    let hk = p.headline_k();
+    let nd = format!("ndcg@{hk}");
+    let headline: Vec<&str> = [nd.as_str()].into_iter().chain(LIFT_METRICS).chain(["p@1"]).collect();
+    let dists: Vec<Distribution> = bootstrap::resample(&samples.iter().collect::<Vec<_>>(), &boot)
+        .map_err(|e| StageError::failed(format!("bootstrap: {e}")))?;
+    for (system, dist) in systems.iter_mut().zip(&dists) {
+        for metric in &headline {
+            if let Some(ci) = dist.interval(metric, boot.level) {
+                system.test_ci95.insert(metric.to_string(), ci);
+            }
+        }
+    }
+
     let (mut runs_val, mut runs_test, mut runs_f1) = (Vec::new(), Vec::new(), Vec::new());
     for s in 0..p.random_seeds as u64 {
         let seed = (p.seed as u64).wrapping_mul(1_000_003).wrapping_add(s);
@@ -643,17 +701,17 @@ pub fn analyze(
         val: (!runs_val.is_empty()).then_some(val_mean),
         test: test_mean,
         tuned_f1: f1_mean.get("f1"),
+        test_ci95: BTreeMap::new(),
     });
 
-    // Lifts on test.
-    let hk = p.headline_k();
-    let nd = format!("ndcg@{hk}");
+    // Lifts on test, each with its paired interval.
     let model = &systems[0].test;
     let mut lifts = Vec::new();
-    for base in systems.iter().filter(|s| matches!(s.id.as_str(), "bm25" | "bm25_title" | "random")) {
+    for (base, dist) in systems.iter().zip(&dists).filter(|(s, _)| BASELINES.contains(&s.id.as_str())) {
         for metric in [nd.as_str()].into_iter().chain(LIFT_METRICS) {
             let (m, b) = (model.get(metric), base.test.get(metric));
             let lift = m.zip(b).map(|(m, b)| m - b);
+            let paired = bootstrap::paired(&dists[0], dist, metric, boot.level);
             lifts.push(Lift {
                 baseline: base.id.clone(),
                 metric: metric.to_string(),
@@ -661,6 +719,9 @@ pub fn analyze(
                 base: b,
                 lift,
                 headroom: lift.zip(b).and_then(|(l, b)| (b < 1.0).then(|| l / (1.0 - b))),
+                ci95: paired.map(|d| d.ci95),
+                p_value: paired.map(|d| d.p_value),
+                significant: paired.map(|d| d.significant()),
             });
         }
     }

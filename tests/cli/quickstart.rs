@@ -21,7 +21,8 @@ fn assert_keys_are_pinned(run: &serde_json::Value) {
         ("tokenize", "86d4aed83566ab6ed1a1ae5cea4787d7315bb1b9e9b5b9274bac5a935ae279b5"),
         ("train", "3b3c5f3441b0fc100b404004975041c32efd8289ed4f5c43039fad85f880fe65"),
         ("evaluate", "c228a98a7d92c74da2a087faf32d248a187718490f9313fc929f75a81b1ad04f"),
-        ("analyze", "3ff807e7329022698b8744e4345e8c8764b0442889771a2422c24224e34ab3d4"),
+        // analyze 2 (bootstrap intervals, paired lifts, the lexical-overlap baselines; two new parameters).
+        ("analyze", "feb998bf652eafd705ee69ce7e15da33459fdf9f7394a983ddb5aafe21131269"),
     ];
     for (stage, (id, pinned)) in run["stages"].as_array().unwrap().iter().zip(PINNED) {
         assert_eq!(stage["id"], id);

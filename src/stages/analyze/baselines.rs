@@ -5,8 +5,9 @@
 //! query-grouped split), so the random baseline is computed exactly where a closed form exists
 //! rather than only sampled.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
+use crate::metrics::bootstrap::PerQuery;
 use crate::metrics::{Options, Prediction};
 use crate::util::rng::SplitMix64;
 
@@ -138,58 +139,81 @@ fn discount(position: usize) -> f64 {
 /// - E[RR] = Σ_r P(first relevant at r)/r with P(first at r) = m/(n−r+1) · Π_{j<r} (n−m−j+1)/(n−j+1).
 /// - E[P@K] = m/n.
 pub fn expected_random(rows: &[Prediction], opts: &Options) -> RandomExpectation {
+    let (per_query, auc) = random_per_query(rows, opts);
+    let ks = sorted_ks(opts);
+    let column = |j: usize| {
+        let (mut sum, mut n) = (0.0, 0usize);
+        for v in per_query.iter().filter_map(|(_, row)| row[j]) {
+            sum += v;
+            n += 1;
+        }
+        (n > 0).then(|| sum / n as f64)
+    };
+    let nk = ks.len();
+    RandomExpectation {
+        ndcg: ks.iter().enumerate().map(|(i, &k)| (k, column(i))).collect(),
+        map: column(nk),
+        mrr: column(nk + 1),
+        precision_at: ks.iter().enumerate().map(|(i, &k)| (k, column(nk + 2 + i))).collect(),
+        auc,
+    }
+}
+
+fn sorted_ks(opts: &Options) -> Vec<usize> {
     let mut ks = opts.ks.clone();
     ks.sort_unstable();
     ks.dedup();
-    let mut by_query: HashMap<&str, Vec<&Prediction>> = HashMap::new();
+    ks
+}
+
+/// The expectations of [`expected_random`] query by query (sorted by query): NDCG@K for each K,
+/// AP, RR, then P@K for each K, `None` where the query is degenerate for the metric; and the
+/// expected AUC, 0.5 whenever both labels occur. What the bootstrap resamples.
+pub fn random_per_query(rows: &[Prediction], opts: &Options) -> (PerQuery, Option<f64>) {
+    let ks = sorted_ks(opts);
+    let mut by_query: BTreeMap<&str, Vec<&Prediction>> = BTreeMap::new();
     for r in rows {
         by_query.entry(&r.query).or_default().push(r);
     }
     let label = |r: &Prediction| r.label.unwrap_or(r.relevance >= opts.positive_relevance);
-    let mut ndcg_sum = vec![0.0; ks.len()];
-    let (mut ndcg_n, mut bin_n) = (0usize, 0usize);
-    let (mut ap_sum, mut rr_sum, mut p_sum) = (0.0, 0.0, 0.0);
     let (mut any_pos, mut any_neg) = (false, false);
-    for cands in by_query.values() {
+    let mut out = Vec::with_capacity(by_query.len());
+    for (query, cands) in by_query {
         let n = cands.len();
+        let mut row: Vec<Option<f64>> = Vec::with_capacity(2 * ks.len() + 2);
         let mut gains: Vec<f64> = cands.iter().map(|r| opts.gain.of(r.relevance)).collect();
         gains.sort_by(|a, b| b.total_cmp(a));
-        if gains.first() != gains.last() {
-            ndcg_n += 1;
-            let mean_gain = gains.iter().sum::<f64>() / n as f64;
-            for (i, &k) in ks.iter().enumerate() {
+        let graded = gains.first() != gains.last();
+        let mean_gain = gains.iter().sum::<f64>() / n as f64;
+        for &k in &ks {
+            row.push(graded.then(|| {
                 let top = k.min(n);
                 let ideal: f64 = (1..=top).map(|p| gains[p - 1] * discount(p)).sum();
                 let expected: f64 = mean_gain * (1..=top).map(discount).sum::<f64>();
-                ndcg_sum[i] += expected / ideal;
-            }
+                expected / ideal
+            }));
         }
         let m = cands.iter().filter(|r| label(r)).count();
         any_pos |= m > 0;
         any_neg |= m < n;
         if m == 0 || m == n {
-            continue;
+            row.extend(std::iter::repeat_n(None, ks.len() + 2));
+        } else {
+            let (nf, mf) = (n as f64, m as f64);
+            let h: f64 = (1..=n).map(|i| 1.0 / i as f64).sum();
+            row.push(Some((h + (mf - 1.0) / (nf - 1.0) * (nf - h)) / nf));
+            let (mut rr, mut none_before) = (0.0, 1.0);
+            for r in 1..=(n - m + 1) {
+                let rf = r as f64;
+                rr += none_before * mf / (nf - rf + 1.0) / rf;
+                none_before *= (nf - mf - rf + 1.0) / (nf - rf + 1.0);
+            }
+            row.push(Some(rr));
+            row.extend(std::iter::repeat_n(Some(mf / nf), ks.len()));
         }
-        bin_n += 1;
-        let (nf, mf) = (n as f64, m as f64);
-        let h: f64 = (1..=n).map(|i| 1.0 / i as f64).sum();
-        ap_sum += (h + (mf - 1.0) / (nf - 1.0) * (nf - h)) / nf;
-        let mut none_before = 1.0;
-        for r in 1..=(n - m + 1) {
-            let rf = r as f64;
-            rr_sum += none_before * mf / (nf - rf + 1.0) / rf;
-            none_before *= (nf - mf - rf + 1.0) / (nf - rf + 1.0);
-        }
-        p_sum += mf / nf;
+        out.push((query.to_string(), row));
     }
-    let mean = |s: f64, c: usize| (c > 0).then(|| s / c as f64);
-    RandomExpectation {
-        ndcg: ks.iter().zip(&ndcg_sum).map(|(&k, &s)| (k, mean(s, ndcg_n))).collect(),
-        map: mean(ap_sum, bin_n),
-        mrr: mean(rr_sum, bin_n),
-        precision_at: ks.iter().map(|&k| (k, mean(p_sum, bin_n))).collect(),
-        auc: (any_pos && any_neg).then_some(0.5),
-    }
+    (out, (any_pos && any_neg).then_some(0.5))
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! `report.md` and `report.html` from an [`Analysis`]: the same sections and tables in both; the
 //! HTML adds the charts.
 
-use super::{Analysis, QuerySlice, Scores, System};
+use super::{Analysis, Lift, QuerySlice, Scores, System};
 use crate::report::plots::{self, BarChart, BoxChart, BoxRow, LineChart, Mark, PlotError, Series, Svg};
 use crate::report::{Cell, Page, Table};
 
@@ -21,6 +21,23 @@ fn f(v: Option<f64>) -> Cell {
 
 fn signed(v: Option<f64>) -> Cell {
     Cell::Num(v.map_or("-".into(), |v| format!("{v:+.4}")))
+}
+
+/// A value with its interval, when it has one.
+fn with_ci(v: Option<f64>, ci: Option<&[f64; 2]>) -> Cell {
+    match (v, ci) {
+        (Some(v), Some([lo, hi])) => Cell::Num(format!("{v:.4} [{lo:.4}, {hi:.4}]")),
+        _ => f(v),
+    }
+}
+
+/// Whether a lift is real, in words: the reports say it where the interval contains 0.
+fn significance(l: &Lift) -> &'static str {
+    match l.significant {
+        Some(true) => "significant",
+        Some(false) => "not significant",
+        None => "-",
+    }
 }
 
 fn pct(v: f64) -> String {
@@ -44,10 +61,12 @@ fn results_table(a: &Analysis, val: bool) -> Table {
             (true, Some(v)) => v,
             (true, None) => continue,
         };
+        // Test values carry their interval where one was computed (the headline metrics).
+        let cell = |k: &str| if val { f(scores.get(k)) } else { with_ci(scores.get(k), s.test_ci95.get(k)) };
         let mut row = vec![Cell::text(&s.label)];
-        row.extend(ks.iter().map(|k| f(scores.get(k))));
+        row.extend(ks.iter().map(|k| cell(k)));
         for k in ["map", "mrr", "auc", "f1"] {
-            row.push(f(scores.get(k)));
+            row.push(cell(k));
         }
         row.push(f(if val { None } else { s.tuned_f1 }));
         row.push(f(scores.get("accuracy")));
@@ -95,15 +114,37 @@ fn blocks(a: &Analysis) -> Result<Vec<Block>, PlotError> {
         d.val_pairs
     )));
     let lift_of = |base: &str, metric: &str| a.lifts.iter().find(|l| l.baseline == base && l.metric == metric);
+    // "+0.0123, 95 % interval [-0.0040, +0.0290], not significant"
+    let lift_text = |l: &Lift| {
+        let mut t = l.lift.map_or("-".into(), |v| format!("{v:+.4}"));
+        if let Some([lo, hi]) = l.ci95 {
+            t.push_str(&format!(", 95 % interval [{lo:+.4}, {hi:+.4}], {}", significance(l)));
+        }
+        t
+    };
     if let (Some(r), Some(bm)) = (lift_of("random", &nd), lift_of("bm25", &nd)) {
         b.push(Block::P(format!(
             "Model {nd} {} against BM25 {} ({}) and a random order {} ({}). A random order scores high here \
              because most candidates of a query are relevant: read every number against the baselines.",
             r.model.map_or("-".into(), |v| format!("{v:.4}")),
             bm.base.map_or("-".into(), |v| format!("{v:.4}")),
-            bm.lift.map_or("-".into(), |v| format!("{v:+.4}")),
+            lift_text(bm),
             r.base.map_or("-".into(), |v| format!("{v:.4}")),
-            r.lift.map_or("-".into(), |v| format!("{v:+.4}")),
+            lift_text(r),
+        )));
+    }
+    let within_noise: Vec<String> = a
+        .lifts
+        .iter()
+        .filter(|l| l.significant == Some(false))
+        .map(|l| {
+            format!("{} over {}", l.metric, a.system(&l.baseline).map_or(l.baseline.as_str(), |s| s.label.as_str()))
+        })
+        .collect();
+    if !within_noise.is_empty() {
+        b.push(Block::P(format!(
+            "Not significant (the 95 % interval of the lift contains 0): {}.",
+            within_noise.join("; ")
         )));
     }
 
@@ -120,13 +161,39 @@ fn blocks(a: &Analysis) -> Result<Vec<Block>, PlotError> {
     )));
 
     b.push(Block::H2("Lift over the baselines (test)".into()));
-    let mut lt = Table::new(&["baseline", "metric", "model", "baseline value", "lift", "share of headroom"]);
+    let mut lt = Table::new(&[
+        "baseline",
+        "metric",
+        "model",
+        "baseline value",
+        "lift",
+        "95 % interval",
+        "p",
+        "",
+        "share of headroom",
+    ]);
     for l in &a.lifts {
         let label = a.system(&l.baseline).map_or(l.baseline.as_str(), |s| s.label.as_str());
-        lt.row(vec![Cell::text(label), Cell::text(&l.metric), f(l.model), f(l.base), signed(l.lift), f(l.headroom)]);
+        lt.row(vec![
+            Cell::text(label),
+            Cell::text(&l.metric),
+            f(l.model),
+            f(l.base),
+            signed(l.lift),
+            Cell::Num(l.ci95.map_or("-".into(), |[lo, hi]| format!("[{lo:+.4}, {hi:+.4}]"))),
+            Cell::Num(l.p_value.map_or("-".into(), |p| format!("{p:.3}"))),
+            Cell::text(significance(l)),
+            f(l.headroom),
+        ]);
     }
     b.push(Block::Table(lt));
-    b.push(Block::Note("Lift = model − baseline; share of headroom = lift / (1 − baseline).".into()));
+    b.push(Block::Note(format!(
+        "Lift = model − baseline; share of headroom = lift / (1 − baseline). Intervals: {} bootstrap \
+         resamples of the test queries (seed {}), every system on the same resamples, so a lift's interval \
+         is paired; p = how often the resampled lift falls on the other side of 0, doubled. A lift whose \
+         interval contains 0 is not significant: the data cannot tell it from noise.",
+        a.params.bootstrap_resamples, a.params.bootstrap_seed
+    )));
 
     let metrics = [nd.as_str(), "map", "mrr", "auc"];
     let bars = BarChart {

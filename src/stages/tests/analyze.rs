@@ -197,7 +197,7 @@ fn bm25_beats_random_and_a_perfect_scorer_beats_both() {
     assert!(metric(m, "bm25.test.auc") > metric(m, "random.test.auc") + 0.05, "{:?}", m.metrics);
     assert!(metric(m, "bm25.test.ndcg@10") > metric(m, "random.test.ndcg@10"));
     assert_eq!(metric(m, "random.test.auc"), 0.5);
-    for base in ["bm25", "bm25_title", "random"] {
+    for base in ["bm25", "bm25_title", "overlap", "overlap_title", "random"] {
         for key in ["ndcg@10", "map", "mrr", "auc"] {
             assert!(metric(m, &format!("lift.{base}.{key}")) > 0.0, "lift.{base}.{key}: {:?}", m.metrics);
         }
@@ -220,6 +220,56 @@ fn bm25_beats_random_and_a_perfect_scorer_beats_both() {
     assert_eq!(r.analysis["errors"]["false_positives"].as_array().unwrap().len(), 0);
     assert_eq!(r.analysis["errors"]["false_negatives"].as_array().unwrap().len(), 0);
     assert_eq!(m.stats["plots"], 6);
+}
+
+/// The overlap of the query's words with the title: the `overlap_title` baseline's own score.
+fn title_overlap(r: &Labeled) -> f64 {
+    analyze::overlap(&analyze::tokenize(&r.record.query), &analyze::tokenize(&r.record.title))
+}
+
+#[test]
+fn intervals_are_reproducible_and_a_lift_within_noise_is_not_significant() {
+    // A model that scores exactly as the title-overlap baseline: every resampled lift over it is 0.
+    let (h, ups) = setup(&title_overlap, false);
+    let r = run(&h, &ups).unwrap();
+    let systems = r.analysis["systems"].as_array().unwrap();
+    let ids: Vec<&str> = systems.iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["model", "bm25", "bm25_title", "overlap_title", "overlap", "random", "random_sampled"]);
+    for s in systems.iter().filter(|s| s["id"] != "random_sampled") {
+        for key in ["ndcg@10", "map", "mrr", "auc", "p@1"] {
+            let ci = &s["test_ci95"][key];
+            let value = s["test"][key].as_f64().unwrap();
+            let (lo, hi) = (ci[0].as_f64().unwrap(), ci[1].as_f64().unwrap());
+            assert!(lo <= value + 1e-12 && value <= hi + 1e-12, "{}: {key} {value} outside [{lo}, {hi}]", s["id"]);
+        }
+    }
+    let same = r.analysis["lifts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["baseline"] == "overlap_title" && l["metric"] == "auc");
+    let same = same.expect("a lift over the overlap baseline");
+    assert_eq!(same["lift"], 0.0);
+    assert_eq!(same["ci95"], serde_json::json!([0.0, 0.0]));
+    assert_eq!(same["p_value"], 1.0);
+    assert_eq!(same["significant"], false);
+    // Over a random order the same model's AUC lift is real.
+    let random =
+        r.analysis["lifts"].as_array().unwrap().iter().find(|l| l["baseline"] == "random" && l["metric"] == "auc");
+    assert_eq!(random.unwrap()["significant"], true, "{}", r.analysis["lifts"]);
+    // Both reports say it in words.
+    let md = std::fs::read_to_string(r.out.join(analyze::REPORT_MD)).unwrap();
+    let html = std::fs::read_to_string(r.out.join(analyze::REPORT_HTML)).unwrap();
+    let row =
+        md.lines().find(|l| l.starts_with("| lexical overlap (title) | auc |")).expect("the lift row in report.md");
+    assert!(row.contains("not significant"), "{row}");
+    assert!(md.contains("Not significant (the 95 % interval of the lift contains 0): "), "{md}");
+    assert!(html.contains("not significant"));
+    // The same seed gives the same intervals.
+    let (h2, ups2) = setup(&title_overlap, false);
+    let again = run(&h2, &ups2).unwrap();
+    assert_eq!(again.analysis["systems"][0]["test_ci95"], r.analysis["systems"][0]["test_ci95"]);
+    assert_eq!(again.analysis["lifts"], r.analysis["lifts"]);
 }
 
 #[test]
