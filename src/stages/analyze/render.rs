@@ -169,7 +169,7 @@ fn blocks(a: &Analysis) -> Result<Vec<Block>, PlotError> {
         "lift",
         "95 % interval",
         "p",
-        "",
+        "significance",
         "share of headroom",
     ]);
     for l in &a.lifts {
