@@ -12,7 +12,7 @@
 //!   compute the `Var`'s own storage is the master, updated in place through a candle in-place
 //!   op, so nothing is copied);
 //! - on a GPU, as one f32 tensor per parameter (master | m | v) updated in place by one fused
-//!   kernel ([`super::fused`]).
+//!   kernel ([`crate::kernels::adamw`]).
 //!
 //! After each update the master is written back into the `Var` in the compute dtype.
 //!
@@ -23,7 +23,7 @@
 //! embeddings). Instead each micro-batch gathers the rows it uses (plus the yes/no rows of the
 //! head) into a small leaf variable and feeds the decoder embeddings
 //! ([`Qwen3::hidden_states_from_embeds`]); the leaf's gradient (with the hand-written layer
-//! backward: each position's gradient directly, [`super::scatter`] on a device) is scattered into
+//! backward: each position's gradient directly, [`crate::kernels::scatter`] on a device) is scattered into
 //! the accumulation buffer and the touched rows are remembered, which is also what lets
 //! [`super::optim::adamw_rows`] skip the Adam arithmetic on rows whose moments are still zero.
 //! On the CPU in f32, rows never touched do not even get their weight decay each step: the
@@ -56,12 +56,12 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::HostTensor;
 use super::config::{Mode, OptimizerBackend, TrainConfig};
 use super::data::{pad_left, MicroBatch};
-use super::fused::{FusedAdamW, SumSquaresInto, WriteMaster};
 use super::lora::{adapter_specs, check_modules, init_a, merge, AdapterSpec};
 use super::optim::{adamw_dense, adamw_rows, apply_pending_decay, clip_factor, sum_squares, RowState, StepScalars};
 use super::TrainError;
+use crate::kernels::adamw::{FusedAdamW, SumSquaresInto, WriteMaster};
+use crate::kernels::{contiguous_range, write_f32};
 use crate::model::backward::LayerTape;
-use crate::model::storage::{contiguous_range, write_f32};
 use crate::model::{LoraAdapter, LoraDropout, ParamMap, Qwen3, Reranker};
 use crate::text::TokenStore;
 use crate::util::rng::stream;
@@ -1042,7 +1042,7 @@ fn add_rows(state: &mut State, ids: &[u32], g: &Tensor, cols: usize, device: &De
                 d.grad = Some(Tensor::zeros(d.shape.as_slice(), DType::F32, device)?);
             }
             let acc = d.grad.as_ref().expect("set above");
-            super::scatter::Plan::new(ids, device)?.add_into(acc, g)?;
+            crate::kernels::scatter::Plan::new(ids, device)?.add_into(acc, g)?;
         }
     }
     Ok(())
