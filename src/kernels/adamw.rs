@@ -36,16 +36,23 @@ fn widened<'a>(s: &'a CpuStorage, range: Range<usize>, op: &str) -> candle_core:
 
 /// (offset of the state, n, offset of the gradient), both contiguous (the state f32).
 fn extents(state: &Layout, grad: &Layout) -> candle_core::Result<(usize, usize, usize)> {
-    let Range { start: s0, end: s1 } = contiguous_range(state, "fused AdamW", "the optimizer state")?;
-    let Range { start: g0, end: g1 } = contiguous_range(grad, "fused AdamW", "the gradient")?;
-    let n = g1 - g0;
+    let (s0, n, g0) = packed(state, (grad, "gradient"), "fused AdamW")?;
+    Ok((s0, n, g0))
+}
+
+/// (offset of the `[3, n]` state, n, offset of `other`), both contiguous; `what` names `other` and
+/// `op` the op in the errors.
+fn packed(state: &Layout, (other, what): (&Layout, &str), op: &str) -> candle_core::Result<(usize, usize, usize)> {
+    let Range { start: s0, end: s1 } = contiguous_range(state, op, "the state")?;
+    let Range { start: o0, end: o1 } = contiguous_range(other, op, &format!("the {what}"))?;
+    let n = o1 - o0;
     if s1 - s0 != 3 * n {
         return Err(candle_core::Error::Msg(format!(
-            "fused AdamW: state of {} elements for a gradient of {n}; expected 3 × {n}",
+            "{op}: a state of {} elements for a {what} of {n}; expected 3 × {n}",
             s1 - s0
         )));
     }
-    Ok((s0, n, g0))
+    Ok((s0, n, o0))
 }
 
 impl InplaceOp2 for FusedAdamW {
@@ -181,15 +188,7 @@ impl InplaceOp2 for WriteMaster {
 
 /// (offset of the parameter, n, offset of the state), both contiguous, the state `3n` long.
 fn write_extents(param: &Layout, state: &Layout) -> candle_core::Result<(usize, usize, usize)> {
-    let Range { start: p0, end: p1 } = contiguous_range(param, "writing master weights", "the parameter")?;
-    let Range { start: s0, end: s1 } = contiguous_range(state, "writing master weights", "the state")?;
-    let n = p1 - p0;
-    if s1 - s0 != 3 * n {
-        return Err(candle_core::Error::Msg(format!(
-            "writing master weights: a state of {} elements for a parameter of {n}; expected 3 × {n}",
-            s1 - s0
-        )));
-    }
+    let (s0, n, p0) = packed(state, (param, "parameter"), "writing master weights")?;
     Ok((p0, n, s0))
 }
 
