@@ -182,8 +182,8 @@ fn train_step(args: &TrainStepArgs) -> anyhow::Result<()> {
 /// Six fused AdamW steps (the last from a bf16 gradient) on DEVICE against the CPU's flat-buffer loop, same state and gradients:
 /// the largest difference of master, m or v (the kernel rounds like the loop, so about 0).
 fn fused_adamw_diff(dev: &Device) -> anyhow::Result<f64> {
+    use crate::kernels::adamw::FusedAdamW;
     use crate::train::config::AdamConfig;
-    use crate::train::fused::FusedAdamW;
     use crate::train::optim::{adamw_dense, StepScalars};
     let n = 100_003; // not a multiple of the block size
     let mut p: Vec<f32> = (0..n).map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 700.0).collect();
@@ -209,8 +209,8 @@ fn fused_adamw_diff(dev: &Device) -> anyhow::Result<f64> {
 /// the same inputs (repeated ids, bf16 rows): the largest difference (both sum in the same order,
 /// so about 0).
 fn scatter_and_write_diff(dev: &Device) -> anyhow::Result<f64> {
-    use crate::train::fused::WriteMaster;
-    use crate::train::scatter::Plan;
+    use crate::kernels::adamw::WriteMaster;
+    use crate::kernels::scatter::Plan;
     let (rows, cols, n) = (1000, 96, 3000);
     let ids: Vec<u32> = (0..n).map(|i| ((i * 7919) % 997 + (i % 3)) as u32).collect();
     let g: Vec<f32> = (0..n * cols).map(|i| ((i * 104_729 % 4001) as f32 - 2000.0) / 900.0).collect();
@@ -234,7 +234,7 @@ fn scatter_and_write_diff(dev: &Device) -> anyhow::Result<f64> {
 /// The gradient norm's partial sums of squares on DEVICE against the CPU's (different partitions,
 /// so equal to f32 rounding): the relative difference of the total.
 fn sum_squares_rel_diff(dev: &Device) -> anyhow::Result<f64> {
-    use crate::train::fused::SumSquaresInto;
+    use crate::kernels::adamw::SumSquaresInto;
     let n = 3 * 1024 * 1024 + 17;
     let g: Vec<f32> = (0..n).map(|i| ((i * 104_729 % 4001) as f32 - 2000.0) / 900.0).collect();
     let total = |d: &Device| -> anyhow::Result<f64> {
@@ -496,7 +496,7 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
         Tensor::randn(0f32, 1e-3, (rows, inter), &dev)?.to_dtype(dt)?,
     );
     let swiglu_backward = time_it(&dev, args.iters, || {
-        crate::model::swiglu::swiglu_backward(&gate_t, &up_t, &da_t)?;
+        crate::kernels::swiglu::swiglu_backward(&gate_t, &up_t, &da_t)?;
         Ok(())
     })?;
     let rms_norm_backwards = time_it(&dev, args.iters, || {
@@ -520,7 +520,7 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
         Ok(())
     })?;
     let s_att = qg.matmul(&kt)?.reshape((b, nh, t, t))?;
-    let softmax_op = crate::model::softmax::MaskedSoftmax { scale };
+    let softmax_op = crate::kernels::softmax::MaskedSoftmax { scale };
     let att_softmax = time_it(&dev, args.iters, || {
         s_att.apply_op2_no_bwd(&bias, &softmax_op)?;
         Ok(())
@@ -537,7 +537,7 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
         Ok(())
     })?;
     let dp_att = go_g.matmul(&vt.t()?)?.reshape((b, nh, t, t))?;
-    let softmax_bwd_op = crate::model::softmax::MaskedSoftmaxBackward { scale };
+    let softmax_bwd_op = crate::kernels::softmax::MaskedSoftmaxBackward { scale };
     let att_softmax_backward = time_it(&dev, args.iters, || {
         s_att.apply_op3_no_bwd(&bias, &dp_att, &softmax_bwd_op)?;
         Ok(())
@@ -550,9 +550,9 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
         Ok(())
     })?;
     let qk_norm_rope_backward = time_it(&dev, args.iters, || {
-        use crate::model::norm_rope::{norm_rope_backward, tables};
+        use crate::kernels::norm_rope::norm_rope_backward;
         for (x, w, g) in [(&qv, &qn, &go), (&kv, &kn, &gk)] {
-            norm_rope_backward(x.as_tensor(), &tables(w.as_tensor(), &rope)?, g, 1e-6)?;
+            norm_rope_backward(x.as_tensor(), &rope.norm_rope_tables(w.as_tensor())?, g, 1e-6)?;
         }
         Ok(())
     })?;
@@ -588,30 +588,18 @@ fn layer(args: &LayerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Compiles each kernel source, printing `{kernels: {name: ptx_bytes}}`; fails on the first error.
+/// Compiles every module of [`crate::kernels::MODULES`] and finds each kernel its launchers can ask
+/// for in the PTX, printing `{kernels: {module: ptx_bytes}, entries: {module: kernels}}`; fails on
+/// the first error.
 #[cfg(feature = "cuda")]
 fn kernels() -> anyhow::Result<()> {
-    type Ptx = fn() -> candle_core::Result<&'static str>;
-    let sets: [(&str, Ptx); 6] = [
-        ("rms_norm_backward", crate::model::norm::cuda::ptx),
-        ("masked_softmax", crate::model::softmax::cuda::ptx),
-        ("swiglu", crate::model::swiglu::cuda::ptx),
-        ("qk_norm_rope", crate::model::norm_rope::cuda::ptx),
-        ("fused_adamw", crate::train::fused::cuda::ptx),
-        ("scatter_rows", crate::train::scatter::cuda::ptx),
-    ];
-    let mut report = serde_json::Map::new();
-    for (name, ptx) in sets {
-        report.insert(name.into(), ptx()?.len().into());
+    let (mut sizes, mut entries) = (serde_json::Map::new(), serde_json::Map::new());
+    for module in crate::kernels::MODULES {
+        let (bytes, kernels) = module.check()?;
+        sizes.insert(module.name.into(), bytes.into());
+        entries.insert(module.name.into(), kernels.into());
     }
-    let softmax = crate::model::softmax::cuda::ptx()?;
-    for entry in crate::model::softmax::cuda::entry_names()? {
-        anyhow::ensure!(
-            softmax.contains(&format!(".entry {entry}(")),
-            "the attention softmax PTX has no kernel `{entry}`, which src/model/softmax.rs launches"
-        );
-    }
-    println!("{}", serde_json::json!({ "kernels": report }));
+    println!("{}", serde_json::json!({ "kernels": sizes, "entries": entries }));
     Ok(())
 }
 

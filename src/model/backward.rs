@@ -8,7 +8,7 @@
 //! forward matmul make about 2×). Here the chain rule is written out: eighteen matmuls (two per
 //! projection, four in attention), the fused kernels of RMSNorm ([`super::norm`]), the q/k norm
 //! with RoPE ([`super::norm_rope`]), attention's softmax from its kept probabilities
-//! ([`super::fused`]) and SwiGLU ([`super::swiglu`]), two residual adds, and the layout changes
+//! ([`super::fused`]) and SwiGLU ([`crate::kernels::swiglu`]), two residual adds, and the layout changes
 //! attention's output needs.
 //!
 //! [`Qwen3::layer_taped`] runs the same ops in the same order as [`Qwen3::layer`] (so the same
@@ -20,11 +20,11 @@
 use candle_core::{DType, Result as CandleResult, Tensor};
 
 use super::fused::{attention_backward_from_probs, attention_forward_keeping_probs, rms_norm, rms_norm_backward};
-use super::norm_rope::{norm_rope_backward, norm_rope_forward, tables};
 use super::ops::Linear;
 use super::qwen3::{DecoderLayer, LayerInputs};
-use super::swiglu::{swiglu_backward, swiglu_forward};
 use super::{ModelError, Qwen3};
+use crate::kernels::norm_rope::{norm_rope_backward, norm_rope_forward};
+use crate::kernels::swiglu::{swiglu_backward, swiglu_forward};
 
 /// What one layer's forward keeps for its backward (all detached, in the compute dtype).
 /// Rows are the batch's `B·T` positions.
@@ -116,10 +116,10 @@ impl Qwen3 {
         let x = x.detach().contiguous()?.reshape((rows, hd))?;
         let h1 = rms_norm(&x, &layer.input_layernorm.detach(), layer.eps)?;
         let q_proj = linear(&h1, &a.q_proj)?.reshape((b, t, nh, d))?;
-        let q_tables = tables(&a.q_norm, &shared.rope)?;
+        let q_tables = shared.rope.norm_rope_tables(&a.q_norm)?;
         let q = norm_rope_forward(&q_proj, &q_tables, a.eps)?;
         let k_proj = linear(&h1, &a.k_proj)?.reshape((b, t, nkv, d))?;
-        let k_tables = tables(&a.k_norm, &shared.rope)?;
+        let k_tables = shared.rope.norm_rope_tables(&a.k_norm)?;
         let k = norm_rope_forward(&k_proj, &k_tables, a.eps)?;
         let v = linear(&h1, &a.v_proj)?.reshape((b, t, nkv, d))?.transpose(1, 2)?.contiguous()?;
         let (out, probs) =

@@ -7,7 +7,7 @@
 //! probabilities): about 1.7 GB per layer for 16 × 512 tokens of Qwen3-0.6B, 49 GB over its 28
 //! layers, which does not fit an 80 GB GPU next to the optimizer state. Each function here instead
 //! computes its output on detached inputs (so its intermediates are freed at once; the forward
-//! uses candle's fused kernels, or ours in [`super::softmax`]), then attaches that output to the graph through
+//! uses candle's fused kernels, or ours in [`crate::kernels::softmax`]), then attaches that output to the graph through
 //! a custom op whose backward recomputes what it needs from the inputs alone. The attention
 //! backward recomputes the probabilities from q and k, as FlashAttention does, so no
 //! `seq × seq` tensor outlives the layer that made it.
@@ -20,6 +20,8 @@ use std::sync::Mutex;
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+
+use crate::kernels;
 
 type Backward = Box<dyn Fn(&[&Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync>;
 
@@ -170,7 +172,7 @@ fn attach(name: &'static str, args: &[&Tensor], out: Tensor, backward: Backward)
 
 /// RMSNorm as transformers' `Qwen3RMSNorm`: statistics in f32, then the weight. The forward is
 /// candle's fused kernel (which multiplies by the weight before rounding to a 16-bit dtype, one
-/// rounding fewer than the reference; f32 is unaffected). The backward ([`super::norm`]), in f32,
+/// rounding fewer than the reference; f32 is unaffected). The backward ([`crate::kernels::norm`]), in f32,
 /// recomputes `n = x / rms(x)` and returns `dx = (g·w − n·mean(g·w·n)) / rms(x)` and `dw = Σ g·n`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
@@ -185,31 +187,31 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// `(dx, dw)` of [`rms_norm`] for the output gradient `g`, without a graph.
 pub fn rms_norm_backward(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     let (x, w, g) = (x.contiguous()?, w.contiguous()?, g.contiguous()?);
-    let dx = x.apply_op3_no_bwd(&w, &g, &super::norm::RmsNormBackwardDx { eps })?;
-    let dw = x.apply_op2_no_bwd(&g, &super::norm::RmsNormBackwardDw { eps })?.sum(0)?.to_dtype(w.dtype())?;
+    let dx = x.apply_op3_no_bwd(&w, &g, &kernels::norm::RmsNormBackwardDx { eps })?;
+    let dw = x.apply_op2_no_bwd(&g, &kernels::norm::RmsNormBackwardDw { eps })?.sum(0)?.to_dtype(w.dtype())?;
     Ok((dx, dw))
 }
 
-/// The MLP's gate `silu(gate) · up` as one kernel ([`super::swiglu`]), in f32 with one rounding;
+/// The MLP's gate `silu(gate) · up` as one kernel ([`crate::kernels::swiglu`]), in f32 with one rounding;
 /// its backward is one kernel too.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let (gate, up) = (gate.contiguous()?, up.contiguous()?);
-    let out = super::swiglu::swiglu_forward(&gate.detach(), &up.detach())?;
+    let out = kernels::swiglu::swiglu_forward(&gate.detach(), &up.detach())?;
     let backward: Backward = Box::new(|args, g| {
-        let (dg, du) = super::swiglu::swiglu_backward(&args[0].detach(), &args[1].detach(), g)?;
+        let (dg, du) = kernels::swiglu::swiglu_backward(&args[0].detach(), &args[1].detach(), g)?;
         Ok(vec![Some(dg), Some(du)])
     });
     attach("fused-swiglu", &[&gate, &up], out, backward)
 }
 
-/// Attention's query/key path in one kernel each way ([`super::norm_rope`]): per-head RMSNorm with
+/// Attention's query/key path in one kernel each way ([`crate::kernels::norm_rope`]): per-head RMSNorm with
 /// `weight`, RoPE, and `x: [B, T, heads, d]` → `[B, heads, T, d]` contiguous.
 pub fn qk_norm_rope(x: &Tensor, weight: &Tensor, rope: &super::ops::RopeTables, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
-    let wcs = super::norm_rope::tables(weight, rope)?;
-    let out = super::norm_rope::norm_rope_forward(&x.detach(), &wcs, eps)?;
+    let wcs = rope.norm_rope_tables(weight)?;
+    let out = kernels::norm_rope::norm_rope_forward(&x.detach(), &wcs, eps)?;
     let backward: Backward = Box::new(move |args, g| {
-        let (dx, dw) = super::norm_rope::norm_rope_backward(&args[0].detach(), &wcs, g, eps)?;
+        let (dx, dw) = kernels::norm_rope::norm_rope_backward(&args[0].detach(), &wcs, g, eps)?;
         Ok(vec![Some(dx), Some(dw)])
     });
     attach("fused-qk-norm-rope", &[&x, weight], out, backward)
@@ -230,7 +232,7 @@ pub fn rope_thd(x: &Tensor, cos: &Tensor, sin: &Tensor, neg_sin: &Tensor) -> Res
 /// `softmax(q kᵀ · scale + bias) v` for grouped-query attention: `q: [B, nh, T, d]`,
 /// `k, v: [B, nkv, T, d]`, `bias: [B, 1, T, T]` (f32, additive). Scores are scaled in the input
 /// dtype and soft-maxed in f32, as transformers' eager attention does, by one kernel
-/// ([`super::softmax`]). The backward recomputes the scores and returns
+/// ([`crate::kernels::softmax`]). The backward recomputes the scores and returns
 /// `dV = Pᵀ dO`, `dS = P ⊙ (dO Vᵀ − rowsum(dO Vᵀ ⊙ P))`, `dQ = scale · dS K`, `dK = scale · dSᵀ Q`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
@@ -279,7 +281,7 @@ pub fn attention_backward_from_probs(
     scale: f64,
     g: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    backward_through(q, k, v, p, g, |dp| p.apply_op2_no_bwd(dp, &super::softmax::SoftmaxBackwardFromProbs { scale }))
+    backward_through(q, k, v, p, g, |dp| p.apply_op2_no_bwd(dp, &kernels::softmax::SoftmaxBackwardFromProbs { scale }))
 }
 
 /// `(dq, dk, dv)` of [`attention`] for the output gradient `g`, recomputing the probabilities from
@@ -295,7 +297,7 @@ pub fn attention_backward(
     let s = scores(q, k)?;
     let p = probabilities(&s, bias, scale)?;
     backward_through(q, k, v, &p, g, |dp| {
-        s.apply_op3_no_bwd(bias, dp, &super::softmax::MaskedSoftmaxBackward { scale })
+        s.apply_op3_no_bwd(bias, dp, &kernels::softmax::MaskedSoftmaxBackward { scale })
     })
 }
 
@@ -330,7 +332,7 @@ fn scores(q: &Tensor, k: &Tensor) -> Result<Tensor> {
 
 /// The attention probabilities in the input dtype, `[B, nh, T, T]`.
 fn probabilities(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    scores.apply_op2_no_bwd(bias, &super::softmax::MaskedSoftmax { scale })
+    scores.apply_op2_no_bwd(bias, &kernels::softmax::MaskedSoftmax { scale })
 }
 
 #[cfg(test)]

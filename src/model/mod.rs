@@ -6,9 +6,9 @@
 //!   from candle ops that have a backward pass.
 //! - [`fused`]: the same RMSNorm, RoPE and attention through candle's fused kernels, with
 //!   hand-written backward passes that recompute rather than keep `seq × seq` tensors; their
-//!   row-wise kernels (CPU loops and CUDA) are in [`softmax`] and [`norm`].
+//!   row-wise kernels (CPU loops and CUDA) are in [`crate::kernels`].
 //! - [`backward`]: a decoder layer's backward pass written out by hand (matmuls and the fused
-//!   kernels, SwiGLU's in [`swiglu`]), which full fine-tuning uses instead of autograd.
+//!   kernels), which full fine-tuning uses instead of autograd.
 //! - [`qwen3`]: the decoder. Parameters live in a [`ParamMap`] keyed by their Hugging Face names, as
 //!   `candle_core::Var`s when trainable, so a trainer can run `loss.backward()` and read each
 //!   gradient from the `GradStore` by name.
@@ -26,17 +26,10 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod fused;
-pub mod norm;
-pub mod norm_rope;
-#[cfg(feature = "cuda")]
-pub mod nvrtc;
 pub mod ops;
 pub mod qwen3;
 pub mod reranker;
 pub mod score;
-pub mod softmax;
-pub mod storage;
-pub mod swiglu;
 
 pub use checkpoint::{load, load_files, random, resolve, save, LoadOptions, ModelFiles, ModelSource, SaveOptions};
 pub use config::Qwen3Config;

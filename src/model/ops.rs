@@ -105,6 +105,12 @@ impl RopeTables {
         (&self.cos_half, &self.sin_half)
     }
 
+    /// `[weight | cos | sin]`, the one small input the q/k norm + RoPE kernels take
+    /// ([`crate::kernels::norm_rope`]).
+    pub fn norm_rope_tables(&self, weight: &Tensor) -> Result<Tensor> {
+        crate::kernels::norm_rope::tables(weight, &self.cos_half, &self.sin_half)
+    }
+
     /// Applies the rotation to `x: [batch, heads, seq, head_dim]` (any strides); the result is
     /// contiguous, which lets attention reshape it for free.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {

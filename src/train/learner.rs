@@ -11,7 +11,7 @@
 //! embeddings). Instead each micro-batch gathers the rows it uses (plus the yes/no rows of the
 //! head) into a small leaf variable and feeds the decoder embeddings
 //! ([`Qwen3::hidden_states_from_embeds`]); the leaf's gradient (with the hand-written layer
-//! backward: each position's gradient directly, [`super::scatter`] on a device) is scattered into
+//! backward: each position's gradient directly, [`crate::kernels::scatter`] on a device) is scattered into
 //! the optimizer's accumulator, which remembers the touched rows (see [`super::optimizer`] for what
 //! that saves). The rows a batch gathers are first brought up to date with any weight decay the
 //! optimizer deferred.

@@ -6,11 +6,8 @@
 //! - [`matching`]: an auxiliary per-token objective (is this document token in the query?) that
 //!   lets models trained from scratch find lexical matching.
 //! - [`loss`]: BCE, MSE on P(yes), and RankNet pairwise, as differentiable sums and as f64 means.
-//! - [`optim`]: AdamW with torch's arithmetic over flat f32 buffers, global-norm clipping.
-//! - [`fused`]: the same AdamW as one in-place op over a parameter's packed state on its device
-//!   (a CUDA kernel on the GPU).
-//! - [`scatter`]: token positions' gradients added into the embedding's accumulator in place (a
-//!   CUDA kernel on the GPU), deterministically.
+//! - [`optim`]: AdamW with torch's arithmetic over flat f32 buffers, global-norm clipping (on the
+//!   device, the same AdamW is one in-place op: [`crate::kernels::adamw`]).
 //! - [`schedule`]: linear warmup then linear decay, as transformers.
 //! - [`lora`]: adapters (PEFT's initialisation) and merging them for export.
 //! - [`optimizer`]: the trainable parameters' f32 masters, AdamW moments, gradient accumulation,
@@ -26,14 +23,12 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
-pub mod fused;
 pub mod learner;
 pub mod lora;
 pub mod loss;
 pub mod matching;
 pub mod optim;
 pub mod optimizer;
-pub mod scatter;
 pub mod schedule;
 pub mod trainer;
 

@@ -168,7 +168,7 @@ pub fn clip_factor(norm: f64, max_norm: f64) -> f32 {
 }
 
 /// The dense update written as candle tensor ops: the formulas once more, as an independent
-/// cross-check of the loops in the tests (the device path is fused: [`super::fused`]).
+/// cross-check of the loops in the tests (the device path is fused: [`crate::kernels::adamw`]).
 /// Returns the new (p, m, v).
 pub fn adamw_tensors(
     p: &candle_core::Tensor,

@@ -15,7 +15,7 @@
 //!   compute the `Var`'s own storage is the master, updated in place through a candle in-place
 //!   op, so nothing is copied);
 //! - on a GPU, as one f32 tensor per parameter (master | m | v) updated in place by one fused
-//!   kernel ([`super::fused`]).
+//!   kernel ([`crate::kernels::adamw`]).
 //!
 //! After each update the master is written back into the `Var` in the compute dtype.
 //!
@@ -39,10 +39,10 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::HostTensor;
 use super::config::{AdamConfig, OptimizerBackend, TrainConfig};
-use super::fused::{FusedAdamW, SumSquaresInto, WriteMaster};
 use super::optim::{adamw_dense, adamw_rows, apply_pending_decay, clip_factor, sum_squares, RowState, StepScalars};
 use super::TrainError;
-use crate::model::storage::{contiguous_range, write_f32};
+use crate::kernels::adamw::{FusedAdamW, SumSquaresInto, WriteMaster};
+use crate::kernels::{contiguous_range, write_f32};
 
 /// Weight decay applies to matrices, not to norm weights or biases (transformers' Trainer rule).
 pub fn takes_weight_decay(name: &str) -> bool {
@@ -640,7 +640,7 @@ fn add_rows(state: &mut State, ids: &[u32], g: &Tensor, cols: usize, device: &De
                 d.grad = Some(Tensor::zeros(d.shape.as_slice(), DType::F32, device)?);
             }
             let acc = d.grad.as_ref().expect("set above");
-            super::scatter::Plan::new(ids, device)?.add_into(acc, g)?;
+            crate::kernels::scatter::Plan::new(ids, device)?.add_into(acc, g)?;
         }
     }
     Ok(())

@@ -3,7 +3,7 @@
 //! Why: as tensor ops the backward of `w · x / rms(x)` is about fourteen f32 kernels over the
 //! input's shape, four times per decoder layer (two of them over `[tokens, heads, head_dim]`); on
 //! the GPU each costs a launch and a full pass over memory. Here it is two passes. Both recompute
-//! `1 / rms(x)` per row; neither records a graph ([`super::fused::rms_norm`] calls them).
+//! `1 / rms(x)` per row; neither records a graph ([`crate::model::fused::rms_norm`] calls them).
 //!
 //! With `n = x / rms(x)` (f32): `dx = (g·w − n · mean(g·w·n)) / rms(x)`, rounded to x's dtype, and
 //! `dw = Σ_rows g·n`, returned as partial sums `[P, H]` (f32) for the caller to add up, so that no
@@ -11,6 +11,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, WithDType};
 use rayon::prelude::*;
+
+use super::on_float_storages;
 
 /// `dx` of RMSNorm; args: x `[..., H]`, w `[H]`, g (x's shape), all one float dtype, contiguous.
 #[derive(Debug, Clone, Copy)]
@@ -28,7 +30,7 @@ pub struct RmsNormBackwardDw {
 const CPU_CHUNK: usize = 256;
 
 fn offset(l: &Layout, what: &str) -> Result<usize> {
-    Ok(super::storage::contiguous_range(l, "RMSNorm backward", what)?.start)
+    super::contiguous_start(l, "RMSNorm backward", what)
 }
 
 /// (rows, H) of x, after checking g (and w) against it.
@@ -105,18 +107,12 @@ impl CustomOp3 for RmsNormBackwardDx {
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, h) = shape(lx, lg, Some(lw))?;
         let (ox, ow, og, n) = (offset(lx, "x")?, offset(lw, "w")?, offset(lg, "g")?, rows * h);
-        let out = match (sx, sw, sg) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                CpuStorage::F32(dx_cpu(&x[ox..ox + n], &w[ow..ow + h], &g[og..og + n], h, self.eps))
-            }
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(g)) => {
-                CpuStorage::BF16(dx_cpu(&x[ox..ox + n], &w[ow..ow + h], &g[og..og + n], h, self.eps))
-            }
-            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(g)) => {
-                CpuStorage::F16(dx_cpu(&x[ox..ox + n], &w[ow..ow + h], &g[og..og + n], h, self.eps))
-            }
-            _ => candle_core::bail!("RMSNorm backward: x, w and g must share one float dtype"),
-        };
+        let out = on_float_storages!(
+            storage,
+            (sx, sw, sg),
+            |x, w, g| dx_cpu(&x[ox..ox + n], &w[ow..ow + h], &g[og..og + n], h, self.eps),
+            "RMSNorm backward: x, w and g must share one float dtype"
+        );
         Ok((out, lx.shape().clone()))
     }
 
@@ -145,12 +141,12 @@ impl CustomOp2 for RmsNormBackwardDw {
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sg: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, h) = shape(lx, lg, None)?;
         let (ox, og, n) = (offset(lx, "x")?, offset(lg, "g")?, rows * h);
-        let parts = match (sx, sg) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => dw_cpu(&x[ox..ox + n], &g[og..og + n], h, self.eps),
-            (CpuStorage::BF16(x), CpuStorage::BF16(g)) => dw_cpu(&x[ox..ox + n], &g[og..og + n], h, self.eps),
-            (CpuStorage::F16(x), CpuStorage::F16(g)) => dw_cpu(&x[ox..ox + n], &g[og..og + n], h, self.eps),
-            _ => candle_core::bail!("RMSNorm backward: x and g must share one float dtype"),
-        };
+        let parts = on_float_storages!(
+            value,
+            (sx, sg),
+            |x, g| dw_cpu(&x[ox..ox + n], &g[og..og + n], h, self.eps),
+            "RMSNorm backward: x and g must share one float dtype"
+        );
         let p = parts.len() / h.max(1);
         Ok((CpuStorage::F32(parts), Shape::from((p, h))))
     }
@@ -172,14 +168,15 @@ impl CustomOp2 for RmsNormBackwardDw {
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
-    use std::sync::OnceLock;
-
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::WrapErr;
-    use candle_core::{CudaStorage, DType, Result};
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::{CudaStorage, Result};
 
-    /// A warp per row (grid-stride). `F32`, `BF16`, `F16`: [`crate::model::nvrtc::FLOAT_TYPES`].
+    use crate::kernels::launch::{
+        blocks, for_float_dtype, grid, launch, typed_names, Module, FLOAT_TYPES, INSTANCES, THREADS, WARP_REDUCE,
+    };
+
+    /// A warp per row (grid-stride). `F32`, `BF16`, `F16`: [`FLOAT_TYPES`].
     const SOURCE: &str = r#"
 template <typename D>
 __device__ __forceinline__ float inv_rms(const typename D::S* x, int h, float eps, int lane) {
@@ -227,23 +224,17 @@ extern "C" __global__ void pipe_rms_dx_##NAME(const D::S* x, const D::S* w, cons
   { dx<D>(x, w, g, out, rows, h, eps); } \
 extern "C" __global__ void pipe_rms_dw_##NAME(const D::S* x, const D::S* g, float* partial, long long rows, int h, float eps) \
   { dw<D>(x, g, partial, rows, h, eps); }
-KERNELS(f32, F32)
-KERNELS(bf16, BF16)
-KERNELS(f16, F16)
 "#;
 
-    const THREADS: u32 = 256;
+    const DX: &str = "pipe_rms_dx";
+    const DW: &str = "pipe_rms_dw";
 
-    pub(crate) fn ptx() -> Result<&'static str> {
-        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        crate::model::nvrtc::ptx(&PTX, "RMSNorm backward kernels", || {
-            format!("{}{}{SOURCE}", crate::model::nvrtc::FLOAT_TYPES, crate::model::nvrtc::WARP_REDUCE)
-        })
-    }
-
-    fn suffix(dtype: DType) -> Result<&'static str> {
-        crate::model::nvrtc::dtype_suffix(dtype, "RMSNorm backward")
-    }
+    pub static MODULE: Module = Module::new(
+        "rms_norm_backward",
+        "RMSNorm backward kernels",
+        &[FLOAT_TYPES, WARP_REDUCE, SOURCE, INSTANCES],
+        || Ok(typed_names(&[DX, DW])),
+    );
 
     #[allow(clippy::too_many_arguments)]
     pub fn dx(
@@ -257,12 +248,10 @@ KERNELS(f16, F16)
         h: usize,
         eps: f64,
     ) -> Result<CudaStorage> {
-        let dev = x.device.clone();
-        let func =
-            dev.get_or_load_custom_func(&format!("pipe_rms_dx_{}", suffix(x.dtype())?), "pipe_rms_norm", ptx()?)?;
+        let dev = &x.device;
+        let func = MODULE.typed(dev, DX, x.dtype(), "RMSNorm backward")?;
         let n = rows * h;
-        let blocks = rows.div_ceil((THREADS / 32) as usize).clamp(1, 8192) as u32;
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cfg = grid(blocks(rows, (THREADS / 32) as usize, 8192), THREADS, 0);
         let (rows64, h32, eps32) = (rows as i64, h as i32, eps as f32);
         macro_rules! run {
             ($t:ty) => {{
@@ -271,20 +260,12 @@ KERNELS(f16, F16)
                 let gs = g.as_cuda_slice::<$t>()?.slice(og..og + n);
                 // SAFETY: every element is written: each row by one warp, every column of it.
                 let out = unsafe { dev.alloc::<$t>(n)? };
-                let mut b = func.builder();
-                b.arg(&xs);
-                b.arg(&ws);
-                b.arg(&gs);
-                b.arg(&out);
-                b.arg(&rows64);
-                b.arg(&h32);
-                b.arg(&eps32);
                 // SAFETY: arguments in the kernel's order and types; indices stay below rows·h.
-                unsafe { b.launch(cfg) }.w()?;
+                unsafe { launch!(func, cfg, [&xs, &ws, &gs, &out, &rows64, &h32, &eps32]) }?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
-        Ok(crate::model::nvrtc::for_float_dtype!(x.dtype(), run))
+        Ok(for_float_dtype!(x.dtype(), run))
     }
 
     pub fn dw(
@@ -296,17 +277,12 @@ KERNELS(f16, F16)
         h: usize,
         eps: f64,
     ) -> Result<(CudaStorage, usize)> {
-        let dev = x.device.clone();
-        let func =
-            dev.get_or_load_custom_func(&format!("pipe_rms_dw_{}", suffix(x.dtype())?), "pipe_rms_norm", ptx()?)?;
+        let dev = &x.device;
+        let func = MODULE.typed(dev, DW, x.dtype(), "RMSNorm backward")?;
         let n = rows * h;
         // About 64 rows per block (8 per warp), at most 1024 partial sums.
-        let blocks = rows.div_ceil(64).clamp(1, 1024);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: (h * 4) as u32,
-        };
+        let blocks = blocks(rows, 64, 1024);
+        let cfg = grid(blocks, THREADS, h * 4);
         let (rows64, h32, eps32) = (rows as i64, h as i32, eps as f32);
         // SAFETY: each block writes its whole row of partial sums.
         let out = unsafe { dev.alloc::<f32>(blocks * h)? };
@@ -314,19 +290,12 @@ KERNELS(f16, F16)
             ($t:ty) => {{
                 let xs = x.as_cuda_slice::<$t>()?.slice(ox..ox + n);
                 let gs = g.as_cuda_slice::<$t>()?.slice(og..og + n);
-                let mut b = func.builder();
-                b.arg(&xs);
-                b.arg(&gs);
-                b.arg(&out);
-                b.arg(&rows64);
-                b.arg(&h32);
-                b.arg(&eps32);
                 // SAFETY: arguments in the kernel's order and types; `h` floats of dynamic shared
                 // memory; indices stay below rows·h and blocks·h.
-                unsafe { b.launch(cfg) }.w()?;
+                unsafe { launch!(func, cfg, [&xs, &gs, &out, &rows64, &h32, &eps32]) }?;
             }};
         }
-        crate::model::nvrtc::for_float_dtype!(x.dtype(), run);
+        for_float_dtype!(x.dtype(), run);
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), blocks))
     }
 }

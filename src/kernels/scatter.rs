@@ -10,7 +10,7 @@
 
 use candle_core::{CpuStorage, Device, InplaceOp3, Layout, Result, Tensor, WithDType};
 
-use crate::model::storage::contiguous_range;
+use super::contiguous_start;
 
 /// The positions of a batch grouped by destination row, as one u32 tensor:
 /// `[starts (u + 1) | rows (u) | order (n)]`, `u` distinct rows, `n` positions.
@@ -65,8 +65,7 @@ fn extents(
     plan: &Layout,
     distinct: usize,
 ) -> Result<(usize, usize, usize, usize, usize, usize)> {
-    let contiguous =
-        |l: &Layout, what: &str| Ok::<_, candle_core::Error>(contiguous_range(l, "row scatter", what)?.start);
+    let contiguous = |l: &Layout, what: &str| contiguous_start(l, "row scatter", what);
     let (rows, cols) = acc.shape().dims2()?;
     let (n, gcols) = g.shape().dims2()?;
     if gcols != cols || plan.shape().elem_count() != 2 * distinct + 1 + n {
@@ -135,51 +134,24 @@ impl InplaceOp3 for ScatterRows {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<()> {
-        use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-        use candle_core::cuda_backend::WrapErr;
-
         let (a0, rows, cols, g0, n, p0) = extents(l1, l2, l3, self.distinct)?;
         if self.distinct == 0 {
             return Ok(());
         }
-        let dev = s1.device.clone();
-        let suffix = crate::model::nvrtc::dtype_suffix(s2.dtype(), "row scatter")?;
-        let func = dev.get_or_load_custom_func(&format!("pipe_scatter_rows_{suffix}"), "pipe_scatter", cuda::ptx()?)?;
-        let plan = s3.as_cuda_slice::<u32>()?.slice(p0..p0 + 2 * self.distinct + 1 + n);
-        let mut acc = s1.as_cuda_slice_mut::<f32>()?.slice_mut(a0..a0 + rows * cols);
-        let cfg = LaunchConfig {
-            grid_dim: (self.distinct.min(65_535) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (u32_, rows32, cols32) = (self.distinct as i32, rows as i32, cols as i32);
-        macro_rules! run {
-            ($t:ty) => {{
-                let g = s2.as_cuda_slice::<$t>()?.slice(g0..g0 + n * cols);
-                let mut b = func.builder();
-                b.arg(&mut acc);
-                b.arg(&g);
-                b.arg(&plan);
-                b.arg(&u32_);
-                b.arg(&rows32);
-                b.arg(&cols32);
-                // SAFETY: arguments in the kernel's order and types; the plan's positions are below
-                // n (built by `Plan::new`), and the kernel skips rows at or above `rows`.
-                unsafe { b.launch(cfg) }.w()?;
-            }};
-        }
-        crate::model::nvrtc::for_float_dtype!(s2.dtype(), run);
-        Ok(())
+        cuda::scatter_rows(s1, a0, (rows, cols), s2, g0, s3, p0, n, self.distinct)
     }
 }
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
-    use std::sync::OnceLock;
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::{CudaStorage, Result};
+
+    use crate::kernels::launch::{for_float_dtype, grid, launch, typed_names, Module, FLOAT_TYPES, INSTANCES, THREADS};
 
     /// A block per distinct row (grid-stride), a thread per column. `F32`, `BF16`, `F16`:
-    /// [`crate::model::nvrtc::FLOAT_TYPES`].
+    /// [`FLOAT_TYPES`].
     const SOURCE: &str = r#"
 template <typename D>
 __device__ void scatter_rows(float* acc, const typename D::S* g, const unsigned int* plan, int u, int rows, int cols) {
@@ -200,14 +172,44 @@ __device__ void scatter_rows(float* acc, const typename D::S* g, const unsigned 
 #define KERNELS(NAME, D) \
 extern "C" __global__ void pipe_scatter_rows_##NAME(float* acc, const D::S* g, const unsigned int* plan, int u, int rows, int cols) \
   { scatter_rows<D>(acc, g, plan, u, rows, cols); }
-KERNELS(f32, F32)
-KERNELS(bf16, BF16)
-KERNELS(f16, F16)
 "#;
 
-    pub(crate) fn ptx() -> candle_core::Result<&'static str> {
-        static PTX: OnceLock<Result<String, String>> = OnceLock::new();
-        crate::model::nvrtc::ptx(&PTX, "row scatter kernel", || format!("{}{SOURCE}", crate::model::nvrtc::FLOAT_TYPES))
+    const SCATTER_ROWS: &str = "pipe_scatter_rows";
+
+    pub static MODULE: Module =
+        Module::new("scatter_rows", "row scatter kernel", &[FLOAT_TYPES, SOURCE, INSTANCES], || {
+            Ok(typed_names(&[SCATTER_ROWS]))
+        });
+
+    /// `g[g0..g0 + n·cols]`'s rows added into `acc[a0..a0 + rows·cols]` by the plan at `p0` of its
+    /// `distinct > 0` rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn scatter_rows(
+        acc: &mut CudaStorage,
+        a0: usize,
+        (rows, cols): (usize, usize),
+        g: &CudaStorage,
+        g0: usize,
+        plan: &CudaStorage,
+        p0: usize,
+        n: usize,
+        distinct: usize,
+    ) -> Result<()> {
+        let func = MODULE.typed(&acc.device, SCATTER_ROWS, g.dtype(), "row scatter")?;
+        let plan = plan.as_cuda_slice::<u32>()?.slice(p0..p0 + 2 * distinct + 1 + n);
+        let mut acc = acc.as_cuda_slice_mut::<f32>()?.slice_mut(a0..a0 + rows * cols);
+        let cfg = grid(distinct.min(65_535), THREADS, 0);
+        let (u32_, rows32, cols32) = (distinct as i32, rows as i32, cols as i32);
+        macro_rules! run {
+            ($t:ty) => {{
+                let g = g.as_cuda_slice::<$t>()?.slice(g0..g0 + n * cols);
+                // SAFETY: arguments in the kernel's order and types; the plan's positions are below
+                // n (built by `Plan::new`), and the kernel skips rows at or above `rows`.
+                unsafe { launch!(func, cfg, [&mut acc, &g, &plan, &u32_, &rows32, &cols32]) }?;
+            }};
+        }
+        for_float_dtype!(g.dtype(), run);
+        Ok(())
     }
 }
 

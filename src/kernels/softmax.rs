@@ -4,7 +4,7 @@
 //! kernels (scale, cast to f32, add the mask, softmax, cast back) and its backward about eight,
 //! each reading and writing `T × T` tensors of up to 4 bytes an element: on the GPU, for
 //! Qwen3-0.6B at 16 × 512 tokens, that was half of a decoder layer's time. Here each direction is
-//! one pass over a row. Neither op records a graph: [`super::fused::attention`] calls them on
+//! one pass over a row. Neither op records a graph: [`crate::model::fused::attention`] calls them on
 //! detached tensors and supplies the gradient itself.
 //!
 //! Both ops do the tensor ops' arithmetic, up to the order of the f32 sums: the scale multiplies the
@@ -16,6 +16,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, WithDType};
 use rayon::prelude::*;
+
+use super::{contiguous_start, on_float_storages};
 
 /// `[B, heads, T, T]` scores and a `[B, 1, T, T]` f32 bias, both contiguous: (B, heads, T) and
 /// the start offsets.
@@ -120,18 +122,12 @@ impl CustomOp2 for SoftmaxBackwardFromProbs {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (t, p0, g0, n) = probs_dims(l1, l2)?;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(p), CpuStorage::F32(g)) => {
-                CpuStorage::F32(backward_from_probs_cpu(&p[p0..p0 + n], &g[g0..g0 + n], t, self.scale))
-            }
-            (CpuStorage::BF16(p), CpuStorage::BF16(g)) => {
-                CpuStorage::BF16(backward_from_probs_cpu(&p[p0..p0 + n], &g[g0..g0 + n], t, self.scale))
-            }
-            (CpuStorage::F16(p), CpuStorage::F16(g)) => {
-                CpuStorage::F16(backward_from_probs_cpu(&p[p0..p0 + n], &g[g0..g0 + n], t, self.scale))
-            }
-            _ => candle_core::bail!("softmax backward: P and dP must share one float dtype"),
-        };
+        let out = on_float_storages!(
+            storage,
+            (s1, s2),
+            |p, g| backward_from_probs_cpu(&p[p0..p0 + n], &g[g0..g0 + n], t, self.scale),
+            "softmax backward: P and dP must share one float dtype"
+        );
         Ok((out, l1.shape().clone()))
     }
 
@@ -144,7 +140,7 @@ impl CustomOp2 for SoftmaxBackwardFromProbs {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (t, p0, g0, n) = probs_dims(l1, l2)?;
-        let out = cuda::launch_from_probs(s1, p0, s2, g0, n, t, self.scale)?;
+        let out = cuda::from_probs(s1, p0, s2, g0, n, t, self.scale)?;
         Ok((out, l1.shape().clone()))
     }
 }
@@ -159,9 +155,7 @@ fn probs_dims(p: &Layout, dp: &Layout) -> Result<(usize, usize, usize, usize)> {
             dp.shape()
         );
     }
-    let offset = |l: &Layout, what: &str| {
-        Ok::<_, candle_core::Error>(super::storage::contiguous_range(l, "softmax backward", what)?.start)
-    };
+    let offset = |l: &Layout, what: &str| contiguous_start(l, "softmax backward", what);
     Ok((t, offset(p, "P")?, offset(dp, "dP")?, p.shape().elem_count()))
 }
 
@@ -236,7 +230,7 @@ impl CustomOp2 for MaskedSoftmax {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (b, h, t, s0, b0) = dims(l1, l2)?;
-        let out = cuda::launch(cuda::Kind::Forward, s1, s0, s2, b0, None, (b, h, t), self.scale)?;
+        let out = cuda::forward_or_backward(s1, s0, s2, b0, None, (b, h, t), self.scale)?;
         Ok((out, l1.shape().clone()))
     }
 }
@@ -258,18 +252,12 @@ impl CustomOp3 for MaskedSoftmaxBackward {
         let (b, h, t, s0, b0, g0) = backward_dims(l1, l2, l3)?;
         let bias = &f32_slice(s2)?[b0..];
         let n = b * h * t * t;
-        let out = match (s1, s3) {
-            (CpuStorage::F32(s), CpuStorage::F32(g)) => {
-                CpuStorage::F32(backward_cpu(&s[s0..s0 + n], bias, &g[g0..g0 + n], b, h, t, self.scale))
-            }
-            (CpuStorage::BF16(s), CpuStorage::BF16(g)) => {
-                CpuStorage::BF16(backward_cpu(&s[s0..s0 + n], bias, &g[g0..g0 + n], b, h, t, self.scale))
-            }
-            (CpuStorage::F16(s), CpuStorage::F16(g)) => {
-                CpuStorage::F16(backward_cpu(&s[s0..s0 + n], bias, &g[g0..g0 + n], b, h, t, self.scale))
-            }
-            _ => candle_core::bail!("masked softmax backward: scores and dP must share one float dtype"),
-        };
+        let out = on_float_storages!(
+            storage,
+            (s1, s3),
+            |s, g| backward_cpu(&s[s0..s0 + n], bias, &g[g0..g0 + n], b, h, t, self.scale),
+            "masked softmax backward: scores and dP must share one float dtype"
+        );
         Ok((out, l1.shape().clone()))
     }
 
@@ -284,24 +272,18 @@ impl CustomOp3 for MaskedSoftmaxBackward {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (b, h, t, s0, b0, g0) = backward_dims(l1, l2, l3)?;
-        let out = cuda::launch(cuda::Kind::Backward, s1, s0, s2, b0, Some((s3, g0)), (b, h, t), self.scale)?;
+        let out = cuda::forward_or_backward(s1, s0, s2, b0, Some((s3, g0)), (b, h, t), self.scale)?;
         Ok((out, l1.shape().clone()))
     }
 }
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
-    use std::sync::OnceLock;
-
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, DType, Result};
 
-    pub enum Kind {
-        Forward,
-        Backward,
-    }
+    use crate::kernels::launch::{dtype_suffix, grid, launch, Module, FLOAT_TYPES, WARP_REDUCE};
 
     /// Rows of up to [`WARP_MAX_T`] columns: one warp per row, [`ROWS_PER_BLOCK`] rows per block;
     /// each lane keeps its `K` columns (`j = lane + 32 k`) in registers, so every element is read
@@ -313,7 +295,7 @@ pub(crate) mod cuda {
     /// parameter (4, 8, 16, 32) so the per-lane arrays stay in registers.
     ///
     /// Every kernel takes the number of rows last and does nothing past it.
-    /// `F32`, `BF16`, `F16`: [`crate::model::nvrtc::FLOAT_TYPES`].
+    /// `F32`, `BF16`, `F16`: [`FLOAT_TYPES`].
     const SOURCE: &str = r#"
 __device__ float block_reduce(float v, bool is_max) {
   __shared__ float part[32];
@@ -520,24 +502,17 @@ ALL_KERNELS(f16, F16)
         Ok(match [4usize, 8, 16, 32].into_iter().find(|k| 32 * k >= t) {
             Some(k) => {
                 let blocks = rows_u.div_ceil(ROWS_PER_BLOCK).max(1);
-                let cfg = LaunchConfig {
-                    grid_dim: (blocks, 1, 1),
-                    block_dim: (32 * ROWS_PER_BLOCK, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                (format!("{base}_w{k}_{suffix}"), cfg, rows32)
+                (format!("{base}_w{k}_{suffix}"), grid(blocks as usize, 32 * ROWS_PER_BLOCK, 0), rows32)
             }
-            None => {
-                let cfg = LaunchConfig { grid_dim: (rows_u.max(1), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-                (format!("{base}_{suffix}"), cfg, rows32)
-            }
+            None => (format!("{base}_{suffix}"), grid(rows_u.max(1) as usize, 128, 0), rows32),
         })
     }
 
-    /// Every kernel name [`launch`] and [`launch_from_probs`] can ask for, for `pipe bench kernels`
-    /// to find in the compiled PTX: a name that the Rust side forms and the source does not define
-    /// would otherwise fail only on a GPU.
-    pub fn entry_names() -> Result<Vec<String>> {
+    /// The module: its kernels are every name [`forward_or_backward`] and [`from_probs`] can ask for.
+    pub static MODULE: Module =
+        Module::new("masked_softmax", "attention softmax kernels", &[FLOAT_TYPES, WARP_REDUCE, SOURCE], kernel_names);
+
+    fn kernel_names() -> Result<Vec<String>> {
         let mut names = Vec::new();
         for base in ["pipe_softmax_fwd", "pipe_softmax_bwd", "pipe_softmax_bwd_p"] {
             for suffix in ["f32", "bf16", "f16"] {
@@ -550,15 +525,8 @@ ALL_KERNELS(f16, F16)
         Ok(names)
     }
 
-    pub(crate) fn ptx() -> Result<&'static str> {
-        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        crate::model::nvrtc::ptx(&PTX, "attention softmax kernels", || {
-            format!("{}{}{SOURCE}", crate::model::nvrtc::FLOAT_TYPES, crate::model::nvrtc::WARP_REDUCE)
-        })
-    }
-
     /// [`super::SoftmaxBackwardFromProbs`] over `n` contiguous elements in rows of `t`.
-    pub fn launch_from_probs(
+    pub fn from_probs(
         p: &CudaStorage,
         p0: usize,
         dp: &CudaStorage,
@@ -567,10 +535,10 @@ ALL_KERNELS(f16, F16)
         t: usize,
         scale: f64,
     ) -> Result<CudaStorage> {
-        let dev = p.device.clone();
-        let suffix = crate::model::nvrtc::dtype_suffix(p.dtype(), "softmax backward")?;
+        let dev = &p.device;
+        let suffix = dtype_suffix(p.dtype(), "softmax backward")?;
         let (name, cfg, rows) = kernel_for("pipe_softmax_bwd_p", suffix, n / t.max(1), t)?;
-        let func = dev.get_or_load_custom_func(&name, "pipe_masked_softmax", ptx()?)?;
+        let func = MODULE.kernel(dev, &name)?;
         let t32 = t as i32;
         macro_rules! run {
             ($t:ty, $scale:expr) => {{
@@ -579,15 +547,8 @@ ALL_KERNELS(f16, F16)
                 // SAFETY: one block per row writes every column of it.
                 let out = unsafe { dev.alloc::<$t>(n)? };
                 let scale: f32 = $scale;
-                let mut b = func.builder();
-                b.arg(&ps);
-                b.arg(&gs);
-                b.arg(&out);
-                b.arg(&t32);
-                b.arg(&scale);
-                b.arg(&rows);
                 // SAFETY: arguments in the kernel's order and types; indices stay below n.
-                unsafe { b.launch(cfg) }.w()?;
+                unsafe { launch!(func, cfg, [&ps, &gs, &out, &t32, &scale, &rows]) }?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
@@ -601,8 +562,7 @@ ALL_KERNELS(f16, F16)
     /// Runs the forward (`dp = None`) or backward kernel over contiguous scores at offset `s0`, the
     /// bias at `b0` and dP at its offset; returns a new `[B, H, T, T]` tensor's storage.
     #[allow(clippy::too_many_arguments)]
-    pub fn launch(
-        kind: Kind,
+    pub fn forward_or_backward(
         scores: &CudaStorage,
         s0: usize,
         bias: &CudaStorage,
@@ -611,18 +571,15 @@ ALL_KERNELS(f16, F16)
         (b, h, t): (usize, usize, usize),
         scale: f64,
     ) -> Result<CudaStorage> {
-        let dev = scores.device.clone();
+        let dev = &scores.device;
         let n = b * h * t * t;
         let bias = bias.as_cuda_slice::<f32>()?.slice(b0..b0 + b * t * t);
         let (t32, h32) = (t as i32, h as i32);
         let dtype = scores.dtype();
-        let suffix = crate::model::nvrtc::dtype_suffix(dtype, "masked softmax")?;
-        let base = match kind {
-            Kind::Forward => "pipe_softmax_fwd",
-            Kind::Backward => "pipe_softmax_bwd",
-        };
+        let suffix = dtype_suffix(dtype, "masked softmax")?;
+        let base = if dp.is_some() { "pipe_softmax_bwd" } else { "pipe_softmax_fwd" };
         let (name, cfg, rows) = kernel_for(base, suffix, b * h * t, t)?;
-        let func = dev.get_or_load_custom_func(&name, "pipe_masked_softmax", ptx()?)?;
+        let func = MODULE.kernel(dev, &name)?;
         macro_rules! run {
             ($t:ty, $scale:expr) => {{
                 let s = scores.as_cuda_slice::<$t>()?.slice(s0..s0 + n);
@@ -634,20 +591,14 @@ ALL_KERNELS(f16, F16)
                     Some((dp, g0)) => Some(dp.as_cuda_slice::<$t>()?.slice(g0..g0 + n)),
                     None => None,
                 };
-                let mut builder = func.builder();
-                builder.arg(&s);
-                builder.arg(&bias);
-                if let Some(g) = &g {
-                    builder.arg(g);
-                }
-                builder.arg(&out);
-                builder.arg(&t32);
-                builder.arg(&h32);
-                builder.arg(&scale);
-                builder.arg(&rows);
                 // SAFETY: the arguments match the kernel's signature in order and type; every index
                 // it forms is below n (scores, dP, out) or b·t·t (bias).
-                unsafe { builder.launch(cfg) }.w()?;
+                unsafe {
+                    match &g {
+                        Some(g) => launch!(func, cfg, [&s, &bias, g, &out, &t32, &h32, &scale, &rows]),
+                        None => launch!(func, cfg, [&s, &bias, &out, &t32, &h32, &scale, &rows]),
+                    }
+                }?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }

@@ -1,6 +1,6 @@
 //! AdamW in one pass over a parameter's optimizer state, in place, on whichever device holds it.
 //!
-//! Why: written as tensor ops (as [`super::optim::adamw_tensors`] does) one update reads and writes the
+//! Why: written as tensor ops (as [`crate::train::optim::adamw_tensors`] does) one update reads and writes the
 //! parameter's f32 state about a dozen times and allocates as many temporaries, each the size of
 //! the parameter (1.5 GB for the 4B model's embedding). Fused, it is one read of the gradient and one
 //! read-modify-write of the state, and no allocation — which is what lets the 4B model's f32 masters
@@ -8,16 +8,15 @@
 //!
 //! The state of a parameter of `n` elements is one f32 tensor `[3, n]`: master weights, first
 //! moment, second moment. One buffer, so one in-place op may update all three. The arithmetic is
-//! [`super::optim::adamw_dense`]'s, element for element; the CUDA kernel is compiled with NVRTC
+//! [`crate::train::optim::adamw_dense`]'s (the CPU twin, which the host optimizer runs too), element for element; the CUDA kernel is compiled with NVRTC
 //! without FMA contraction and with IEEE division and square root, so it rounds like the CPU loop.
 
 use std::ops::Range;
 
 use candle_core::{CpuStorage, InplaceOp2, Layout};
 
-use crate::model::storage::{contiguous_range, write_f32};
-
-use super::optim::{adamw_dense, StepScalars};
+use super::{contiguous_range, write_f32};
+use crate::train::optim::{adamw_dense, StepScalars};
 
 /// One AdamW step of a `[3, n]` state (master | m | v) from an `[n]` gradient of any float dtype
 /// (a single micro-batch's 16-bit gradient is used as it is, not widened into a copy first).
@@ -37,16 +36,23 @@ fn widened<'a>(s: &'a CpuStorage, range: Range<usize>, op: &str) -> candle_core:
 
 /// (offset of the state, n, offset of the gradient), both contiguous (the state f32).
 fn extents(state: &Layout, grad: &Layout) -> candle_core::Result<(usize, usize, usize)> {
-    let Range { start: s0, end: s1 } = contiguous_range(state, "fused AdamW", "the optimizer state")?;
-    let Range { start: g0, end: g1 } = contiguous_range(grad, "fused AdamW", "the gradient")?;
-    let n = g1 - g0;
+    let (s0, n, g0) = packed(state, (grad, "gradient"), "fused AdamW")?;
+    Ok((s0, n, g0))
+}
+
+/// (offset of the `[3, n]` state, n, offset of `other`), both contiguous; `what` names `other` and
+/// `op` the op in the errors.
+fn packed(state: &Layout, (other, what): (&Layout, &str), op: &str) -> candle_core::Result<(usize, usize, usize)> {
+    let Range { start: s0, end: s1 } = contiguous_range(state, op, "the state")?;
+    let Range { start: o0, end: o1 } = contiguous_range(other, op, &format!("the {what}"))?;
+    let n = o1 - o0;
     if s1 - s0 != 3 * n {
         return Err(candle_core::Error::Msg(format!(
-            "fused AdamW: state of {} elements for a gradient of {n}; expected 3 × {n}",
+            "{op}: a state of {} elements for a {what} of {n}; expected 3 × {n}",
             s1 - s0
         )));
     }
-    Ok((s0, n, g0))
+    Ok((s0, n, o0))
 }
 
 impl InplaceOp2 for FusedAdamW {
@@ -74,50 +80,11 @@ impl InplaceOp2 for FusedAdamW {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-        use candle_core::cuda_backend::WrapErr;
-
         let (start, n, g0) = extents(l1, l2)?;
         if n == 0 {
             return Ok(());
         }
-        let dev = s1.device.clone();
-        let suffix = crate::model::nvrtc::dtype_suffix(s2.dtype(), "fused AdamW's gradient")?;
-        let func = dev.get_or_load_custom_func(&format!("pipe_adamw_{suffix}"), "pipe_fused_adamw", cuda::ptx()?)?;
-        let state = s1.as_cuda_slice_mut::<f32>()?;
-        let mut state = state.slice_mut(start..start + 3 * n);
-        let s = &self.0;
-        let n64 = n as u64;
-        const THREADS: u32 = 256;
-        let blocks = (n as u64).div_ceil(THREADS as u64).min(1 << 20) as u32;
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        macro_rules! run {
-            ($t:ty) => {{
-                let grad = s2.as_cuda_slice::<$t>()?.slice(g0..g0 + n);
-                let mut b = func.builder();
-                b.arg(&mut state);
-                b.arg(&grad);
-                b.arg(&n64);
-                for x in [
-                    &s.decay,
-                    &s.one_minus_beta1,
-                    &s.beta2,
-                    &s.one_minus_beta2,
-                    &s.neg_step_size,
-                    &s.bias_correction2_sqrt,
-                    &s.eps,
-                    &s.grad_scale,
-                ] {
-                    b.arg(x);
-                }
-                // SAFETY: the kernel reads `grad[0..n]` and writes `state[0..3n]`, both in bounds
-                // (checked by `extents`); the arguments match its signature in order and type.
-                unsafe { b.launch(cfg) }.w()?;
-            }};
-        }
-        crate::model::nvrtc::for_float_dtype!(s2.dtype(), run);
-        Ok(())
+        cuda::adamw(s1, start, s2, g0, n, &self.0)
     }
 }
 
@@ -164,37 +131,11 @@ impl InplaceOp2 for SumSquaresInto {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-        use candle_core::cuda_backend::WrapErr;
-
         let (p0, g0, n) = squares_extents(l1, l2, self.slot)?;
         if n == 0 {
             return Ok(());
         }
-        let dev = s1.device.clone();
-        let suffix = crate::model::nvrtc::dtype_suffix(s2.dtype(), "sum of squares")?;
-        let func =
-            dev.get_or_load_custom_func(&format!("pipe_sum_squares_{suffix}"), "pipe_fused_adamw", cuda::ptx()?)?;
-        const THREADS: u32 = 256;
-        let blocks = n.div_ceil(THREADS as usize).clamp(1, Self::PARTS);
-        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let mut partials = s1.as_cuda_slice_mut::<f32>()?.slice_mut(p0..p0 + blocks);
-        let n64 = n as u64;
-        macro_rules! run {
-            ($t:ty) => {{
-                let g = s2.as_cuda_slice::<$t>()?.slice(g0..g0 + n);
-                let mut b = func.builder();
-                b.arg(&mut partials);
-                b.arg(&g);
-                b.arg(&n64);
-                // SAFETY: the kernel reads g[0..n] and writes partials[0..blocks], both in bounds
-                // (checked by `squares_extents`, blocks ≤ PARTS); the arguments match its signature.
-                unsafe { b.launch(cfg) }.w()?;
-            }};
-        }
-        crate::model::nvrtc::for_float_dtype!(s2.dtype(), run);
-        Ok(())
+        cuda::sum_squares(s1, p0, s2, g0, n)
     }
 }
 
@@ -237,61 +178,33 @@ impl InplaceOp2 for WriteMaster {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-        use candle_core::cuda_backend::WrapErr;
-
         let (p0, n, m0) = write_extents(l1, l2)?;
         if n == 0 {
             return Ok(());
         }
-        let dev = s1.device.clone();
-        let suffix = crate::model::nvrtc::dtype_suffix(s1.dtype(), "writing master weights")?;
-        let func =
-            dev.get_or_load_custom_func(&format!("pipe_write_master_{suffix}"), "pipe_fused_adamw", cuda::ptx()?)?;
-        let master = s2.as_cuda_slice::<f32>()?.slice(m0..m0 + n);
-        let n64 = n as u64;
-        const THREADS: u32 = 256;
-        let blocks = (n as u64).div_ceil(THREADS as u64).min(1 << 20) as u32;
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        macro_rules! run {
-            ($t:ty) => {{
-                let mut dst = s1.as_cuda_slice_mut::<$t>()?.slice_mut(p0..p0 + n);
-                let mut b = func.builder();
-                b.arg(&mut dst);
-                b.arg(&master);
-                b.arg(&n64);
-                // SAFETY: the kernel reads master[0..n] and writes dst[0..n], both in bounds
-                // (checked by `write_extents`); the arguments match its signature.
-                unsafe { b.launch(cfg) }.w()?;
-            }};
-        }
-        crate::model::nvrtc::for_float_dtype!(s1.dtype(), run);
-        Ok(())
+        cuda::write_master(s1, p0, s2, m0, n)
     }
 }
 
 /// (offset of the parameter, n, offset of the state), both contiguous, the state `3n` long.
 fn write_extents(param: &Layout, state: &Layout) -> candle_core::Result<(usize, usize, usize)> {
-    let Range { start: p0, end: p1 } = contiguous_range(param, "writing master weights", "the parameter")?;
-    let Range { start: s0, end: s1 } = contiguous_range(state, "writing master weights", "the state")?;
-    let n = p1 - p0;
-    if s1 - s0 != 3 * n {
-        return Err(candle_core::Error::Msg(format!(
-            "writing master weights: a state of {} elements for a parameter of {n}; expected 3 × {n}",
-            s1 - s0
-        )));
-    }
+    let (s0, n, p0) = packed(state, (param, "parameter"), "writing master weights")?;
     Ok((p0, n, s0))
 }
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
-    use std::sync::OnceLock;
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::{CudaStorage, Result};
 
-    /// [`super::super::optim`]'s `update_one`, one thread per element (grid-stride), for a gradient
-    /// of any float dtype (`G::to` widens it exactly). `F32`, `BF16`, `F16`:
-    /// [`crate::model::nvrtc::FLOAT_TYPES`].
+    use super::{StepScalars, SumSquaresInto};
+    use crate::kernels::launch::{
+        blocks, for_float_dtype, grid, launch, typed_names, Module, FLOAT_TYPES, INSTANCES, THREADS,
+    };
+
+    /// [`crate::train::optim`]'s `update_one`, one thread per element (grid-stride), for a gradient
+    /// of any float dtype (`G::to` widens it exactly). `F32`, `BF16`, `F16`: [`FLOAT_TYPES`].
     const SOURCE: &str = r#"
 template <typename G>
 __device__ void adamw(
@@ -353,8 +266,7 @@ SQUARES(bf16, BF16)
 SQUARES(f16, F16)
 "#;
 
-    /// The master weights written back in the compute dtype (`F32`, `BF16`, `F16`:
-    /// [`crate::model::nvrtc::FLOAT_TYPES`]).
+    /// The master weights written back in the compute dtype.
     const WRITE_SOURCE: &str = r#"
 template <typename D>
 __device__ void write_master(typename D::S* dst, const float* master, unsigned long long n) {
@@ -364,18 +276,98 @@ __device__ void write_master(typename D::S* dst, const float* master, unsigned l
 #define KERNELS(NAME, D) \
 extern "C" __global__ void pipe_write_master_##NAME(D::S* dst, const float* master, unsigned long long n) \
   { write_master<D>(dst, master, n); }
-KERNELS(f32, F32)
-KERNELS(bf16, BF16)
-KERNELS(f16, F16)
 "#;
 
-    /// Compiled once per process with NVRTC, rounding like the CPU loop
-    /// ([`crate::model::nvrtc::ieee_options`]).
-    pub(crate) fn ptx() -> candle_core::Result<&'static str> {
-        static PTX: OnceLock<Result<String, String>> = OnceLock::new();
-        crate::model::nvrtc::ptx(&PTX, "fused AdamW kernels", || {
-            format!("{}{SOURCE}{SQUARES_SOURCE}{WRITE_SOURCE}", crate::model::nvrtc::FLOAT_TYPES)
-        })
+    const ADAMW: &str = "pipe_adamw";
+    const SUM_SQUARES: &str = "pipe_sum_squares";
+    const WRITE_MASTER: &str = "pipe_write_master";
+
+    pub static MODULE: Module = Module::new(
+        "fused_adamw",
+        "fused AdamW kernels",
+        &[FLOAT_TYPES, SOURCE, SQUARES_SOURCE, WRITE_SOURCE, INSTANCES],
+        || Ok(typed_names(&[ADAMW, SUM_SQUARES, WRITE_MASTER])),
+    );
+
+    /// One step over `state[start..start + 3n]` from `grad[g0..g0 + n]`; `n > 0`.
+    pub fn adamw(
+        state: &mut CudaStorage,
+        start: usize,
+        grad: &CudaStorage,
+        g0: usize,
+        n: usize,
+        s: &StepScalars,
+    ) -> Result<()> {
+        let func = MODULE.typed(&state.device, ADAMW, grad.dtype(), "fused AdamW's gradient")?;
+        let mut state = state.as_cuda_slice_mut::<f32>()?.slice_mut(start..start + 3 * n);
+        let n64 = n as u64;
+        let cfg = grid(blocks(n, THREADS as usize, 1 << 20), THREADS, 0);
+        macro_rules! run {
+            ($t:ty) => {{
+                let grad = grad.as_cuda_slice::<$t>()?.slice(g0..g0 + n);
+                // SAFETY: the kernel reads `grad[0..n]` and writes `state[0..3n]`, both in bounds
+                // (checked by `extents`); the arguments match its signature in order and type.
+                unsafe {
+                    launch!(
+                        func,
+                        cfg,
+                        [
+                            &mut state,
+                            &grad,
+                            &n64,
+                            &s.decay,
+                            &s.one_minus_beta1,
+                            &s.beta2,
+                            &s.one_minus_beta2,
+                            &s.neg_step_size,
+                            &s.bias_correction2_sqrt,
+                            &s.eps,
+                            &s.grad_scale,
+                        ]
+                    )
+                }?;
+            }};
+        }
+        for_float_dtype!(grad.dtype(), run);
+        Ok(())
+    }
+
+    /// `grad[g0..g0 + n]`'s partial sums of squares into `partials[p0..]`; `n > 0`.
+    pub fn sum_squares(partials: &mut CudaStorage, p0: usize, grad: &CudaStorage, g0: usize, n: usize) -> Result<()> {
+        let func = MODULE.typed(&partials.device, SUM_SQUARES, grad.dtype(), "sum of squares")?;
+        let blocks = blocks(n, THREADS as usize, SumSquaresInto::PARTS);
+        let cfg = grid(blocks, THREADS, 0);
+        let mut partials = partials.as_cuda_slice_mut::<f32>()?.slice_mut(p0..p0 + blocks);
+        let n64 = n as u64;
+        macro_rules! run {
+            ($t:ty) => {{
+                let g = grad.as_cuda_slice::<$t>()?.slice(g0..g0 + n);
+                // SAFETY: the kernel reads g[0..n] and writes partials[0..blocks], both in bounds
+                // (checked by `squares_extents`, blocks ≤ PARTS); the arguments match its signature.
+                unsafe { launch!(func, cfg, [&mut partials, &g, &n64]) }?;
+            }};
+        }
+        for_float_dtype!(grad.dtype(), run);
+        Ok(())
+    }
+
+    /// `master[m0..m0 + n]` written into `param[p0..p0 + n]` in its dtype; `n > 0`.
+    pub fn write_master(param: &mut CudaStorage, p0: usize, state: &CudaStorage, m0: usize, n: usize) -> Result<()> {
+        let dtype = param.dtype();
+        let func = MODULE.typed(&param.device, WRITE_MASTER, dtype, "writing master weights")?;
+        let master = state.as_cuda_slice::<f32>()?.slice(m0..m0 + n);
+        let n64 = n as u64;
+        let cfg = grid(blocks(n, THREADS as usize, 1 << 20), THREADS, 0);
+        macro_rules! run {
+            ($t:ty) => {{
+                let mut dst = param.as_cuda_slice_mut::<$t>()?.slice_mut(p0..p0 + n);
+                // SAFETY: the kernel reads master[0..n] and writes dst[0..n], both in bounds
+                // (checked by `write_extents`); the arguments match its signature.
+                unsafe { launch!(func, cfg, [&mut dst, &master, &n64]) }?;
+            }};
+        }
+        for_float_dtype!(dtype, run);
+        Ok(())
     }
 }
 

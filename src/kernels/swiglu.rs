@@ -12,6 +12,8 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use super::on_float_storages;
+
 /// `silu(gate) · up`; args: gate, up — one shape, one float dtype, contiguous.
 #[derive(Debug, Clone, Copy)]
 pub struct SwigluForward;
@@ -21,7 +23,7 @@ pub struct SwigluForward;
 pub struct SwigluBackward;
 
 fn offset(l: &Layout, what: &str) -> Result<usize> {
-    Ok(super::storage::contiguous_range(l, "SwiGLU", what)?.start)
+    super::contiguous_start(l, "SwiGLU", what)
 }
 
 fn check(g: &Layout, u: &Layout, da: &Layout) -> Result<(usize, usize, usize, Shape)> {
@@ -54,12 +56,12 @@ impl CustomOp2 for SwigluForward {
     fn cpu_fwd(&self, sg: &CpuStorage, lg: &Layout, su: &CpuStorage, lu: &Layout) -> Result<(CpuStorage, Shape)> {
         let (og, ou, _, _) = check(lg, lu, lg)?;
         let n = lg.shape().elem_count();
-        let out = match (sg, su) {
-            (CpuStorage::F32(g), CpuStorage::F32(u)) => CpuStorage::F32(forward_cpu(&g[og..og + n], &u[ou..ou + n])),
-            (CpuStorage::BF16(g), CpuStorage::BF16(u)) => CpuStorage::BF16(forward_cpu(&g[og..og + n], &u[ou..ou + n])),
-            (CpuStorage::F16(g), CpuStorage::F16(u)) => CpuStorage::F16(forward_cpu(&g[og..og + n], &u[ou..ou + n])),
-            _ => candle_core::bail!("SwiGLU: gate and up must share one float dtype"),
-        };
+        let out = on_float_storages!(
+            storage,
+            (sg, su),
+            |g, u| forward_cpu(&g[og..og + n], &u[ou..ou + n]),
+            "SwiGLU: gate and up must share one float dtype"
+        );
         Ok((out, lg.shape().clone()))
     }
 
@@ -72,12 +74,12 @@ impl CustomOp2 for SwigluForward {
         lu: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (og, ou, _, _) = check(lg, lu, lg)?;
-        let out = cuda::launch(cuda::Kind::Forward, sg, og, su, ou, None, lg.shape().elem_count())?;
+        let out = cuda::run(sg, og, su, ou, None, lg.shape().elem_count())?;
         Ok((out, lg.shape().clone()))
     }
 }
 
-/// `silu(gate) · up` without a graph ([`super::fused::swiglu`] attaches the backward).
+/// `silu(gate) · up` without a graph ([`crate::model::fused::swiglu`] attaches the backward).
 pub fn swiglu_forward(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &SwigluForward)
 }
@@ -122,18 +124,12 @@ impl CustomOp3 for SwigluBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let (og, ou, od, shape) = check(lg, lu, ld)?;
         let n = lg.shape().elem_count();
-        let out = match (sg, su, sd) {
-            (CpuStorage::F32(g), CpuStorage::F32(u), CpuStorage::F32(d)) => {
-                CpuStorage::F32(cpu(&g[og..og + n], &u[ou..ou + n], &d[od..od + n]))
-            }
-            (CpuStorage::BF16(g), CpuStorage::BF16(u), CpuStorage::BF16(d)) => {
-                CpuStorage::BF16(cpu(&g[og..og + n], &u[ou..ou + n], &d[od..od + n]))
-            }
-            (CpuStorage::F16(g), CpuStorage::F16(u), CpuStorage::F16(d)) => {
-                CpuStorage::F16(cpu(&g[og..og + n], &u[ou..ou + n], &d[od..od + n]))
-            }
-            _ => candle_core::bail!("SwiGLU backward: gate, up and da must share one float dtype"),
-        };
+        let out = on_float_storages!(
+            storage,
+            (sg, su, sd),
+            |g, u, d| cpu(&g[og..og + n], &u[ou..ou + n], &d[od..od + n]),
+            "SwiGLU backward: gate, up and da must share one float dtype"
+        );
         Ok((out, shape))
     }
 
@@ -148,7 +144,7 @@ impl CustomOp3 for SwigluBackward {
         ld: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (og, ou, od, shape) = check(lg, lu, ld)?;
-        let out = cuda::launch(cuda::Kind::Backward, sg, og, su, ou, Some((sd, od)), lg.shape().elem_count())?;
+        let out = cuda::run(sg, og, su, ou, Some((sd, od)), lg.shape().elem_count())?;
         Ok((out, shape))
     }
 }
@@ -161,20 +157,16 @@ pub fn swiglu_backward(gate: &Tensor, up: &Tensor, da: &Tensor) -> Result<(Tenso
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
-    use std::sync::OnceLock;
-
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::{CudaStorage, Result};
 
-    pub enum Kind {
-        Forward,
-        Backward,
-    }
+    use crate::kernels::launch::{
+        blocks, for_float_dtype, grid, launch, typed_names, Module, FLOAT_TYPES, INSTANCES, THREADS,
+    };
 
-    /// Grid-stride over elements. `F32`, `BF16`, `F16`: [`crate::model::nvrtc::FLOAT_TYPES`].
-    pub(crate) const SOURCE: &str = r#"
+    /// Grid-stride over elements. `F32`, `BF16`, `F16`: [`FLOAT_TYPES`].
+    const SOURCE: &str = r#"
 template <typename D>
 __device__ void swiglu_fwd(const typename D::S* g, const typename D::S* u, typename D::S* out, long long n) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
@@ -197,21 +189,17 @@ extern "C" __global__ void pipe_swiglu_fwd_##NAME(const D::S* g, const D::S* u, 
   { swiglu_fwd<D>(g, u, out, n); } \
 extern "C" __global__ void pipe_swiglu_bwd_##NAME(const D::S* g, const D::S* u, const D::S* da, D::S* out, long long n) \
   { swiglu_bwd<D>(g, u, da, out, n); }
-KERNELS(f32, F32)
-KERNELS(bf16, BF16)
-KERNELS(f16, F16)
 "#;
 
-    const THREADS: u32 = 256;
+    const FORWARD: &str = "pipe_swiglu_fwd";
+    const BACKWARD: &str = "pipe_swiglu_bwd";
 
-    pub(crate) fn ptx() -> Result<&'static str> {
-        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        crate::model::nvrtc::ptx(&PTX, "SwiGLU kernels", || format!("{}{SOURCE}", crate::model::nvrtc::FLOAT_TYPES))
-    }
+    pub static MODULE: Module = Module::new("swiglu", "SwiGLU kernels", &[FLOAT_TYPES, SOURCE, INSTANCES], || {
+        Ok(typed_names(&[FORWARD, BACKWARD]))
+    });
 
     /// The forward (`da = None`; `n` outputs) or the backward (`2n`: dgate then dup).
-    pub fn launch(
-        kind: Kind,
+    pub fn run(
         g: &CudaStorage,
         og: usize,
         u: &CudaStorage,
@@ -219,15 +207,10 @@ KERNELS(f16, F16)
         da: Option<(&CudaStorage, usize)>,
         n: usize,
     ) -> Result<CudaStorage> {
-        let dev = g.device.clone();
-        let suffix = crate::model::nvrtc::dtype_suffix(g.dtype(), "SwiGLU")?;
-        let (name, outputs) = match kind {
-            Kind::Forward => (format!("pipe_swiglu_fwd_{suffix}"), n),
-            Kind::Backward => (format!("pipe_swiglu_bwd_{suffix}"), 2 * n),
-        };
-        let func = dev.get_or_load_custom_func(&name, "pipe_swiglu", ptx()?)?;
-        let blocks = n.div_ceil(THREADS as usize).clamp(1, 65_536) as u32;
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let dev = &g.device;
+        let (base, outputs) = if da.is_some() { (BACKWARD, 2 * n) } else { (FORWARD, n) };
+        let func = MODULE.typed(dev, base, g.dtype(), "SwiGLU")?;
+        let cfg = grid(blocks(n, THREADS as usize, 65_536), THREADS, 0);
         let n64 = n as i64;
         macro_rules! run {
             ($t:ty) => {{
@@ -239,20 +222,17 @@ KERNELS(f16, F16)
                 };
                 // SAFETY: the grid-stride loop writes every output element.
                 let out = unsafe { dev.alloc::<$t>(outputs)? };
-                let mut b = func.builder();
-                b.arg(&gs);
-                b.arg(&us);
-                if let Some(ds) = &ds {
-                    b.arg(ds);
-                }
-                b.arg(&out);
-                b.arg(&n64);
                 // SAFETY: arguments in the kernel's order and types; indices stay below `outputs`.
-                unsafe { b.launch(cfg) }.w()?;
+                unsafe {
+                    match &ds {
+                        Some(ds) => launch!(func, cfg, [&gs, &us, ds, &out, &n64]),
+                        None => launch!(func, cfg, [&gs, &us, &out, &n64]),
+                    }
+                }?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
-        Ok(crate::model::nvrtc::for_float_dtype!(g.dtype(), run))
+        Ok(for_float_dtype!(g.dtype(), run))
     }
 }
 

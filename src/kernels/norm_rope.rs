@@ -18,7 +18,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::ops::RopeTables;
+use super::on_float_storages;
 
 /// `[B, heads, T, d]` from `x: [B, T, heads, d]`; args: x, wcs.
 #[derive(Debug, Clone, Copy)]
@@ -58,9 +58,7 @@ fn dims(x: &Layout, wcs: &Layout, dy: Option<&Layout>) -> Result<Dims> {
             dy.map(|l| l.shape())
         );
     }
-    let offset = |l: &Layout, what: &str| {
-        Ok::<_, candle_core::Error>(super::storage::contiguous_range(l, "q/k norm and RoPE", what)?.start)
-    };
+    let offset = |l: &Layout, what: &str| super::contiguous_start(l, "q/k norm and RoPE", what);
     let g0 = match dy {
         Some(l) => offset(l, "dy")?,
         None => 0,
@@ -161,17 +159,6 @@ fn dw_cpu<T: WithDType>(x: &[T], wcs: &[T], dy: &[T], dims: (usize, usize, usize
     parts.concat()
 }
 
-macro_rules! by_dtype {
-    ($what:expr, ($($s:expr),+), |$($v:ident),+| $body:expr) => {
-        match ($($s),+) {
-            ($(CpuStorage::F32($v)),+) => CpuStorage::F32($body),
-            ($(CpuStorage::BF16($v)),+) => CpuStorage::BF16($body),
-            ($(CpuStorage::F16($v)),+) => CpuStorage::F16($body),
-            _ => candle_core::bail!("q/k norm and RoPE: {} must share one float dtype", $what),
-        }
-    };
-}
-
 impl CustomOp2 for NormRope {
     fn name(&self) -> &'static str {
         "pipe-qk-norm-rope"
@@ -180,12 +167,12 @@ impl CustomOp2 for NormRope {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let ((b, t, h, d), x0, w0, _) = dims(l1, l2, None)?;
         let n = b * t * h * d;
-        let out = by_dtype!("x and the tables", (s1, s2), |x, w| forward_cpu(
-            &x[x0..x0 + n],
-            &w[w0..w0 + d + t * d],
-            (b, t, h, d),
-            self.eps
-        ));
+        let out = on_float_storages!(
+            storage,
+            (s1, s2),
+            |x, w| forward_cpu(&x[x0..x0 + n], &w[w0..w0 + d + t * d], (b, t, h, d), self.eps),
+            "q/k norm and RoPE: x and the tables must share one float dtype"
+        );
         Ok((out, Shape::from((b, h, t, d))))
     }
 
@@ -198,7 +185,7 @@ impl CustomOp2 for NormRope {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (dims @ (b, t, h, d), x0, w0, _) = dims(l1, l2, None)?;
-        let out = cuda::launch(cuda::Kind::Forward, s1, x0, s2, w0, None, dims, self.eps)?;
+        let out = cuda::run(cuda::Kind::Forward, s1, x0, s2, w0, None, dims, self.eps)?;
         Ok((out.0, Shape::from((b, h, t, d))))
     }
 }
@@ -222,28 +209,22 @@ impl CustomOp3 for NormRopeBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let (dims @ (b, t, h, d), x0, w0, g0) = dims(l1, l2, Some(l3))?;
         let (n, eps) = (b * t * h * d, self.eps);
+        const MIXED: &str = "q/k norm and RoPE: x, the tables and dy must share one float dtype";
         if self.part == Part::Dx {
-            let out = by_dtype!("x, the tables and dy", (s1, s2, s3), |x, w, g| dx_cpu(
-                &x[x0..x0 + n],
-                &w[w0..w0 + d + t * d],
-                &g[g0..g0 + n],
-                dims,
-                eps
-            ));
+            let out = on_float_storages!(
+                storage,
+                (s1, s2, s3),
+                |x, w, g| dx_cpu(&x[x0..x0 + n], &w[w0..w0 + d + t * d], &g[g0..g0 + n], dims, eps),
+                MIXED
+            );
             return Ok((out, l1.shape().clone()));
         }
-        let parts = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                dw_cpu(&x[x0..x0 + n], &w[w0..w0 + d + t * d], &g[g0..g0 + n], dims, eps)
-            }
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(g)) => {
-                dw_cpu(&x[x0..x0 + n], &w[w0..w0 + d + t * d], &g[g0..g0 + n], dims, eps)
-            }
-            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(g)) => {
-                dw_cpu(&x[x0..x0 + n], &w[w0..w0 + d + t * d], &g[g0..g0 + n], dims, eps)
-            }
-            _ => candle_core::bail!("q/k norm and RoPE: x, the tables and dy must share one float dtype"),
-        };
+        let parts = on_float_storages!(
+            value,
+            (s1, s2, s3),
+            |x, w, g| dw_cpu(&x[x0..x0 + n], &w[w0..w0 + d + t * d], &g[g0..g0 + n], dims, eps),
+            MIXED
+        );
         let p = parts.len() / d;
         Ok((CpuStorage::F32(parts), Shape::from((p, d))))
     }
@@ -263,7 +244,7 @@ impl CustomOp3 for NormRopeBackward {
             Part::Dx => cuda::Kind::Dx,
             Part::Dw => cuda::Kind::Dw,
         };
-        let (out, p) = cuda::launch(kind, s1, x0, s2, w0, Some((s3, g0)), dims, self.eps)?;
+        let (out, p) = cuda::run(kind, s1, x0, s2, w0, Some((s3, g0)), dims, self.eps)?;
         let shape = match self.part {
             Part::Dx => l1.shape().clone(),
             Part::Dw => Shape::from((p, dims.3)),
@@ -272,9 +253,9 @@ impl CustomOp3 for NormRopeBackward {
     }
 }
 
-/// `[w | cos | sin]` for [`NormRope`] and its backward, in x's dtype.
-pub fn tables(weight: &Tensor, rope: &RopeTables) -> Result<Tensor> {
-    let (cos, sin) = rope.half_tables();
+/// `[w | cos | sin]` for [`NormRope`] and its backward, in x's dtype, from RoPE's `[T, d/2]` tables
+/// (`crate::model::ops::RopeTables::norm_rope_tables` builds it from the model's).
+pub fn tables(weight: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[&weight.detach().flatten_all()?, &cos.flatten_all()?, &sin.flatten_all()?], 0)
 }
 
@@ -294,12 +275,13 @@ pub fn norm_rope_backward(x: &Tensor, wcs: &Tensor, dy: &Tensor, eps: f64) -> Re
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
-    use std::sync::OnceLock;
-
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::{CudaStorage, Result};
+
+    use crate::kernels::launch::{
+        blocks, for_float_dtype, grid, launch, typed_names, Module, FLOAT_TYPES, INSTANCES, THREADS, WARP_REDUCE,
+    };
 
     pub enum Kind {
         Forward,
@@ -308,7 +290,7 @@ pub(crate) mod cuda {
     }
 
     /// A warp per row (grid-stride); each lane takes whole rotation pairs `(i, i + d/2)`.
-    /// `F32`, `BF16`, `F16`: [`crate::model::nvrtc::FLOAT_TYPES`].
+    /// `F32`, `BF16`, `F16`: [`FLOAT_TYPES`].
     const SOURCE: &str = r#"
 template <typename D>
 __device__ __forceinline__ float sum_squares(const typename D::S* x, int d, int lane) {
@@ -412,24 +394,23 @@ extern "C" __global__ void pipe_norm_rope_dx_##NAME(const D::S* x, const D::S* w
   { dx<D>(x, wcs, dy, out, t, heads, d, eps, rows); } \
 extern "C" __global__ void pipe_norm_rope_dw_##NAME(const D::S* x, const D::S* wcs, const D::S* dy, float* partial, int t, int heads, int d, float eps, long long rows) \
   { dw<D>(x, wcs, dy, partial, t, heads, d, eps, rows); }
-KERNELS(f32, F32)
-KERNELS(bf16, BF16)
-KERNELS(f16, F16)
 "#;
 
-    const THREADS: u32 = 256;
+    const FORWARD: &str = "pipe_norm_rope_fwd";
+    const DX: &str = "pipe_norm_rope_dx";
+    const DW: &str = "pipe_norm_rope_dw";
 
-    pub(crate) fn ptx() -> Result<&'static str> {
-        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        crate::model::nvrtc::ptx(&PTX, "q/k norm and RoPE kernels", || {
-            format!("{}{}{SOURCE}", crate::model::nvrtc::FLOAT_TYPES, crate::model::nvrtc::WARP_REDUCE)
-        })
-    }
+    pub static MODULE: Module = Module::new(
+        "qk_norm_rope",
+        "q/k norm and RoPE kernels",
+        &[FLOAT_TYPES, WARP_REDUCE, SOURCE, INSTANCES],
+        || Ok(typed_names(&[FORWARD, DX, DW])),
+    );
 
     /// Runs one of the three kernels; returns the output's storage and, for `Dw`, the number of
     /// partial sums (otherwise 0).
     #[allow(clippy::too_many_arguments)]
-    pub fn launch(
+    pub fn run(
         kind: Kind,
         x: &CudaStorage,
         x0: usize,
@@ -439,24 +420,22 @@ KERNELS(f16, F16)
         (b, t, h, d): (usize, usize, usize, usize),
         eps: f64,
     ) -> Result<(CudaStorage, usize)> {
-        let dev = x.device.clone();
-        let suffix = crate::model::nvrtc::dtype_suffix(x.dtype(), "q/k norm and RoPE")?;
-        let name = match kind {
-            Kind::Forward => format!("pipe_norm_rope_fwd_{suffix}"),
-            Kind::Dx => format!("pipe_norm_rope_dx_{suffix}"),
-            Kind::Dw => format!("pipe_norm_rope_dw_{suffix}"),
+        let dev = &x.device;
+        let base = match kind {
+            Kind::Forward => FORWARD,
+            Kind::Dx => DX,
+            Kind::Dw => DW,
         };
-        let func = dev.get_or_load_custom_func(&name, "pipe_norm_rope", ptx()?)?;
+        let func = MODULE.typed(dev, base, x.dtype(), "q/k norm and RoPE")?;
         let rows = b * t * h;
         let n = rows * d;
         let blocks = match kind {
             // About 64 rows per block (8 per warp), at most 1024 partial sums.
-            Kind::Dw => rows.div_ceil(64).clamp(1, 1024),
-            _ => rows.div_ceil((THREADS / 32) as usize).clamp(1, 65_535),
+            Kind::Dw => blocks(rows, 64, 1024),
+            _ => blocks(rows, (THREADS / 32) as usize, 65_535),
         };
-        let shared = if matches!(kind, Kind::Dw) { (d * 4) as u32 } else { 0 };
-        let cfg =
-            LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared };
+        let shared = if matches!(kind, Kind::Dw) { d * 4 } else { 0 };
+        let cfg = grid(blocks, THREADS, shared);
         let (t32, h32, d32, eps32, rows64) = (t as i32, h as i32, d as i32, eps as f32, rows as i64);
         macro_rules! run {
             ($ty:ty) => {{
@@ -466,54 +445,30 @@ KERNELS(f16, F16)
                     Some((g, g0)) => Some(g.as_cuda_slice::<$ty>()?.slice(g0..g0 + n)),
                     None => None,
                 };
-                let mut builder = func.builder();
-                builder.arg(&xs);
-                builder.arg(&ws);
-                if let Some(gs) = &gs {
-                    builder.arg(gs);
+                if let (Kind::Dw, Some(gs)) = (&kind, &gs) {
+                    // SAFETY: each block writes its whole row of partial sums.
+                    let out = unsafe { dev.alloc::<f32>(blocks * d)? };
+                    // SAFETY: arguments in the kernel's order and types; `d` floats of dynamic
+                    // shared memory; indices stay below n, d + T·d and blocks·d.
+                    unsafe { launch!(func, cfg, [&xs, &ws, gs, &out, &t32, &h32, &d32, &eps32, &rows64]) }?;
+                    CudaStorage::wrap_cuda_slice(out, dev.clone())
+                } else {
+                    // SAFETY: every row is written by one warp, every column of it.
+                    let out = unsafe { dev.alloc::<$ty>(n)? };
+                    // SAFETY: arguments in the kernel's order and types; indices stay below n and
+                    // d + T·d.
+                    unsafe {
+                        match &gs {
+                            Some(gs) => launch!(func, cfg, [&xs, &ws, gs, &out, &t32, &h32, &d32, &eps32, &rows64]),
+                            None => launch!(func, cfg, [&xs, &ws, &out, &t32, &h32, &d32, &eps32, &rows64]),
+                        }
+                    }?;
+                    CudaStorage::wrap_cuda_slice(out, dev.clone())
                 }
-                let out = match kind {
-                    Kind::Dw => {
-                        // SAFETY: each block writes its whole row of partial sums.
-                        let out = unsafe { dev.alloc::<f32>(blocks * d)? };
-                        builder.arg(&out);
-                        push_tail(&mut builder, &t32, &h32, &d32, &eps32, &rows64);
-                        // SAFETY: arguments in the kernel's order and types; `d` floats of dynamic
-                        // shared memory; indices stay below n, d + T·d and blocks·d.
-                        unsafe { builder.launch(cfg) }.w()?;
-                        CudaStorage::wrap_cuda_slice(out, dev.clone())
-                    }
-                    _ => {
-                        // SAFETY: every row is written by one warp, every column of it.
-                        let out = unsafe { dev.alloc::<$ty>(n)? };
-                        builder.arg(&out);
-                        push_tail(&mut builder, &t32, &h32, &d32, &eps32, &rows64);
-                        // SAFETY: arguments in the kernel's order and types; indices stay below n
-                        // and d + T·d.
-                        unsafe { builder.launch(cfg) }.w()?;
-                        CudaStorage::wrap_cuda_slice(out, dev.clone())
-                    }
-                };
-                out
             }};
         }
-        let out = crate::model::nvrtc::for_float_dtype!(x.dtype(), run);
+        let out = for_float_dtype!(x.dtype(), run);
         Ok((out, if matches!(kind, Kind::Dw) { blocks } else { 0 }))
-    }
-
-    fn push_tail<'a>(
-        b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>,
-        t: &'a i32,
-        h: &'a i32,
-        d: &'a i32,
-        eps: &'a f32,
-        rows: &'a i64,
-    ) {
-        b.arg(t);
-        b.arg(h);
-        b.arg(d);
-        b.arg(eps);
-        b.arg(rows);
     }
 }
 
@@ -523,6 +478,7 @@ mod tests {
 
     use super::*;
     use crate::model::ops::tests::{max_rel, sample};
+    use crate::model::ops::RopeTables;
 
     /// Against the three separate ops (RMSNorm, RoPE, transpose) and their autograd: output, and
     /// the gradients of x and the weight; in f32 the output and dx have the same bits.
@@ -544,7 +500,7 @@ mod tests {
                 .unwrap();
             let grads =
                 (&reference * &dy).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap().backward().unwrap();
-            let wcs = tables(&w, &rope).unwrap();
+            let wcs = rope.norm_rope_tables(&w).unwrap();
             let ours = norm_rope_forward(&x, &wcs, 1e-6).unwrap();
             assert_eq!(ours.dims(), &[b, h, t, d]);
             let (dx, dw) = norm_rope_backward(&x, &wcs, &dy, 1e-6).unwrap();
@@ -564,7 +520,7 @@ mod tests {
     #[test]
     fn shapes_that_do_not_fit_are_an_error() {
         let rope = RopeTables::new(4, 8, 10_000.0, DType::F32, &Device::Cpu).unwrap();
-        let wcs = tables(&sample(&[8], 1), &rope).unwrap();
+        let wcs = rope.norm_rope_tables(&sample(&[8], 1)).unwrap();
         let x = sample(&[1, 5, 2, 8], 2); // 5 positions, tables for 4
         let e = norm_rope_forward(&x, &wcs, 1e-6).unwrap_err().to_string();
         assert!(e.contains("do not fit"), "{e}");
