@@ -12,8 +12,8 @@ rules as src/text/prompt.rs, with the library's batch API doing the work:
 Timed from strings to prompt id lists. The batch call releases the GIL and runs on every core
 (rayon), as the Rust side does. `--api fast` (the default where the library has it, tokenizers >= 0.20)
 uses `encode_batch_fast`, which skips the offsets pipe never uses; `--api plain` uses `encode_batch`.
-Which is faster depends on the version and machine (with tokenizers 0.23.3 on the 2-core machine,
-`encode_batch_fast` used one core and was the slower): benches/tokenize.sh runs both and takes the
+Which is faster depends on the version, machine and load (with tokenizers 0.23.3 on the 2-core
+machine, `encode_batch` was the faster, quiet or loaded): benches/tokenize.sh runs both and takes the
 faster as the reference. The "bodies only" time is just the one batch call over the formatted
 bodies, the narrowest reading of "batch encoding of the same prompts".
 """
