@@ -9,8 +9,12 @@ rules as src/text/prompt.rs, with the library's batch API doing the work:
     encode_batch(descriptions) -> cut to 350 tokens -> decode_batch -> documents
     encode_batch(bodies)       -> cut to the body budget -> prefix + body + suffix
 
-Timed from strings to prompt id lists. `encode_batch` releases the GIL and runs on every core
-(rayon), as the Rust side does. The "bodies only" time is just the one encode_batch over the formatted
+Timed from strings to prompt id lists. The batch call releases the GIL and runs on every core
+(rayon), as the Rust side does. `--api fast` (the default where the library has it, tokenizers >= 0.20)
+uses `encode_batch_fast`, which skips the offsets pipe never uses; `--api plain` uses `encode_batch`.
+Which is faster depends on the version, machine and load (with tokenizers 0.23.3 on the 2-core
+machine, `encode_batch` was the faster, quiet or loaded): benches/tokenize.sh runs both and takes the
+faster as the reference. The "bodies only" time is just the one batch call over the formatted
 bodies, the narrowest reading of "batch encoding of the same prompts".
 """
 
@@ -48,11 +52,12 @@ def load(data):
     return [(r["search_term"], r["product_title"], descs.get(r["product_uid"], "")) for r in rows]
 
 
-def prompts(tok, pairs, prefix_ids, suffix_ids):
+def prompts(tok, pairs, prefix_ids, suffix_ids, api):
     budget = MAX_LENGTH - len(prefix_ids) - len(suffix_ids)
+    encode_batch = tok.encode_batch_fast if api == "fast" else tok.encode_batch
     # Descriptions: tokenize, and decode the first MAX_DESCRIPTION_TOKENS back to text where longer.
     idx = [i for i, p in enumerate(pairs) if p[2]]
-    enc = tok.encode_batch([pairs[i][2] for i in idx], add_special_tokens=False)
+    enc = encode_batch([pairs[i][2] for i in idx], add_special_tokens=False)
     long = [(i, e.ids[:MAX_DESCRIPTION_TOKENS]) for i, e in zip(idx, enc) if len(e.ids) > MAX_DESCRIPTION_TOKENS]
     cut = dict(zip([i for i, _ in long], tok.decode_batch([ids for _, ids in long], skip_special_tokens=False)))
     bodies = []
@@ -61,7 +66,7 @@ def prompts(tok, pairs, prefix_ids, suffix_ids):
         doc = t + ". " + d if d else t
         bodies.append(f"<Instruct>: {INSTRUCTION}\n<Query>: {q}\n<Document>: {doc}")
     t0 = time.perf_counter()
-    enc = tok.encode_batch(bodies, add_special_tokens=False)
+    enc = encode_batch(bodies, add_special_tokens=False)
     bodies_only = time.perf_counter() - t0
     return [prefix_ids + e.ids[:budget] + suffix_ids for e in enc], bodies_only
 
@@ -71,6 +76,7 @@ def main():
     ap.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "home_depot"))
     ap.add_argument("--ids", help="write every prompt's ids here (u32 LE, each sequence after its length)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--api", choices=("fast", "plain"), help="encode_batch_fast or encode_batch (default: fast where available)")
     args = ap.parse_args()
     if not os.path.exists(os.path.join(args.data, "train.csv.gz")):
         print(f"skipped: {args.data} not found (the full Home Depot data lives in ../shared)")
@@ -80,24 +86,27 @@ def main():
         tok = Tokenizer.from_str(gzip.decompress(f.read()).decode("utf-8"))
     tok.no_truncation()
     tok.no_padding()
+    api = args.api or ("fast" if hasattr(tok, "encode_batch_fast") else "plain")
+    name = "encode_batch_fast" if api == "fast" else "encode_batch"
     prefix_ids = tok.encode(PREFIX, add_special_tokens=False).ids
     suffix_ids = tok.encode(SUFFIX, add_special_tokens=False).ids
     pairs = load(args.data)
     n_desc = sum(1 for p in pairs if p[2])
     print(f"python: {len(pairs)} pairs ({n_desc} with a description), tokenizers {tokenizers.__version__}, "
-          f"Python {sys.version.split()[0]}, {os.cpu_count()} cpus")
+          f"Python {sys.version.split()[0]}, {os.cpu_count()} cpus, {name}")
 
     best = best_bodies = float("inf")
     out = None
     for run in range(1, args.repeat + 1):
         t0, c0 = time.perf_counter(), time.process_time()
-        out, bodies_only = prompts(tok, pairs, prefix_ids, suffix_ids)
+        out, bodies_only = prompts(tok, pairs, prefix_ids, suffix_ids, api)
         secs, cpu = time.perf_counter() - t0, time.process_time() - c0
         best, best_bodies = min(best, secs), min(best_bodies, bodies_only)
         print(f"python run {run}: {secs:.3f} s, {len(pairs) / secs:.0f} pairs/s "
               f"(cpu {cpu:.2f} s, {len(pairs) / cpu:.0f} pairs per cpu-second; "
-              f"encode_batch of bodies alone {bodies_only:.3f} s, {len(pairs) / bodies_only:.0f} pairs/s)")
+              f"{name} of bodies alone {bodies_only:.3f} s, {len(pairs) / bodies_only:.0f} pairs/s)")
     print(f"python tokens: {sum(len(x) for x in out)}")
+    print(f"RESULT python_api={name}")
     print(f"RESULT python_pairs_per_s={len(pairs) / best:.1f}")
     print(f"RESULT python_bodies_only_pairs_per_s={len(pairs) / best_bodies:.1f}")
 

@@ -1,13 +1,17 @@
-//! Training throughput on the CPU for a tiny Qwen3 reranker: full fine-tuning, BCE, AdamW
+//! Training throughput on the CPU for a small Qwen3 reranker: full fine-tuning, BCE, AdamW
 //! (weight decay 0.01 except norms), global-norm clipping at 1.0, one optimizer step per batch.
 //!
-//! The config (the same in `benches/train_cpu_torch.py`): vocab 151,669 (the real tokenizer's),
-//! hidden 64, intermediate 128, 2 layers, 4 query / 2 key-value heads of dim 16, tied embeddings,
-//! RoPE θ 1e6; batches of 8 random prompts of 128 tokens (no padding).
+//! Two configs (the same in `benches/train_cpu_torch.py`), both with tied embeddings, RoPE θ 1e6 and
+//! batches of 8 random prompts of 128 tokens (no padding):
+//! - `tiny` (the quickstart's model): vocab 151,669 (the real tokenizer's), hidden 64, intermediate
+//!   128, 2 layers, 4 query / 2 key-value heads of dim 16. The embedding (9.7M of its 9.8M parameters)
+//!   makes the optimizer a large share of the step.
+//! - `layers`: vocab 16,384, hidden 256, intermediate 768, 4 layers, 4 query / 2 key-value heads of
+//!   dim 64. The decoder layers' matmuls dominate the step.
 //!
 //! Run through `benches/train_cpu.sh`, or alone: `cargo bench --bench train_cpu`
-//! (PIPE_BENCH_STEPS and PIPE_BENCH_WARMUP override the number of timed and warm-up steps).
-//! Prints one JSON line.
+//! (PIPE_BENCH_CONFIG picks `tiny` (default) or `layers`; PIPE_BENCH_STEPS and PIPE_BENCH_WARMUP
+//! override the number of timed and warm-up steps). Prints one JSON line.
 
 use std::time::Instant;
 
@@ -19,7 +23,6 @@ use pipe::train::{Learner, TrainConfig};
 
 const BATCH: usize = 8;
 const SEQ: usize = 128;
-const VOCAB: usize = 151_669;
 const YES: u32 = 9693;
 const NO: u32 = 2152;
 
@@ -30,7 +33,13 @@ fn env(key: &str, default: usize) -> usize {
 fn main() {
     let steps = env("PIPE_BENCH_STEPS", 30);
     let warmup = env("PIPE_BENCH_WARMUP", 5);
-    let mut cfg = Qwen3Config::tiny(VOCAB, 64, 128, 2, 4, 2, 16, true);
+    let name = std::env::var("PIPE_BENCH_CONFIG").unwrap_or_else(|_| "tiny".into());
+    let mut cfg = match name.as_str() {
+        "tiny" => Qwen3Config::tiny(151_669, 64, 128, 2, 4, 2, 16, true),
+        "layers" => Qwen3Config::tiny(16_384, 256, 768, 4, 4, 2, 64, true),
+        other => panic!("PIPE_BENCH_CONFIG={other}: expected tiny or layers"),
+    };
+    let vocab = cfg.vocab_size as u64;
     cfg.rope_theta = 1_000_000.0;
     let base = model::random(&cfg, 0, DType::F32, &Device::Cpu, false).expect("model");
 
@@ -44,7 +53,7 @@ fn main() {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
-            store.ids.push((state % VOCAB as u64) as u32);
+            store.ids.push((state % vocab) as u32);
         }
         store.offsets.push(store.ids.len() as i64);
         store.labels.push((i % 2) as u8);
@@ -56,6 +65,7 @@ fn main() {
 
     let train = TrainConfig { learning_rate: 1e-4, weight_decay: 0.01, max_grad_norm: 1.0, ..TrainConfig::default() };
     let mut learner = Learner::new(base, YES, NO, &train, DType::F32).expect("learner");
+    let learner_parameters = learner.trainable_count();
     let (mut elapsed, mut in_optimizer) = (0.0, 0.0);
     let mut last_loss = 0.0;
     for s in 0..steps + warmup {
@@ -74,6 +84,8 @@ fn main() {
         "{}",
         serde_json::json!({
             "impl": "pipe (candle)",
+            "config": name,
+            "parameters": learner_parameters,
             "threads": rayon::current_num_threads(),
             "candle_num_threads": std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "default".into()),
             "batch": BATCH,
