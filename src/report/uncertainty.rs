@@ -58,10 +58,7 @@ fn scored(run: &Run, stage: &str, dir: &Path, boot: &BootstrapOptions) -> Result
     if test.is_empty() {
         return Ok(None);
     }
-    let preds: Vec<Prediction> = test
-        .iter()
-        .map(|p| Prediction { query: p.query.clone(), relevance: p.relevance, score: p.score, label: Some(p.label) })
-        .collect();
+    let preds: Vec<Prediction> = test.iter().map(|p| p.prediction(p.score)).collect();
     let Ok(sample) = Sample::new(&preds, &options(run, stage)) else { return Ok(None) };
     let Ok(mut dist) = resample(&[&sample], boot) else { return Ok(None) };
     let mut pairs: Vec<(String, String)> = test.into_iter().map(|p| (p.query, p.product_id)).collect();

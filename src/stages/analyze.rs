@@ -172,7 +172,8 @@ pub struct ScoredPair {
 }
 
 impl ScoredPair {
-    fn prediction(&self, score: f64) -> Prediction {
+    /// This pair as the metrics read it, scored `score` (its own or a baseline's).
+    pub fn prediction(&self, score: f64) -> Prediction {
         Prediction { query: self.query.clone(), relevance: self.relevance, score, label: Some(self.label) }
     }
 }
@@ -631,8 +632,9 @@ pub fn analyze(
     let mut samples: Vec<Sample> = Vec::new();
     let mut model_val_test = None;
     for (sid, label, scores_val, scores_test) in &scorers {
-        let (v, t, tuned) = measure(sid, &to_preds(&val, scores_val), &to_preds(&test_refs, scores_test), &opts)?;
-        samples.push(Sample::new(&to_preds(&test_refs, scores_test), &opts).map_err(metrics_err(sid))?);
+        let test_preds = to_preds(&test_refs, scores_test);
+        let (v, t, tuned) = measure(sid, &to_preds(&val, scores_val), &test_preds, &opts)?;
+        samples.push(Sample::new(&test_preds, &opts).map_err(metrics_err(sid))?);
         if *sid == "model" {
             model_val_test = Some((v.clone(), t.clone()));
         }
