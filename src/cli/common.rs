@@ -2,11 +2,14 @@
 //! and printing. One copy here keeps the commands' flags and output alike.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::Serialize;
 
 use super::Exit;
 use crate::engine::config::{self, Overrides, Pipeline};
+use crate::engine::executor::{self, Visible};
+use crate::engine::slots::GpuPool;
 use crate::engine::store::Store;
 use crate::engine::Stage;
 
@@ -22,6 +25,22 @@ pub struct PipelineArgs {
 /// The pipeline with every layer applied: stage defaults, the file, `PIPE_*` variables, `--set`.
 pub(super) fn load(p: &PipelineArgs, registry: &[Box<dyn Stage>]) -> Result<Pipeline, Exit> {
     Ok(config::load(&p.file, &Overrides::from_env(p.sets.clone()), registry)?)
+}
+
+/// The GPU slots of this process: `--gpus` (as typed), else `[executor] gpus`, else every GPU the
+/// process sees. A bad list is a usage error (exit 2) before anything runs.
+pub(super) fn gpu_pool(pipeline: &Pipeline, flag: Option<&str>) -> Result<Arc<GpuPool>, Exit> {
+    let flag = match flag {
+        Some(raw) => {
+            Some(executor::parse_gpu_list(raw).map_err(|m| Exit::usage(anyhow::anyhow!("--gpus {raw}: {m}")))?)
+        }
+        None => None,
+    };
+    let visible =
+        Visible::from_env(&crate::model::device::cuda_device_count).map_err(|m| Exit::usage(anyhow::anyhow!(m)))?;
+    let file = pipeline.file.display().to_string();
+    let (gpus, _) = executor::resolve_gpus(&pipeline.executor, &file, flag.as_deref(), &visible)?;
+    Ok(Arc::new(GpuPool::new(gpus, pipeline.executor.gpus_per_stage, pipeline.executor.stages_per_gpu)))
 }
 
 /// The store `verify` and `gc` work on: `--artifacts`, else the one `--pipeline` names, else ./artifacts.

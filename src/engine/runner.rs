@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -15,6 +15,7 @@ use super::dirty::{self, Reason};
 use super::graph::{self, Dag};
 use super::hashing::StatCache;
 use super::key::{dir_name, flatten_params, KeyInputs, UpstreamInput};
+use super::slots::{GpuPool, SlotGuard};
 use super::stage::{ExternalInput, JsonMap, Stage, StageContext, StageError, Upstream};
 use super::store::{Manifest, Store, StoreError, MANIFEST_SCHEMA};
 use super::time;
@@ -67,6 +68,8 @@ pub struct StageRecord {
     pub reason: Option<String>,
     pub params: BTreeMap<String, serde_json::Value>,
     pub metrics: JsonMap,
+    /// The GPU ordinals the stage computed on (empty when it ran on the CPU or was cached).
+    pub gpus: Vec<usize>,
 }
 
 /// `artifacts/runs/<pipeline>/<run-id>/run.json`.
@@ -95,6 +98,9 @@ pub struct RunOptions {
     /// Where the run record goes (sweep points); default `runs/<pipeline>/<time>-<pid>`.
     pub run_dir: Option<PathBuf>,
     pub sweep: Option<serde_json::Value>,
+    /// The process's GPU slots, shared by every run it makes at once (sweep points under
+    /// `--jobs`); `None` hands stages no GPU and makes none wait.
+    pub gpus: Option<Arc<GpuPool>>,
 }
 
 impl StageState {
@@ -167,13 +173,7 @@ impl<'a> Engine<'a> {
     fn key_inputs(&self, i: usize, upstream: &HashMap<usize, Done>) -> Result<KeyInputs, String> {
         let s = &self.pipeline.stages[i];
         let imp = self.stage_impl(&s.kind);
-        let mut k = if imp.unkeyed().is_empty() {
-            KeyInputs::new(&s.kind, imp.version(), &s.params.0)
-        } else {
-            let mut params = s.params.0.clone();
-            params.retain(|name, _| !imp.unkeyed().contains(&name));
-            KeyInputs::new(&s.kind, imp.version(), &params)
-        };
+        let mut k = KeyInputs::new(&s.kind, imp.version(), &imp.keyed_params(&s.params));
         for n in &s.needs {
             let j = self.index(n);
             if let Some(d) = upstream.get(&j) {
@@ -342,6 +342,9 @@ impl<'a> Engine<'a> {
         // Before the store is touched: a stage this build cannot run would fail only after its
         // upstream stages had run.
         p.check_runnable()?;
+        if let Some(pool) = &opts.gpus {
+            self.check_gpus(pool)?;
+        }
         for f in opts.force.iter().chain(opts.until.iter()) {
             if p.stage(f).is_none() {
                 let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
@@ -409,6 +412,7 @@ impl<'a> Engine<'a> {
                 reason: None,
                 params: flatten_params(&s.params.0),
                 metrics: JsonMap::new(),
+                gpus: Vec::new(),
             };
             let blocked = s.needs.iter().find(|n| {
                 done.get(&self.index(n)) != Some(&Status::Cached) && done.get(&self.index(n)) != Some(&Status::Ran)
@@ -430,6 +434,12 @@ impl<'a> Engine<'a> {
                 };
                 let detail = match rec.status {
                     Status::Ran if opts.dry_run => rec.reason.clone().unwrap_or_default(),
+                    Status::Ran if !rec.gpus.is_empty() => format!(
+                        "{:.2}s  {}  (GPU {})",
+                        rec.seconds,
+                        rec.dir.as_deref().unwrap_or(""),
+                        super::executor::join(&rec.gpus)
+                    ),
                     Status::Ran => format!("{:.2}s  {}", rec.seconds, rec.dir.as_deref().unwrap_or("")),
                     Status::Cached => rec.dir.clone().unwrap_or_default(),
                     Status::Failed | Status::Skipped => rec.reason.clone().unwrap_or_default(),
@@ -449,6 +459,23 @@ impl<'a> Engine<'a> {
         }
         self.stat.save();
         Ok(record)
+    }
+
+    /// See [`check_gpus`].
+    pub fn check_gpus(&self, pool: &GpuPool) -> Result<(), ConfigError> {
+        check_gpus(self.pipeline, self.registry, pool)
+    }
+
+    /// Waits for the GPUs stage `i` computes on, saying so on stderr when they are busy.
+    fn gpu_slots<'p>(&self, i: usize, pool: &'p GpuPool, quiet: bool) -> Result<SlotGuard<'p>, String> {
+        let s = &self.pipeline.stages[i];
+        let want = pool.plan(self.stage_impl(&s.kind).gpus(&s.params)).map_err(|e| e.to_string())?;
+        let mut waiting = |busy: usize| {
+            if !quiet {
+                eprintln!("  {}: waiting for a free GPU ({busy} busy)", s.id);
+            }
+        };
+        pool.acquire(want, &INTERRUPTED, &mut waiting).map_err(|e| e.to_string())
     }
 
     fn write_record(&self, run_dir: &Path, record: &RunRecord) {
@@ -526,7 +553,20 @@ impl<'a> Engine<'a> {
                 return;
             }
         }
-        match self.execute(i, &key, cur, outputs, opts.quiet) {
+        // After the store lock: a stage waiting for another process's artifact holds no GPU.
+        let slots = match &opts.gpus {
+            Some(pool) => match self.gpu_slots(i, pool, opts.quiet) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    rec.status = Status::Failed;
+                    rec.reason = Some(e);
+                    return;
+                }
+            },
+            None => None,
+        };
+        rec.gpus = slots.as_ref().map(SlotGuard::ordinals).unwrap_or_default();
+        match self.execute(i, &key, cur, outputs, opts.quiet, &rec.gpus) {
             Ok((m, secs)) => {
                 rec.status = Status::Ran;
                 rec.seconds = secs;
@@ -551,6 +591,7 @@ impl<'a> Engine<'a> {
         key_inputs: KeyInputs,
         outputs: &HashMap<usize, Done>,
         quiet: bool,
+        gpus: &[usize],
     ) -> Result<(Manifest, f64), (String, f64)> {
         let s = &self.pipeline.stages[i];
         let imp = self.stage_impl(&s.kind);
@@ -590,6 +631,7 @@ impl<'a> Engine<'a> {
             upstream: &upstream,
             quiet,
             cancel: &INTERRUPTED,
+            gpus,
         };
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| imp.run(&ctx)));
         let secs = start.elapsed().as_secs_f64();
@@ -661,6 +703,27 @@ impl<'a> Engine<'a> {
             Err(e) => fail(e),
         }
     }
+}
+
+/// Every stage's GPU demand against the pool, before anything runs: asking for more GPUs than the
+/// run has is a configuration error naming the stage, not a stage that waits forever.
+pub fn check_gpus(pipeline: &Pipeline, registry: &[Box<dyn Stage>], pool: &GpuPool) -> Result<(), ConfigError> {
+    for s in &pipeline.stages {
+        let imp = registry.iter().find(|r| r.kind() == s.kind).expect("kind validated by config");
+        if let Err(e) = pool.plan(imp.gpus(&s.params)) {
+            return Err(ConfigError::new(
+                pipeline.file.display().to_string(),
+                format!("stages.{}", s.id),
+                format!("stage `{}` ({}) {e}", s.id, s.kind),
+            )
+            .hint(Some(
+                "pass more GPUs with `--gpus` or `[executor] gpus`, lower `[executor] gpus_per_stage`, or compute \
+                 on the CPU"
+                    .into(),
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Remove the running stages' temp dirs (called from the signal handler).
