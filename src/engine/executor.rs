@@ -123,6 +123,24 @@ impl ExecutorConfig {
     }
 }
 
+impl ExecutorConfig {
+    /// The table as `pipe config` prints it, every default filled in; [`ExecutorConfig::parse`]
+    /// reads it back to the same value. Apart from [`super::config::Pipeline::to_toml`], which
+    /// names what a run computes (sweep ids hash it): where it computes is not part of that.
+    pub fn to_toml(&self) -> String {
+        let mut t = toml::Table::new();
+        t.insert("kind".into(), "local".into());
+        if let Some(g) = &self.gpus {
+            t.insert("gpus".into(), toml::Value::Array(g.iter().map(|&n| toml::Value::Integer(n as i64)).collect()));
+        }
+        t.insert("gpus_per_stage".into(), toml::Value::Integer(self.gpus_per_stage as i64));
+        t.insert("stages_per_gpu".into(), toml::Value::Integer(self.stages_per_gpu as i64));
+        let mut top = toml::Table::new();
+        top.insert("executor".into(), toml::Value::Table(t));
+        toml::to_string_pretty(&top).expect("toml tables serialize")
+    }
+}
+
 /// A GPU listed twice would be handed to two stages as two slots: sharing is `stages_per_gpu`.
 fn check_distinct(gpus: &[usize]) -> Result<(), String> {
     for (i, g) in gpus.iter().enumerate() {
@@ -248,7 +266,11 @@ mod tests {
     fn defaults_and_keys() {
         assert_eq!(parse("").unwrap(), ExecutorConfig::default());
         let c = parse("[executor]\nkind = \"local\"\ngpus = [2, 0]\ngpus_per_stage = 2\nstages_per_gpu = 3\n").unwrap();
-        assert_eq!((c.gpus, c.gpus_per_stage, c.stages_per_gpu), (Some(vec![2, 0]), 2, 3));
+        assert_eq!((c.gpus.clone(), c.gpus_per_stage, c.stages_per_gpu), (Some(vec![2, 0]), 2, 3));
+        // What `pipe config` prints reads back the same.
+        for cfg in [c, ExecutorConfig::default()] {
+            assert_eq!(parse(&cfg.to_toml()).unwrap(), cfg, "{}", cfg.to_toml());
+        }
     }
 
     #[test]

@@ -90,8 +90,13 @@ fn executor_table_mistakes_name_the_file_and_key() {
         assert_eq!(out.code, 2, "{out}");
         assert!(out.stderr.contains(expected), "{out}\nexpected: {expected}");
     }
-    // A valid table: `--gpus` beats it, and the run goes through.
+    // A valid table: `pipe config` shows it with its defaults, `--gpus` beats it, and the run goes through.
     p.write("pipelines/p.toml", &format!("{SAMPLE_PIPELINE}\n[executor]\nkind = \"local\"\ngpus = [9]\n"));
+    let cfg = p.ok(&["config", "pipelines/p.toml"]).stdout;
+    assert!(
+        cfg.contains("[executor]\nkind = \"local\"\ngpus = [9]\ngpus_per_stage = 1\nstages_per_gpu = 1\n"),
+        "{cfg}"
+    );
     let out = p.pipe_env_unset(&["run", "pipelines/p.toml", "--gpus", "0"], &[("PIPE_FAKE_GPUS", "4")], NO_CUDA_ENV);
     assert_eq!(out.code, 0, "{out}");
 }
