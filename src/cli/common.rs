@@ -11,7 +11,7 @@ use crate::engine::config::{self, Overrides, Pipeline};
 use crate::engine::executor::{self, Visible};
 use crate::engine::slots::GpuPool;
 use crate::engine::store::Store;
-use crate::engine::Stage;
+use crate::engine::{GpuDemand, Stage};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct PipelineArgs {
@@ -28,16 +28,32 @@ pub(super) fn load(p: &PipelineArgs, registry: &[Box<dyn Stage>]) -> Result<Pipe
 }
 
 /// The GPU slots of this process: `--gpus` (as typed), else `[executor] gpus`, else every GPU the
-/// process sees. A bad list is a usage error (exit 2) before anything runs.
-pub(super) fn gpu_pool(pipeline: &Pipeline, flag: Option<&str>) -> Result<Arc<GpuPool>, Exit> {
+/// process sees. A bad list is a usage error (exit 2) before anything runs. The CUDA driver is only
+/// asked how many GPUs there are when the answer matters (a list to check, a stage that wants a GPU,
+/// a sweep whose points may): a cached CPU run stays as fast as it was.
+pub(super) fn gpu_pool(
+    pipeline: &Pipeline,
+    flag: Option<&str>,
+    registry: &[Box<dyn Stage>],
+) -> Result<Arc<GpuPool>, Exit> {
     let flag = match flag {
         Some(raw) => {
             Some(executor::parse_gpu_list(raw).map_err(|m| Exit::usage(anyhow::anyhow!("--gpus {raw}: {m}")))?)
         }
         None => None,
     };
-    let visible =
-        Visible::from_env(&crate::model::device::cuda_device_count).map_err(|m| Exit::usage(anyhow::anyhow!(m)))?;
+    let wants_gpu = pipeline
+        .stages
+        .iter()
+        .any(|s| registry.iter().find(|r| r.kind() == s.kind).is_some_and(|r| r.gpus(&s.params) != GpuDemand::None));
+    let probe = || {
+        if flag.is_some() || pipeline.executor.gpus.is_some() || wants_gpu || pipeline.sweep.is_some() {
+            crate::model::device::cuda_device_count()
+        } else {
+            None
+        }
+    };
+    let visible = Visible::from_env(&probe).map_err(|m| Exit::usage(anyhow::anyhow!(m)))?;
     let file = pipeline.file.display().to_string();
     let (gpus, _) = executor::resolve_gpus(&pipeline.executor, &file, flag.as_deref(), &visible)?;
     Ok(Arc::new(GpuPool::new(gpus, pipeline.executor.gpus_per_stage, pipeline.executor.stages_per_gpu)))

@@ -37,7 +37,7 @@ pub struct Args {
 pub fn run(args: Args, registry: &[Box<dyn Stage>], quiet: bool) -> Result<(), Exit> {
     let Args { p, force, until, dry_run, json, sweep, jobs, gpus } = args;
     let pipeline = load(&p, registry)?;
-    let pool = gpu_pool(&pipeline, gpus.as_deref())?;
+    let pool = gpu_pool(&pipeline, gpus.as_deref(), registry)?;
     let multi = pipeline
         .sweep
         .as_ref()

@@ -27,7 +27,7 @@ pub struct Args {
 
 pub fn run(args: Args, registry: &[Box<dyn Stage>], quiet: bool) -> Result<(), Exit> {
     let pipeline = load(&args.p, registry)?;
-    let pool = gpu_pool(&pipeline, args.gpus.as_deref())?;
+    let pool = gpu_pool(&pipeline, args.gpus.as_deref(), registry)?;
     run_points(&pipeline, &args.p.file, registry, args.jobs, pool, args.json, quiet)
 }
 

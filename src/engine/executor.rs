@@ -10,9 +10,10 @@
 
 use super::config::{did_you_mean, ConfigError};
 
-/// The executor kinds and the keys each accepts (besides `kind`). A kind's keys are checked
-/// strictly, like stage parameters: a misspelt `gpus_per_stage` must not silently become 1.
-pub const KINDS: &[(&str, &[&str])] = &[("local", &["gpus", "gpus_per_stage", "stages_per_gpu"])];
+/// The executor kinds, by name, and the keys each accepts (besides `kind`). A kind's keys are
+/// checked strictly, like stage parameters: a misspelt `gpus_per_stage` must not silently become 1.
+pub const KINDS: &[(&str, ExecutorKind, &[&str])] =
+    &[("local", ExecutorKind::Local, &["gpus", "gpus_per_stage", "stages_per_gpu"])];
 
 /// Pretends this many GPUs are visible (ordinals 0..N), whatever the build and the machine: how
 /// the slot logic is exercised end to end on machines without GPUs. Stages still open what they
@@ -23,6 +24,13 @@ pub const FAKE_GPUS_ENV: &str = "PIPE_FAKE_GPUS";
 pub enum ExecutorKind {
     /// Stages run in this process; sweep points on its threads (`--jobs`).
     Local,
+}
+
+impl ExecutorKind {
+    /// The `kind = "..."` spelling.
+    pub fn name(self) -> &'static str {
+        KINDS.iter().find(|(_, k, _)| *k == self).map(|(n, _, _)| *n).expect("every kind is in KINDS")
+    }
 }
 
 /// The `[executor]` table, resolved. Absent keys take their defaults.
@@ -69,8 +77,8 @@ impl ExecutorConfig {
             Some(toml::Value::String(k)) => k.as_str(),
             Some(other) => return Err(err(origin, "kind", format!("expected a string, found {other}"))),
         };
-        let names = || KINDS.iter().map(|(k, _)| *k);
-        let Some((_, keys)) = KINDS.iter().find(|(k, _)| *k == kind) else {
+        let names = || KINDS.iter().map(|(n, _, _)| *n);
+        let Some((_, parsed, keys)) = KINDS.iter().find(|(n, _, _)| *n == kind) else {
             let known = names().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
             return Err(err(origin, "kind", format!("unknown executor kind `{kind}`; known: {known}"))
                 .hint(did_you_mean(kind, names()).or(Some("write `kind = \"local\"` or leave `kind` out".into()))));
@@ -82,7 +90,7 @@ impl ExecutorConfig {
                 return Err(err(origin, k, format!("unknown key for the `{kind}` executor")).hint(hint));
             }
         }
-        cfg.kind = ExecutorKind::Local;
+        cfg.kind = *parsed;
         if let Some(v) = t.get("gpus") {
             let list = v.as_array().ok_or_else(|| {
                 err(origin, "gpus", format!("expected a list of GPU ordinals such as `[0, 1]`, found {v}"))
@@ -129,7 +137,7 @@ impl ExecutorConfig {
     /// names what a run computes (sweep ids hash it): where it computes is not part of that.
     pub fn to_toml(&self) -> String {
         let mut t = toml::Table::new();
-        t.insert("kind".into(), "local".into());
+        t.insert("kind".into(), self.kind.name().into());
         if let Some(g) = &self.gpus {
             t.insert("gpus".into(), toml::Value::Array(g.iter().map(|&n| toml::Value::Integer(n as i64)).collect()));
         }
