@@ -25,7 +25,8 @@ pub struct Args {
     /// Run every point of the pipeline's `[sweep]` (implied by multi-valued `--set a.b=1,2`).
     #[arg(long)]
     pub sweep: bool,
-    /// Sweep points to run at once; their compute stages wait for GPUs of their own (see `--gpus`).
+    /// Sweep points (or, without a sweep, independent stages) to run at once; compute stages wait
+    /// for GPUs of their own (see `--gpus`).
     #[arg(long, default_value_t = 1)]
     pub jobs: usize,
     /// GPU ordinals stages may compute on, e.g. `0,1,2,3` (default: `[executor] gpus`, else every
@@ -53,7 +54,7 @@ pub fn run(args: Args, registry: &[Box<dyn Stage>], quiet: bool) -> Result<(), E
     }
     let engine = Engine::new(&pipeline, registry)?;
     process::install_interrupt_handler();
-    let opts = RunOptions { force, until, dry_run, quiet: quiet || json, gpus: Some(pool), ..Default::default() };
+    let opts = RunOptions { force, until, dry_run, quiet: quiet || json, gpus: Some(pool), jobs, ..Default::default() };
     let record = engine.run(&opts)?;
     if json {
         let stages: Vec<serde_json::Value> = record

@@ -26,6 +26,7 @@ struct SleepParams {
     point: i64,
     ms: i64,
     device: String,
+    fail: bool,
 }
 impl StageParams for SleepParams {}
 
@@ -34,7 +35,7 @@ impl TypedStage for GpuSleep {
     type Params = SleepParams;
     const KIND: &'static str = "gpu_sleep";
     const VERSION: u32 = 1;
-    const DEFAULTS: &'static str = "tag = \"\"\npoint = 0\nms = 50\ndevice = \"gpu\"\n";
+    const DEFAULTS: &'static str = "tag = \"\"\npoint = 0\nms = 50\ndevice = \"gpu\"\nfail = false\n";
     const CONTRACT: Contract = Contract { needs: &[], writes: &["out.txt"] };
     fn gpus(p: &SleepParams) -> GpuDemand {
         match p.device.as_str() {
@@ -45,6 +46,9 @@ impl TypedStage for GpuSleep {
     fn run(ctx: &StageContext, p: &SleepParams) -> Result<StageOutput, StageError> {
         let start = Instant::now();
         std::thread::sleep(Duration::from_millis(p.ms as u64));
+        if p.fail {
+            return Err(StageError::failed("asked to fail"));
+        }
         std::fs::write(ctx.out.join("out.txt"), "done").map_err(|e| StageError::io("out.txt", e))?;
         LOG.lock().unwrap().push((p.tag.clone(), (ctx.gpus.to_vec(), start, Instant::now())));
         Ok(StageOutput::default())
@@ -193,4 +197,52 @@ fn gpus_per_stage_hands_out_distinct_gpus() {
     let rec = Engine::new(&p, &reg).unwrap().run(&opts).unwrap();
     assert_eq!(rec.stages[0].gpus, vec![1, 2]);
     assert_eq!(runs_of("pair")[0].0, vec![1, 2], "the stage sees what the record says");
+}
+
+/// Three stages: `a` and `b` independent, `c` after both; `extra` goes into `a`.
+fn diamond(dir: &tempfile::TempDir, tag: &str, a_extra: &str, reg: &[Box<dyn Stage>]) -> Pipeline {
+    let text = format!(
+        "[pipeline]\nname = \"d\"\n\n[stages.a]\nkind = \"gpu_sleep\"\ntag = \"{tag}-a\"\nms = 150\n{a_extra}\n\n\
+         [stages.b]\nkind = \"gpu_sleep\"\ntag = \"{tag}-b\"\nms = 150\n\n\
+         [stages.c]\nkind = \"gpu_sleep\"\nneeds = [\"a\", \"b\"]\ntag = \"{tag}-c\"\nms = 1\n"
+    );
+    load_str(&dir.path().join("d.toml"), &text, &Overrides::default(), reg).unwrap()
+}
+
+fn run_diamond(tag: &str, a_extra: &str, gpus: Vec<usize>) -> super::runner::RunRecord {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = registry();
+    let p = diamond(&dir, tag, a_extra, &reg);
+    let opts =
+        RunOptions { quiet: true, jobs: 2, gpus: Some(Arc::new(GpuPool::new(gpus, 1, 1))), ..Default::default() };
+    Engine::new(&p, &reg).unwrap().run(&opts).unwrap()
+}
+
+#[test]
+fn independent_branches_run_at_once_on_their_own_gpus() {
+    let record = run_diamond("branches", "", vec![0, 1]);
+    let ids: Vec<&str> = record.stages.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b", "c"], "the record keeps dependency order");
+    assert!(record.stages.iter().all(|s| s.status == Status::Ran), "{record:?}");
+    let (a, b, c) = (&runs_of("branches-a")[0], &runs_of("branches-b")[0], &runs_of("branches-c")[0]);
+    assert!(a.1 < b.2 && b.1 < a.2, "a and b did not overlap");
+    assert_ne!(a.0, b.0, "a and b on one GPU at once");
+    assert!(c.1 >= a.2 && c.1 >= b.2, "c started before its upstream stages ended");
+    assert_eq!(record.stages[0].gpus, a.0);
+}
+
+#[test]
+fn independent_branches_wait_for_the_one_gpu() {
+    run_diamond("one-gpu", "", vec![0]);
+    let (a, b) = (&runs_of("one-gpu-a")[0], &runs_of("one-gpu-b")[0]);
+    assert!(a.2 <= b.1 || b.2 <= a.1, "two stages on GPU 0 at once: {a:?} {b:?}");
+}
+
+#[test]
+fn a_failed_branch_skips_its_dependents_and_not_the_other_branch() {
+    let record = run_diamond("fail", "fail = true", vec![0, 1]);
+    let status: Vec<(&str, Status)> = record.stages.iter().map(|s| (s.id.as_str(), s.status)).collect();
+    assert_eq!(status, [("a", Status::Failed), ("b", Status::Ran), ("c", Status::Skipped)]);
+    assert_eq!(record.stages[2].reason.as_deref(), Some("upstream a did not complete"));
+    assert_eq!(record.status, "failed");
 }

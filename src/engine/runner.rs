@@ -101,6 +101,8 @@ pub struct RunOptions {
     /// The process's GPU slots, shared by every run it makes at once (sweep points under
     /// `--jobs`); `None` hands stages no GPU and makes none wait.
     pub gpus: Option<Arc<GpuPool>>,
+    /// Stages of this pipeline to run at once (independent branches); 0 or 1 runs them one by one.
+    pub jobs: usize,
 }
 
 impl StageState {
@@ -397,61 +399,25 @@ impl<'a> Engine<'a> {
         }
         let last = self.last_keys();
         let width = p.stages.iter().map(|s| s.id.len()).max().unwrap_or(4);
-        let mut outputs: HashMap<usize, Done> = HashMap::new();
-        let mut done: HashMap<usize, Status> = HashMap::new();
-        let mut failed = false;
-        for &i in &self.dag.order {
-            let s = &p.stages[i];
-            let mut rec = StageRecord {
-                id: s.id.clone(),
-                kind: s.kind.clone(),
-                status: Status::Skipped,
-                key: None,
-                seconds: 0.0,
-                dir: None,
-                reason: None,
-                params: flatten_params(&s.params.0),
-                metrics: JsonMap::new(),
-                gpus: Vec::new(),
-            };
-            let blocked = s.needs.iter().find(|n| {
-                done.get(&self.index(n)) != Some(&Status::Cached) && done.get(&self.index(n)) != Some(&Status::Ran)
-            });
-            if !wanted[i] {
-                rec.reason = Some(format!("after --until {}", opts.until.as_deref().unwrap_or_default()));
-            } else if let Some(b) = blocked {
-                rec.reason = Some(format!("upstream {b} did not complete"));
-            } else {
-                self.run_one(i, opts, &last, &mut outputs, &mut rec);
-            }
-            if rec.status == Status::Failed {
-                failed = true;
-            }
-            if !opts.quiet {
-                let what = match (&rec.status, opts.dry_run) {
-                    (Status::Ran, true) => "would run".to_string(),
-                    (st, _) => st.as_str().to_string(),
-                };
-                let detail = match rec.status {
-                    Status::Ran if opts.dry_run => rec.reason.clone().unwrap_or_default(),
-                    Status::Ran if !rec.gpus.is_empty() => format!(
-                        "{:.2}s  {}  (GPU {})",
-                        rec.seconds,
-                        rec.dir.as_deref().unwrap_or(""),
-                        super::executor::join(&rec.gpus)
-                    ),
-                    Status::Ran => format!("{:.2}s  {}", rec.seconds, rec.dir.as_deref().unwrap_or("")),
-                    Status::Cached => rec.dir.clone().unwrap_or_default(),
-                    Status::Failed | Status::Skipped => rec.reason.clone().unwrap_or_default(),
-                };
-                eprintln!("  {:<width$}  {:<9}  {}", s.id, what, detail);
-            }
-            done.insert(i, rec.status);
-            record.stages.push(rec);
+        let write = |record: &RunRecord| {
             if !opts.dry_run {
-                self.write_record(&run_dir, &record);
+                self.write_record(&run_dir, record);
+            }
+        };
+        if opts.jobs > 1 && !opts.dry_run {
+            self.run_parallel(opts, &last, &wanted, width, &mut record, &write);
+        } else {
+            let mut outputs: HashMap<usize, Done> = HashMap::new();
+            let mut done: HashMap<usize, Status> = HashMap::new();
+            for &i in &self.dag.order {
+                let rec = self.stage_record(i, opts, &last, &wanted, &done, &mut outputs);
+                self.print_line(&rec, opts, width);
+                done.insert(i, rec.status);
+                record.stages.push(rec);
+                write(&record);
             }
         }
+        let failed = record.stages.iter().any(|s| s.status == Status::Failed);
         record.status = if failed { "failed" } else { "ok" }.into();
         record.finished = Some(time::rfc3339_now());
         if !opts.dry_run {
@@ -476,6 +442,140 @@ impl<'a> Engine<'a> {
             }
         };
         pool.acquire(want, &INTERRUPTED, &mut waiting).map_err(|e| e.to_string())
+    }
+
+    /// Stage `i` run (or found cached, or skipped: not wanted, or an upstream that did not
+    /// complete), given the stages finished before it.
+    fn stage_record(
+        &self,
+        i: usize,
+        opts: &RunOptions,
+        last: &BTreeMap<String, String>,
+        wanted: &[bool],
+        done: &HashMap<usize, Status>,
+        outputs: &mut HashMap<usize, Done>,
+    ) -> StageRecord {
+        let s = &self.pipeline.stages[i];
+        let mut rec = StageRecord {
+            id: s.id.clone(),
+            kind: s.kind.clone(),
+            status: Status::Skipped,
+            key: None,
+            seconds: 0.0,
+            dir: None,
+            reason: None,
+            params: flatten_params(&s.params.0),
+            metrics: JsonMap::new(),
+            gpus: Vec::new(),
+        };
+        let blocked = s.needs.iter().find(|n| {
+            done.get(&self.index(n)) != Some(&Status::Cached) && done.get(&self.index(n)) != Some(&Status::Ran)
+        });
+        if !wanted[i] {
+            rec.reason = Some(format!("after --until {}", opts.until.as_deref().unwrap_or_default()));
+        } else if let Some(b) = blocked {
+            rec.reason = Some(format!("upstream {b} did not complete"));
+        } else {
+            self.run_one(i, opts, last, outputs, &mut rec);
+        }
+        rec
+    }
+
+    /// The stage's line on stderr.
+    fn print_line(&self, rec: &StageRecord, opts: &RunOptions, width: usize) {
+        if opts.quiet {
+            return;
+        }
+        let what = match (&rec.status, opts.dry_run) {
+            (Status::Ran, true) => "would run".to_string(),
+            (st, _) => st.as_str().to_string(),
+        };
+        let detail = match rec.status {
+            Status::Ran if opts.dry_run => rec.reason.clone().unwrap_or_default(),
+            Status::Ran if !rec.gpus.is_empty() => format!(
+                "{:.2}s  {}  (GPU {})",
+                rec.seconds,
+                rec.dir.as_deref().unwrap_or(""),
+                super::executor::join(&rec.gpus)
+            ),
+            Status::Ran => format!("{:.2}s  {}", rec.seconds, rec.dir.as_deref().unwrap_or("")),
+            Status::Cached => rec.dir.clone().unwrap_or_default(),
+            Status::Failed | Status::Skipped => rec.reason.clone().unwrap_or_default(),
+        };
+        eprintln!("  {:<width$}  {:<9}  {}", rec.id, what, detail);
+    }
+
+    /// `--jobs N` on one pipeline: up to N stages whose upstream stages have finished run at once, on
+    /// threads (independent branches, such as two evaluations of one model). Stages start in
+    /// dependency order as their upstreams finish; the record lists them in that order too.
+    fn run_parallel(
+        &self,
+        opts: &RunOptions,
+        last: &BTreeMap<String, String>,
+        wanted: &[bool],
+        width: usize,
+        record: &mut RunRecord,
+        write: &(dyn Fn(&RunRecord) + Sync),
+    ) {
+        struct Sched {
+            started: Vec<bool>,
+            done: HashMap<usize, Status>,
+            outputs: HashMap<usize, Done>,
+            recs: Vec<Option<StageRecord>>,
+        }
+        let n = self.pipeline.stages.len();
+        let sched = Mutex::new(Sched {
+            started: vec![false; n],
+            done: HashMap::new(),
+            outputs: HashMap::new(),
+            recs: vec![None; n],
+        });
+        let finished = std::sync::Condvar::new();
+        let template = record.clone();
+        let in_order = |recs: &[Option<StageRecord>]| -> Vec<StageRecord> {
+            self.dag.order.iter().filter_map(|&i| recs[i].clone()).collect()
+        };
+        let worker = || loop {
+            let (i, done, mut outputs) = {
+                let mut g = sched.lock().expect("scheduler lock");
+                loop {
+                    if g.started.iter().all(|s| *s) {
+                        return;
+                    }
+                    // In a DAG, when nothing runs the first unstarted stage in order is ready, so
+                    // this never waits forever.
+                    let ready = self.dag.order.iter().copied().find(|&i| {
+                        !g.started[i]
+                            && self.pipeline.stages[i].needs.iter().all(|d| g.done.contains_key(&self.index(d)))
+                    });
+                    match ready {
+                        Some(i) => {
+                            g.started[i] = true;
+                            break (i, g.done.clone(), g.outputs.clone());
+                        }
+                        None => g = finished.wait(g).expect("scheduler lock"),
+                    }
+                }
+            };
+            let rec = self.stage_record(i, opts, last, wanted, &done, &mut outputs);
+            let mut g = sched.lock().expect("scheduler lock");
+            if let Some(d) = outputs.remove(&i) {
+                g.outputs.insert(i, d);
+            }
+            g.done.insert(i, rec.status);
+            self.print_line(&rec, opts, width);
+            g.recs[i] = Some(rec);
+            let mut now = template.clone();
+            now.stages = in_order(&g.recs);
+            write(&now);
+            finished.notify_all();
+        };
+        std::thread::scope(|s| {
+            for _ in 0..opts.jobs.min(n) {
+                s.spawn(worker);
+            }
+        });
+        record.stages = in_order(&sched.into_inner().expect("scheduler lock").recs);
     }
 
     fn write_record(&self, run_dir: &Path, record: &RunRecord) {

@@ -100,3 +100,28 @@ fn executor_table_mistakes_name_the_file_and_key() {
     let out = p.pipe_env_unset(&["run", "pipelines/p.toml", "--gpus", "0"], &[("PIPE_FAKE_GPUS", "4")], NO_CUDA_ENV);
     assert_eq!(out.code, 0, "{out}");
 }
+
+#[test]
+fn jobs_on_one_pipeline_runs_independent_stages_and_keeps_the_keys() {
+    let branches =
+        format!("{SAMPLE_PIPELINE}\n[stages.split_b]\nkind = \"split\"\nneeds = [\"normalize\"]\nseed = 7\n");
+    let parallel = Project::with_sample();
+    parallel.write("pipelines/p.toml", &branches);
+    let v = parallel.run_json(&["run", "pipelines/p.toml", "--jobs", "2", "--json"]);
+    let serial = Project::with_sample();
+    serial.write("pipelines/p.toml", &branches);
+    let w = serial.run_json(&["run", "pipelines/p.toml", "--json"]);
+    let rows = |v: &serde_json::Value| -> Vec<(String, String, String)> {
+        v["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["id"].to_string(), s["status"].to_string(), s["key"].to_string()))
+            .collect()
+    };
+    assert_eq!(v["status"], "ok", "{v}");
+    assert_eq!(rows(&v), rows(&w), "same stages, order, statuses and keys with --jobs 2 as without");
+    assert_eq!(rows(&v).len(), 4);
+    let again = parallel.run_json(&["run", "pipelines/p.toml", "--jobs", "2", "--json"]);
+    assert!(again["stages"].as_array().unwrap().iter().all(|s| s["status"] == "cached"), "{again}");
+}
