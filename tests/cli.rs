@@ -251,6 +251,8 @@ mod compare;
 mod crash;
 #[path = "cli/docs.rs"]
 mod docs;
+#[path = "cli/gpus.rs"]
+mod gpus;
 #[path = "cli/hub.rs"]
 mod hub;
 #[path = "cli/malformed.rs"]

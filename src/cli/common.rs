@@ -2,13 +2,16 @@
 //! and printing. One copy here keeps the commands' flags and output alike.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::Serialize;
 
 use super::Exit;
 use crate::engine::config::{self, Overrides, Pipeline};
+use crate::engine::executor::{self, Visible};
+use crate::engine::slots::GpuPool;
 use crate::engine::store::Store;
-use crate::engine::Stage;
+use crate::engine::{GpuDemand, Stage};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct PipelineArgs {
@@ -22,6 +25,38 @@ pub struct PipelineArgs {
 /// The pipeline with every layer applied: stage defaults, the file, `PIPE_*` variables, `--set`.
 pub(super) fn load(p: &PipelineArgs, registry: &[Box<dyn Stage>]) -> Result<Pipeline, Exit> {
     Ok(config::load(&p.file, &Overrides::from_env(p.sets.clone()), registry)?)
+}
+
+/// The GPU slots of this process: `--gpus` (as typed), else `[executor] gpus`, else every GPU the
+/// process sees. A bad list is a usage error (exit 2) before anything runs. The CUDA driver is only
+/// asked how many GPUs there are when the answer matters (a list to check, a stage that wants a GPU,
+/// a sweep whose points may): a cached CPU run stays as fast as it was.
+pub(super) fn gpu_pool(
+    pipeline: &Pipeline,
+    flag: Option<&str>,
+    registry: &[Box<dyn Stage>],
+) -> Result<Arc<GpuPool>, Exit> {
+    let flag = match flag {
+        Some(raw) => {
+            Some(executor::parse_gpu_list(raw).map_err(|m| Exit::usage(anyhow::anyhow!("--gpus {raw}: {m}")))?)
+        }
+        None => None,
+    };
+    let wants_gpu = pipeline
+        .stages
+        .iter()
+        .any(|s| registry.iter().find(|r| r.kind() == s.kind).is_some_and(|r| r.gpus(&s.params) != GpuDemand::None));
+    let probe = || {
+        if flag.is_some() || pipeline.executor.gpus.is_some() || wants_gpu || pipeline.sweep.is_some() {
+            crate::model::device::cuda_device_count()
+        } else {
+            None
+        }
+    };
+    let visible = Visible::from_env(&probe).map_err(|m| Exit::usage(anyhow::anyhow!(m)))?;
+    let file = pipeline.file.display().to_string();
+    let (gpus, _) = executor::resolve_gpus(&pipeline.executor, &file, flag.as_deref(), &visible)?;
+    Ok(Arc::new(GpuPool::new(gpus, pipeline.executor.gpus_per_stage, pipeline.executor.stages_per_gpu)))
 }
 
 /// The store `verify` and `gc` work on: `--artifacts`, else the one `--pipeline` names, else ./artifacts.

@@ -1,5 +1,5 @@
 //! `pipe config`: the configuration a run would use, every default and override filled in, as TOML:
-//! what to read when a parameter's value is in doubt.
+//! what to read when a parameter's value is in doubt. The `[executor]` table comes last, defaults filled in.
 
 use super::common::{load, PipelineArgs};
 use super::Exit;
@@ -13,6 +13,6 @@ pub struct Args {
 
 pub fn run(args: Args, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
     let pipeline = load(&args.p, registry)?;
-    print!("{}", pipeline.to_toml());
+    print!("{}\n{}", pipeline.to_toml(), pipeline.executor.to_toml());
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! `pipe run`: runs the stale stages of one pipeline and writes its run record; a pipeline with a sweep
 //! runs its base configuration unless `--sweep` (or a multi-valued `--set`) asks for every point.
 
-use super::common::{load, print_json, PipelineArgs};
+use super::common::{gpu_pool, load, print_json, PipelineArgs};
 use super::{process, sweep, Exit};
 use crate::engine::runner::{self, Engine, RunOptions};
 use crate::engine::Stage;
@@ -25,20 +25,26 @@ pub struct Args {
     /// Run every point of the pipeline's `[sweep]` (implied by multi-valued `--set a.b=1,2`).
     #[arg(long)]
     pub sweep: bool,
-    /// Sweep points to run at once (independent CPU work; one GPU wants 1).
+    /// Sweep points (or, without a sweep, independent stages) to run at once; compute stages wait
+    /// for GPUs of their own (see `--gpus`).
     #[arg(long, default_value_t = 1)]
     pub jobs: usize,
+    /// GPU ordinals stages may compute on, e.g. `0,1,2,3` (default: `[executor] gpus`, else every
+    /// GPU this process sees).
+    #[arg(long, value_name = "N,N,…")]
+    pub gpus: Option<String>,
 }
 
 pub fn run(args: Args, registry: &[Box<dyn Stage>], quiet: bool) -> Result<(), Exit> {
-    let Args { p, force, until, dry_run, json, sweep, jobs } = args;
+    let Args { p, force, until, dry_run, json, sweep, jobs, gpus } = args;
     let pipeline = load(&p, registry)?;
+    let pool = gpu_pool(&pipeline, gpus.as_deref(), registry)?;
     let multi = pipeline
         .sweep
         .as_ref()
         .is_some_and(|s| s.grid.iter().any(|(k, _)| p.sets.iter().any(|x| x.starts_with(&format!("{k}=")))));
     if sweep || multi {
-        return sweep::run_points(&pipeline, &p.file, registry, jobs, json, quiet);
+        return sweep::run_points(&pipeline, &p.file, registry, jobs, pool, json, quiet);
     }
     if let (Some(_), false) = (&pipeline.sweep, quiet || json) {
         eprintln!(
@@ -48,7 +54,7 @@ pub fn run(args: Args, registry: &[Box<dyn Stage>], quiet: bool) -> Result<(), E
     }
     let engine = Engine::new(&pipeline, registry)?;
     process::install_interrupt_handler();
-    let opts = RunOptions { force, until, dry_run, quiet: quiet || json, ..Default::default() };
+    let opts = RunOptions { force, until, dry_run, quiet: quiet || json, gpus: Some(pool), jobs, ..Default::default() };
     let record = engine.run(&opts)?;
     if json {
         let stages: Vec<serde_json::Value> = record
@@ -57,7 +63,7 @@ pub fn run(args: Args, registry: &[Box<dyn Stage>], quiet: bool) -> Result<(), E
             .map(|s| {
                 serde_json::json!({
                     "id": s.id, "kind": s.kind, "status": s.status, "key": s.key,
-                    "seconds": s.seconds, "dir": s.dir, "reason": s.reason,
+                    "seconds": s.seconds, "dir": s.dir, "reason": s.reason, "gpus": s.gpus,
                 })
             })
             .collect();

@@ -2,33 +2,43 @@
 //! run, and writes the sweep's report page. One implementation for both spellings.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use super::common::{load, print_json, PipelineArgs};
+use super::common::{gpu_pool, load, print_json, PipelineArgs};
 use super::{process, Exit};
 use crate::engine::config::Pipeline;
+use crate::engine::slots::GpuPool;
 use crate::engine::Stage;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
     pub p: PipelineArgs,
+    /// Points to run at once; their compute stages wait for GPUs of their own.
     #[arg(long, default_value_t = 1)]
     pub jobs: usize,
+    /// GPU ordinals stages may compute on, e.g. `0,1,2,3` (default: `[executor] gpus`, else every
+    /// GPU this process sees).
+    #[arg(long, value_name = "N,N,…")]
+    pub gpus: Option<String>,
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(args: Args, registry: &[Box<dyn Stage>], quiet: bool) -> Result<(), Exit> {
     let pipeline = load(&args.p, registry)?;
-    run_points(&pipeline, &args.p.file, registry, args.jobs, args.json, quiet)
+    let pool = gpu_pool(&pipeline, args.gpus.as_deref(), registry)?;
+    run_points(&pipeline, &args.p.file, registry, args.jobs, pool, args.json, quiet)
 }
 
-/// Runs the sweep of `pipeline`, loaded from `file` (named in messages), `jobs` points at a time.
+/// Runs the sweep of `pipeline`, loaded from `file` (named in messages), `jobs` points at a time,
+/// their compute stages on the GPUs of `pool`.
 pub(super) fn run_points(
     pipeline: &Pipeline,
     file: &Path,
     registry: &[Box<dyn Stage>],
     jobs: usize,
+    pool: Arc<GpuPool>,
     json: bool,
     quiet: bool,
 ) -> Result<(), Exit> {
@@ -39,7 +49,7 @@ pub(super) fn run_points(
         )));
     }
     process::install_interrupt_handler();
-    let report = crate::engine::sweep::run_sweep(pipeline, registry, jobs.max(1), quiet || json)?;
+    let report = crate::engine::sweep::run_sweep(pipeline, registry, jobs.max(1), quiet || json, Some(pool))?;
     // A sweep's own report page: the sweep table and one chart per swept parameter and metric.
     let sweep_dir = PathBuf::from(&report.sweep_dir);
     if let Ok(runs) = crate::engine::compare::find_runs(std::slice::from_ref(&sweep_dir)) {

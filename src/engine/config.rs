@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use figment::value::{Dict, Map};
 use figment::{Figment, Metadata, Profile, Provider};
 
+use super::executor::ExecutorConfig;
 use super::params::{ParamError, Params};
 use super::stage::{Need, Stage, When};
 
@@ -39,10 +40,10 @@ impl std::fmt::Display for ConfigError {
 }
 
 impl ConfigError {
-    fn new(origin: impl Into<String>, key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(origin: impl Into<String>, key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError { origin: origin.into(), key: key.into(), message: message.into(), hint: None }
     }
-    fn hint(mut self, hint: Option<String>) -> Self {
+    pub(crate) fn hint(mut self, hint: Option<String>) -> Self {
         self.hint = hint;
         self
     }
@@ -78,6 +79,8 @@ pub struct Pipeline {
     /// The original file text and the overrides, so sweep points can be resolved like the base.
     pub source_text: String,
     pub overrides: Overrides,
+    /// `[executor]`: where stages compute. Not part of any key: it changes where, never what.
+    pub executor: ExecutorConfig,
 }
 
 /// A parameter sweep: grid axes and/or random draws, each naming `<stage>.<param>`.
@@ -184,7 +187,7 @@ impl Provider for Layer {
 }
 
 const PIPELINE_KEYS: &[&str] = &["name", "artifacts", "root", "description"];
-const TOP_KEYS: &[&str] = &["pipeline", "stages", "sweep"];
+const TOP_KEYS: &[&str] = &["pipeline", "stages", "sweep", "executor"];
 const STAGE_META_KEYS: &[&str] = &["kind", "needs"];
 
 /// The nearest candidate by edit distance, if it is close enough to be a plausible typo.
@@ -257,7 +260,7 @@ fn parse_skeleton(file: &Path, text: &str, registry: &[Box<dyn Stage>]) -> Resul
             return Err(ConfigError::new(
                 &origin,
                 k,
-                "unknown top-level section; expected `[pipeline]`, `[stages.<id>]` or `[sweep]`",
+                "unknown top-level section; expected `[pipeline]`, `[stages.<id>]`, `[sweep]` or `[executor]`",
             )
             .hint(hint));
         }
@@ -530,9 +533,11 @@ pub fn load_str(
         fig = fig.merge(Layer::new(format!("stages/{kind}.toml (defaults)"), None, &top));
         defaults_by_id.push(defaults);
     }
+    let executor = ExecutorConfig::parse(&origin, sk.table.get("executor"))?;
     let mut file_layer = sk.table.clone();
     file_layer.remove("pipeline");
     file_layer.remove("sweep");
+    file_layer.remove("executor");
     if let Some(toml::Value::Table(st)) = file_layer.get_mut("stages") {
         for (_, v) in st.iter_mut() {
             if let toml::Value::Table(t) = v {
@@ -648,6 +653,7 @@ pub fn load_str(
         sweep,
         source_text: text.to_string(),
         overrides: overrides.clone(),
+        executor,
     };
     // A cycle first: a stage that needs itself is missing its real upstream too, and the cycle is
     // the mistake to report.

@@ -4,17 +4,22 @@ pub mod params;
 pub mod stage;
 
 pub use params::{ParamError, Params, StageParams};
+pub use slots::GpuDemand;
 pub use stage::{
     Contract, ExternalInput, JsonMap, Need, Stage, StageContext, StageError, StageOutput, TypedStage, Upstream, When,
 };
 pub mod compare;
 pub mod config;
 pub mod dirty;
+pub mod executor;
 pub mod gc;
+#[cfg(test)]
+mod gpu_slot_tests;
 pub mod graph;
 pub mod hashing;
 pub mod key;
 pub mod runner;
+pub mod slots;
 pub mod store;
 pub mod sweep;
 pub mod time;

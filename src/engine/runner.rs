@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -15,6 +15,7 @@ use super::dirty::{self, Reason};
 use super::graph::{self, Dag};
 use super::hashing::StatCache;
 use super::key::{dir_name, flatten_params, KeyInputs, UpstreamInput};
+use super::slots::{GpuPool, SlotGuard};
 use super::stage::{ExternalInput, JsonMap, Stage, StageContext, StageError, Upstream};
 use super::store::{Manifest, Store, StoreError, MANIFEST_SCHEMA};
 use super::time;
@@ -67,6 +68,8 @@ pub struct StageRecord {
     pub reason: Option<String>,
     pub params: BTreeMap<String, serde_json::Value>,
     pub metrics: JsonMap,
+    /// The GPU ordinals the stage computed on (empty when it ran on the CPU or was cached).
+    pub gpus: Vec<usize>,
 }
 
 /// `artifacts/runs/<pipeline>/<run-id>/run.json`.
@@ -95,6 +98,11 @@ pub struct RunOptions {
     /// Where the run record goes (sweep points); default `runs/<pipeline>/<time>-<pid>`.
     pub run_dir: Option<PathBuf>,
     pub sweep: Option<serde_json::Value>,
+    /// The process's GPU slots, shared by every run it makes at once (sweep points under
+    /// `--jobs`); `None` hands stages no GPU and makes none wait.
+    pub gpus: Option<Arc<GpuPool>>,
+    /// Stages of this pipeline to run at once (independent branches); 0 or 1 runs them one by one.
+    pub jobs: usize,
 }
 
 impl StageState {
@@ -167,13 +175,7 @@ impl<'a> Engine<'a> {
     fn key_inputs(&self, i: usize, upstream: &HashMap<usize, Done>) -> Result<KeyInputs, String> {
         let s = &self.pipeline.stages[i];
         let imp = self.stage_impl(&s.kind);
-        let mut k = if imp.unkeyed().is_empty() {
-            KeyInputs::new(&s.kind, imp.version(), &s.params.0)
-        } else {
-            let mut params = s.params.0.clone();
-            params.retain(|name, _| !imp.unkeyed().contains(&name));
-            KeyInputs::new(&s.kind, imp.version(), &params)
-        };
+        let mut k = KeyInputs::new(&s.kind, imp.version(), &imp.keyed_params(&s.params));
         for n in &s.needs {
             let j = self.index(n);
             if let Some(d) = upstream.get(&j) {
@@ -342,6 +344,9 @@ impl<'a> Engine<'a> {
         // Before the store is touched: a stage this build cannot run would fail only after its
         // upstream stages had run.
         p.check_runnable()?;
+        if let Some(pool) = &opts.gpus {
+            self.check_gpus(pool)?;
+        }
         for f in opts.force.iter().chain(opts.until.iter()) {
             if p.stage(f).is_none() {
                 let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
@@ -394,54 +399,25 @@ impl<'a> Engine<'a> {
         }
         let last = self.last_keys();
         let width = p.stages.iter().map(|s| s.id.len()).max().unwrap_or(4);
-        let mut outputs: HashMap<usize, Done> = HashMap::new();
-        let mut done: HashMap<usize, Status> = HashMap::new();
-        let mut failed = false;
-        for &i in &self.dag.order {
-            let s = &p.stages[i];
-            let mut rec = StageRecord {
-                id: s.id.clone(),
-                kind: s.kind.clone(),
-                status: Status::Skipped,
-                key: None,
-                seconds: 0.0,
-                dir: None,
-                reason: None,
-                params: flatten_params(&s.params.0),
-                metrics: JsonMap::new(),
-            };
-            let blocked = s.needs.iter().find(|n| {
-                done.get(&self.index(n)) != Some(&Status::Cached) && done.get(&self.index(n)) != Some(&Status::Ran)
-            });
-            if !wanted[i] {
-                rec.reason = Some(format!("after --until {}", opts.until.as_deref().unwrap_or_default()));
-            } else if let Some(b) = blocked {
-                rec.reason = Some(format!("upstream {b} did not complete"));
-            } else {
-                self.run_one(i, opts, &last, &mut outputs, &mut rec);
-            }
-            if rec.status == Status::Failed {
-                failed = true;
-            }
-            if !opts.quiet {
-                let what = match (&rec.status, opts.dry_run) {
-                    (Status::Ran, true) => "would run".to_string(),
-                    (st, _) => st.as_str().to_string(),
-                };
-                let detail = match rec.status {
-                    Status::Ran if opts.dry_run => rec.reason.clone().unwrap_or_default(),
-                    Status::Ran => format!("{:.2}s  {}", rec.seconds, rec.dir.as_deref().unwrap_or("")),
-                    Status::Cached => rec.dir.clone().unwrap_or_default(),
-                    Status::Failed | Status::Skipped => rec.reason.clone().unwrap_or_default(),
-                };
-                eprintln!("  {:<width$}  {:<9}  {}", s.id, what, detail);
-            }
-            done.insert(i, rec.status);
-            record.stages.push(rec);
+        let write = |record: &RunRecord| {
             if !opts.dry_run {
-                self.write_record(&run_dir, &record);
+                self.write_record(&run_dir, record);
+            }
+        };
+        if opts.jobs > 1 && !opts.dry_run {
+            self.run_parallel(opts, &last, &wanted, width, &mut record, &write);
+        } else {
+            let mut outputs: HashMap<usize, Done> = HashMap::new();
+            let mut done: HashMap<usize, Status> = HashMap::new();
+            for &i in &self.dag.order {
+                let rec = self.stage_record(i, opts, &last, &wanted, &done, &mut outputs);
+                self.print_line(&rec, opts, width);
+                done.insert(i, rec.status);
+                record.stages.push(rec);
+                write(&record);
             }
         }
+        let failed = record.stages.iter().any(|s| s.status == Status::Failed);
         record.status = if failed { "failed" } else { "ok" }.into();
         record.finished = Some(time::rfc3339_now());
         if !opts.dry_run {
@@ -449,6 +425,157 @@ impl<'a> Engine<'a> {
         }
         self.stat.save();
         Ok(record)
+    }
+
+    /// See [`check_gpus`].
+    pub fn check_gpus(&self, pool: &GpuPool) -> Result<(), ConfigError> {
+        check_gpus(self.pipeline, self.registry, pool)
+    }
+
+    /// Waits for the GPUs stage `i` computes on, saying so on stderr when they are busy.
+    fn gpu_slots<'p>(&self, i: usize, pool: &'p GpuPool, quiet: bool) -> Result<SlotGuard<'p>, String> {
+        let s = &self.pipeline.stages[i];
+        let want = pool.plan(self.stage_impl(&s.kind).gpus(&s.params)).map_err(|e| e.to_string())?;
+        let mut waiting = |busy: usize| {
+            if !quiet {
+                eprintln!("  {}: waiting for a free GPU ({busy} busy)", s.id);
+            }
+        };
+        pool.acquire(want, &INTERRUPTED, &mut waiting).map_err(|e| e.to_string())
+    }
+
+    /// Stage `i` run (or found cached, or skipped: not wanted, or an upstream that did not
+    /// complete), given the stages finished before it.
+    fn stage_record(
+        &self,
+        i: usize,
+        opts: &RunOptions,
+        last: &BTreeMap<String, String>,
+        wanted: &[bool],
+        done: &HashMap<usize, Status>,
+        outputs: &mut HashMap<usize, Done>,
+    ) -> StageRecord {
+        let s = &self.pipeline.stages[i];
+        let mut rec = StageRecord {
+            id: s.id.clone(),
+            kind: s.kind.clone(),
+            status: Status::Skipped,
+            key: None,
+            seconds: 0.0,
+            dir: None,
+            reason: None,
+            params: flatten_params(&s.params.0),
+            metrics: JsonMap::new(),
+            gpus: Vec::new(),
+        };
+        let blocked = s.needs.iter().find(|n| {
+            done.get(&self.index(n)) != Some(&Status::Cached) && done.get(&self.index(n)) != Some(&Status::Ran)
+        });
+        if !wanted[i] {
+            rec.reason = Some(format!("after --until {}", opts.until.as_deref().unwrap_or_default()));
+        } else if let Some(b) = blocked {
+            rec.reason = Some(format!("upstream {b} did not complete"));
+        } else {
+            self.run_one(i, opts, last, outputs, &mut rec);
+        }
+        rec
+    }
+
+    /// The stage's line on stderr.
+    fn print_line(&self, rec: &StageRecord, opts: &RunOptions, width: usize) {
+        if opts.quiet {
+            return;
+        }
+        let what = match (&rec.status, opts.dry_run) {
+            (Status::Ran, true) => "would run".to_string(),
+            (st, _) => st.as_str().to_string(),
+        };
+        let detail = match rec.status {
+            Status::Ran if opts.dry_run => rec.reason.clone().unwrap_or_default(),
+            Status::Ran if !rec.gpus.is_empty() => format!(
+                "{:.2}s  {}  (GPU {})",
+                rec.seconds,
+                rec.dir.as_deref().unwrap_or(""),
+                super::executor::join(&rec.gpus)
+            ),
+            Status::Ran => format!("{:.2}s  {}", rec.seconds, rec.dir.as_deref().unwrap_or("")),
+            Status::Cached => rec.dir.clone().unwrap_or_default(),
+            Status::Failed | Status::Skipped => rec.reason.clone().unwrap_or_default(),
+        };
+        eprintln!("  {:<width$}  {:<9}  {}", rec.id, what, detail);
+    }
+
+    /// `--jobs N` on one pipeline: up to N stages whose upstream stages have finished run at once, on
+    /// threads (independent branches, such as two evaluations of one model). Stages start in
+    /// dependency order as their upstreams finish; the record lists them in that order too.
+    fn run_parallel(
+        &self,
+        opts: &RunOptions,
+        last: &BTreeMap<String, String>,
+        wanted: &[bool],
+        width: usize,
+        record: &mut RunRecord,
+        write: &(dyn Fn(&RunRecord) + Sync),
+    ) {
+        struct Sched {
+            started: Vec<bool>,
+            done: HashMap<usize, Status>,
+            outputs: HashMap<usize, Done>,
+            recs: Vec<Option<StageRecord>>,
+        }
+        let n = self.pipeline.stages.len();
+        let sched = Mutex::new(Sched {
+            started: vec![false; n],
+            done: HashMap::new(),
+            outputs: HashMap::new(),
+            recs: vec![None; n],
+        });
+        let finished = std::sync::Condvar::new();
+        let template = record.clone();
+        let in_order = |recs: &[Option<StageRecord>]| -> Vec<StageRecord> {
+            self.dag.order.iter().filter_map(|&i| recs[i].clone()).collect()
+        };
+        let worker = || loop {
+            let (i, done, mut outputs) = {
+                let mut g = sched.lock().expect("scheduler lock");
+                loop {
+                    if g.started.iter().all(|s| *s) {
+                        return;
+                    }
+                    // In a DAG, when nothing runs the first unstarted stage in order is ready, so
+                    // this never waits forever.
+                    let ready = self.dag.order.iter().copied().find(|&i| {
+                        !g.started[i]
+                            && self.pipeline.stages[i].needs.iter().all(|d| g.done.contains_key(&self.index(d)))
+                    });
+                    match ready {
+                        Some(i) => {
+                            g.started[i] = true;
+                            break (i, g.done.clone(), g.outputs.clone());
+                        }
+                        None => g = finished.wait(g).expect("scheduler lock"),
+                    }
+                }
+            };
+            let rec = self.stage_record(i, opts, last, wanted, &done, &mut outputs);
+            let mut g = sched.lock().expect("scheduler lock");
+            if let Some(d) = outputs.remove(&i) {
+                g.outputs.insert(i, d);
+            }
+            g.done.insert(i, rec.status);
+            self.print_line(&rec, opts, width);
+            g.recs[i] = Some(rec);
+            let mut now = template.clone();
+            now.stages = in_order(&g.recs);
+            write(&now);
+            finished.notify_all();
+        };
+        std::thread::scope(|s| {
+            for _ in 0..opts.jobs.min(n) {
+                s.spawn(worker);
+            }
+        });
+        record.stages = in_order(&sched.into_inner().expect("scheduler lock").recs);
     }
 
     fn write_record(&self, run_dir: &Path, record: &RunRecord) {
@@ -526,7 +653,20 @@ impl<'a> Engine<'a> {
                 return;
             }
         }
-        match self.execute(i, &key, cur, outputs, opts.quiet) {
+        // After the store lock: a stage waiting for another process's artifact holds no GPU.
+        let slots = match &opts.gpus {
+            Some(pool) => match self.gpu_slots(i, pool, opts.quiet) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    rec.status = Status::Failed;
+                    rec.reason = Some(e);
+                    return;
+                }
+            },
+            None => None,
+        };
+        rec.gpus = slots.as_ref().map(SlotGuard::ordinals).unwrap_or_default();
+        match self.execute(i, &key, cur, outputs, opts.quiet, &rec.gpus) {
             Ok((m, secs)) => {
                 rec.status = Status::Ran;
                 rec.seconds = secs;
@@ -551,6 +691,7 @@ impl<'a> Engine<'a> {
         key_inputs: KeyInputs,
         outputs: &HashMap<usize, Done>,
         quiet: bool,
+        gpus: &[usize],
     ) -> Result<(Manifest, f64), (String, f64)> {
         let s = &self.pipeline.stages[i];
         let imp = self.stage_impl(&s.kind);
@@ -590,6 +731,7 @@ impl<'a> Engine<'a> {
             upstream: &upstream,
             quiet,
             cancel: &INTERRUPTED,
+            gpus,
         };
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| imp.run(&ctx)));
         let secs = start.elapsed().as_secs_f64();
@@ -661,6 +803,27 @@ impl<'a> Engine<'a> {
             Err(e) => fail(e),
         }
     }
+}
+
+/// Every stage's GPU demand against the pool, before anything runs: asking for more GPUs than the
+/// run has is a configuration error naming the stage, not a stage that waits forever.
+pub fn check_gpus(pipeline: &Pipeline, registry: &[Box<dyn Stage>], pool: &GpuPool) -> Result<(), ConfigError> {
+    for s in &pipeline.stages {
+        let imp = registry.iter().find(|r| r.kind() == s.kind).expect("kind validated by config");
+        if let Err(e) = pool.plan(imp.gpus(&s.params)) {
+            return Err(ConfigError::new(
+                pipeline.file.display().to_string(),
+                format!("stages.{}", s.id),
+                format!("stage `{}` ({}) {e}", s.id, s.kind),
+            )
+            .hint(Some(
+                "pass more GPUs with `--gpus` or `[executor] gpus`, lower `[executor] gpus_per_stage`, or compute \
+                 on the CPU"
+                    .into(),
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Remove the running stages' temp dirs (called from the signal handler).

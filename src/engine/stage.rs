@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::params::{ParamError, Params, StageParams};
+use super::slots::GpuDemand;
 
 /// Metrics and statistics a stage reports; they land in its manifest and in the run record.
 pub type JsonMap = serde_json::Map<String, serde_json::Value>;
@@ -157,6 +158,9 @@ pub struct StageContext<'a> {
     pub quiet: bool,
     /// Set by Ctrl-C/SIGTERM; long loops should poll it through [`StageContext::check_cancel`].
     pub cancel: &'a AtomicBool,
+    /// GPU ordinals the run's slot pool gave this stage, the first to compute on; empty when it
+    /// asked for none ([`Stage::gpus`]) or runs outside a pool. Never part of the cache key.
+    pub gpus: &'a [usize],
 }
 
 impl StageContext<'_> {
@@ -241,8 +245,15 @@ pub trait Stage: Send + Sync {
     /// Top-level parameters that change how the stage computes but never what it outputs (a
     /// memory/speed trade-off): left out of the cache key, so switching one reuses the artifact.
     fn unkeyed(&self) -> &'static [&'static str];
+    /// The parameters as the cache key hashes them: without [`Stage::unkeyed`] ones, and with
+    /// spellings that cannot change the output made canonical (`cuda:3` hashes as `cuda`), so an
+    /// artifact is reused whichever GPU computed it.
+    fn keyed_params(&self, params: &Params) -> toml::Table;
     /// Files or remote ids outside the store that the output depends on.
     fn inputs(&self, params: &Params) -> Vec<ExternalInput>;
+    /// Whether the stage computes on a GPU with these parameters: the runner then waits for free
+    /// GPU slots and hands their ordinals over in [`StageContext::gpus`].
+    fn gpus(&self, params: &Params) -> GpuDemand;
     fn run(&self, ctx: &StageContext) -> Result<StageOutput, StageError>;
 }
 
@@ -266,6 +277,11 @@ pub trait TypedStage: Send + Sync {
     }
     fn inputs(_params: &Self::Params) -> Vec<ExternalInput> {
         Vec::new()
+    }
+    /// Rewrite, in the table the key hashes, values whose spelling changes nothing in the output.
+    fn canonical_key(_params: &mut toml::Table) {}
+    fn gpus(_params: &Self::Params) -> GpuDemand {
+        GpuDemand::None
     }
     fn run(ctx: &StageContext, params: &Self::Params) -> Result<StageOutput, StageError>;
 }
@@ -291,6 +307,15 @@ impl<T: TypedStage> Stage for T {
     }
     fn unkeyed(&self) -> &'static [&'static str] {
         T::UNKEYED
+    }
+    fn keyed_params(&self, params: &Params) -> toml::Table {
+        let mut t = params.0.clone();
+        t.retain(|name, _| !T::UNKEYED.contains(&name));
+        T::canonical_key(&mut t);
+        t
+    }
+    fn gpus(&self, params: &Params) -> GpuDemand {
+        params.decode::<T::Params>().map(|p| T::gpus(&p)).unwrap_or_default()
     }
     fn inputs(&self, params: &Params) -> Vec<ExternalInput> {
         // Only called on parameters that passed `check` at load.

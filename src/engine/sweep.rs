@@ -4,13 +4,14 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
 use super::config::{self, Dist, Pipeline, SweepSpec};
 use super::key::canonical_json;
-use super::runner::{Engine, EngineError, RunOptions};
+use super::runner::{self, Engine, EngineError, RunOptions};
+use super::slots::GpuPool;
 use super::stage::Stage;
 use crate::util::rng::SplitMix64;
 
@@ -158,12 +159,14 @@ fn finished(run_dir: &Path) -> bool {
 }
 
 /// Run every point of the base pipeline's sweep. `jobs` > 1 runs points on parallel threads; shared
-/// stages are still computed once (the per-key store lock makes the others wait, then hit the cache).
+/// stages are still computed once (the per-key store lock makes the others wait, then hit the cache),
+/// and the points' compute stages share `gpus`, one pool, so each gets GPUs of its own.
 pub fn run_sweep(
     base: &Pipeline,
     registry: &[Box<dyn Stage>],
     jobs: usize,
     quiet: bool,
+    gpus: Option<Arc<GpuPool>>,
 ) -> Result<SweepReport, EngineError> {
     let spec =
         base.sweep.clone().ok_or_else(|| EngineError::Usage(format!("{} defines no sweep", base.file.display())))?;
@@ -183,6 +186,9 @@ pub fn run_sweep(
         ov.sets.extend(pt.values.iter().map(|(k, v)| format!("{k}={}", toml_inline(v))));
         let mut p = config::load_str(&base.file, &base.source_text, &ov, registry)?;
         p.check_runnable()?;
+        if let Some(pool) = &gpus {
+            runner::check_gpus(&p, registry, pool)?;
+        }
         p.sweep = None;
         pipelines.push(p);
     }
@@ -193,7 +199,7 @@ pub fn run_sweep(
     let next = AtomicUsize::new(0);
     let work = || loop {
         let i = next.fetch_add(1, Ordering::SeqCst);
-        if i >= pts.len() || super::runner::INTERRUPTED.load(Ordering::SeqCst) {
+        if i >= pts.len() || runner::INTERRUPTED.load(Ordering::SeqCst) {
             break;
         }
         let pt = &pts[i];
@@ -219,6 +225,7 @@ pub fn run_sweep(
                 quiet,
                 run_dir: Some(run_dir.clone()),
                 sweep: Some(serde_json::json!({"id": id, "point": pt.name, "values": values})),
+                gpus: gpus.clone(),
                 ..Default::default()
             };
             match Engine::new(&pipelines[i], registry).and_then(|e| e.run(&opts)) {
@@ -228,7 +235,7 @@ pub fn run_sweep(
                         res.error = r
                             .stages
                             .iter()
-                            .find(|s| s.reason.is_some() && s.status == super::runner::Status::Failed)
+                            .find(|s| s.reason.is_some() && s.status == runner::Status::Failed)
                             .and_then(|s| s.reason.clone());
                     }
                 }

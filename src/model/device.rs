@@ -121,6 +121,20 @@ pub fn compute_identity(spec: &str) -> String {
     }
 }
 
+/// How many GPUs the CUDA driver shows this process: `None` in a build without CUDA; 0 when the
+/// driver does not answer (no GPU, or the link-time stub).
+pub fn cuda_device_count() -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::CudaContext;
+        Some(CudaContext::device_count().map(|n| n.max(0) as usize).unwrap_or(0))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        None
+    }
+}
+
 /// Parses and opens a `device` parameter in one step.
 pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
     spec.parse::<DeviceSpec>()?.open()

@@ -11,12 +11,12 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::engine::{
-    Contract, ExternalInput, JsonMap, Need, ParamError, StageContext, StageError, StageOutput, StageParams, TypedStage,
-    When,
+    Contract, ExternalInput, GpuDemand, JsonMap, Need, ParamError, StageContext, StageError, StageOutput, StageParams,
+    TypedStage, When,
 };
 use crate::hub::HubSettings;
 use crate::metrics::{self, Prediction};
-use crate::model::device::{compute_identity, parse_device, parse_dtype, DeviceSpec};
+use crate::model::device::{compute_identity, parse_dtype, DeviceSpec};
 use crate::model::score::score_all;
 use crate::model::{LoadOptions, ModelError, ModelSource, Reranker};
 use crate::text::TokenStore;
@@ -108,6 +108,14 @@ impl TypedStage for Evaluate {
         super::device_available(&p.device)
     }
 
+    fn gpus(p: &EvaluateParams) -> GpuDemand {
+        super::device_gpus(&p.device)
+    }
+
+    fn canonical_key(params: &mut toml::Table) {
+        super::canonical_device(params)
+    }
+
     fn inputs(p: &EvaluateParams) -> Vec<ExternalInput> {
         // CPU and GPU scores differ in the last bits: where it computes is part of the key.
         let device = ExternalInput::Remote(compute_identity(&p.device));
@@ -119,7 +127,7 @@ impl TypedStage for Evaluate {
     }
 
     fn run(ctx: &StageContext, p: &EvaluateParams) -> Result<StageOutput, StageError> {
-        let device = parse_device(&p.device).map_err(model_err)?;
+        let device = super::open_device(&p.device, ctx.gpus).map_err(model_err)?;
         let dtype = parse_dtype(&p.dtype).map_err(model_err)?;
         let tok_dir = &ctx.upstream_of(&[super::tokenize::KIND])?.dir;
         let model_dir = match p.model.as_str() {

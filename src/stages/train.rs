@@ -11,7 +11,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::engine::{
-    Contract, ExternalInput, JsonMap, Need, ParamError, StageContext, StageError, StageOutput, StageParams, TypedStage,
+    Contract, ExternalInput, GpuDemand, JsonMap, Need, ParamError, StageContext, StageError, StageOutput, StageParams,
+    TypedStage,
 };
 use crate::hub::HubSettings;
 use crate::model::{self, DeviceSpec, LoadOptions, ModelSource, Qwen3Config, SaveOptions};
@@ -252,6 +253,14 @@ impl TypedStage for Train {
         super::device_available(&p.device)
     }
 
+    fn gpus(p: &TrainParams) -> GpuDemand {
+        super::device_gpus(&p.device)
+    }
+
+    fn canonical_key(params: &mut toml::Table) {
+        super::canonical_device(params)
+    }
+
     fn inputs(p: &TrainParams) -> Vec<ExternalInput> {
         let device = ExternalInput::Remote(crate::model::device::compute_identity(&p.device));
         let spec = p.model.as_str();
@@ -274,7 +283,7 @@ impl TypedStage for Train {
                 cfg.fault = Some(f.parse::<Fault>().map_err(|e| StageError::Failed(format!("{FAULT_ENV}: {e}")))?);
             }
         }
-        let device = p.device.parse::<DeviceSpec>().and_then(DeviceSpec::open).map_err(|e| param("device", e))?;
+        let device = super::open_device(&p.device, ctx.gpus).map_err(|e| param("device", e))?;
         let dtype = model::parse_dtype(&p.dtype).map_err(|e| param("dtype", e))?;
 
         let tok_dir = ctx.upstream_of(&[super::tokenize::KIND])?.dir.clone();

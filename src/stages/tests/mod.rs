@@ -55,6 +55,7 @@ impl Harness {
             upstream,
             quiet: true,
             cancel: &cancel,
+            gpus: &[],
         };
         (stage.run(&ctx), out)
     }

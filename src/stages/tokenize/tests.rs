@@ -42,6 +42,7 @@ fn run(
         upstream: &upstream,
         quiet: true,
         cancel: &cancel,
+        gpus: &[],
     };
     Tokenize.check(params)?;
     let o = Tokenize.run(&ctx)?;
