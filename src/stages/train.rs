@@ -25,6 +25,8 @@ pub const VERSION: u32 = 1;
 pub const MODEL_DIR: &str = "model";
 /// One JSON object per optimizer step and per validation (what `analyze` draws the loss curve from).
 pub const TRAIN_LOG: &str = "train_log.jsonl";
+/// TensorBoard event files of the run (`tensorboard --logdir artifacts/` shows them).
+pub const EVENTS_DIR: &str = "tensorboard";
 
 /// The token stores and tokenizer in; the model and the log out.
 pub const CONTRACT: Contract =
