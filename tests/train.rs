@@ -849,3 +849,146 @@ fn the_hand_written_layer_backward_gives_autograds_gradients() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// TensorBoard event files.
+
+/// Tags whose values are timings, which differ between runs.
+fn is_timing(tag: &str) -> bool {
+    tag.ends_with("_per_sec")
+}
+
+/// Every scalar of the run's one event file as (tag, step, value), in file order.
+fn event_scalars(events_dir: &Path) -> Vec<(String, i64, f32)> {
+    let files = train::tensorboard::event_files(events_dir);
+    assert_eq!(files.len(), 1, "one event file per run: {files:?}");
+    let events = train::tensorboard::read_events(&files[0]).unwrap();
+    assert_eq!(
+        events[0].kind,
+        train::tensorboard::EventKind::FileVersion(train::tensorboard::FILE_VERSION.into()),
+        "the first record names the file version"
+    );
+    let mut out = Vec::new();
+    for e in &events[1..] {
+        let train::tensorboard::EventKind::Scalars(values) = &e.kind else { panic!("a second file_version record") };
+        out.extend(values.iter().map(|(t, v)| (t.clone(), e.step, *v)));
+    }
+    out
+}
+
+/// The config the committed TensorBoard fixture was written with (see `event_fixture_run`).
+fn fixture_config() -> TrainConfig {
+    TrainConfig { eval_every: 2, ..config() }
+}
+
+fn event_fixture_run(dir: &Path) -> train::Outcome {
+    run(tiny(true, 6), &fixture_config(), &store(8, 4, 31), &store(3, 4, 32), dir).unwrap()
+}
+
+#[test]
+fn a_resumed_run_has_every_step_once_in_its_event_file() {
+    let whole_dir = tempfile::tempdir().unwrap();
+    let whole = event_fixture_run(whole_dir.path());
+    let expected: Vec<(String, i64, f32)> = event_scalars(&whole.events);
+
+    // Stop after step 5 (checkpointed there), then play a process that kept going and died at
+    // step 7 without a checkpoint: its steps 6 and 7 are in the event file, not in the checkpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let faulty = TrainConfig { fault: Some(Fault::StopAfter(5)), ..fixture_config() };
+    let err = run(tiny(true, 6), &faulty, &store(8, 4, 31), &store(3, 4, 32), dir.path()).err().unwrap();
+    assert!(matches!(err, TrainError::Injected(5)), "{err}");
+    let events_dir = dir.path().join(train::trainer::EVENTS);
+    let file = train::tensorboard::event_files(&events_dir).pop().expect("written while training");
+    let mut bytes = std::fs::read(&file).unwrap();
+    for step in [6, 7] {
+        let e = train::tensorboard::Event {
+            wall_time: 0.0,
+            step,
+            kind: train::tensorboard::EventKind::Scalars(vec![("train/loss".into(), 99.0)]),
+        };
+        bytes.extend(train::tensorboard::frame(&e.encode()));
+    }
+    std::fs::write(&file, bytes).unwrap();
+
+    let resumed = event_fixture_run(dir.path());
+    assert_eq!(resumed.summary.resumed_from, Some(5));
+    let got = event_scalars(&resumed.events);
+    let mut seen = std::collections::BTreeSet::new();
+    for (tag, step, _) in &got {
+        assert!(seen.insert((tag.clone(), *step)), "`{tag}` at step {step} twice");
+    }
+    assert_eq!(got.len(), expected.len());
+    for ((tag, step, v), (etag, estep, ev)) in got.iter().zip(&expected) {
+        assert_eq!((tag, step), (etag, estep));
+        if !is_timing(tag) {
+            assert!((v - ev).abs() <= 1e-6 * ev.abs().max(1.0), "{tag}@{step}: {v} vs {ev}");
+        }
+    }
+}
+
+/// `tests/fixtures/tensorboard/`: an event file this code wrote for `event_fixture_run`, and what
+/// TensorBoard's own reader found in it (`read_events.py`, run by hand). pipe must still write the
+/// same tags at the same steps with the same values, byte for byte in the same encoding.
+#[test]
+fn pipe_writes_what_tensorboard_read_from_the_fixture() {
+    let fixtures = util::repo().join("tests/fixtures/tensorboard");
+    if std::env::var_os("PIPE_WRITE_TENSORBOARD_FIXTURE").is_some() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = event_fixture_run(dir.path());
+        let src = train::tensorboard::event_files(&out.events).pop().unwrap();
+        for old in train::tensorboard::event_files(&fixtures) {
+            std::fs::remove_file(old).unwrap();
+        }
+        std::fs::create_dir_all(&fixtures).unwrap();
+        std::fs::copy(&src, fixtures.join(src.file_name().unwrap())).unwrap();
+        return;
+    }
+    let read: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("scalars.json")).unwrap()).unwrap();
+    let committed = train::tensorboard::event_files(&fixtures).pop().expect("the committed event file");
+
+    // pipe's reader agrees with TensorBoard's on the committed file.
+    let mine = event_scalars(&fixtures);
+    let tb: Vec<(String, i64, f32)> = read["scalars"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(tag, pts)| {
+            pts.as_array()
+                .unwrap()
+                .iter()
+                .map(move |p| (tag.clone(), p["step"].as_i64().unwrap(), p["value"].as_f64().unwrap() as f32))
+        })
+        .collect();
+    let mut sorted = mine.clone();
+    sorted.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    assert_eq!(sorted, tb, "pipe's reader and TensorBoard's disagree on the committed file");
+    assert_eq!(read["file_version"], train::tensorboard::FILE_VERSION);
+
+    // The writer's encoding of those events is the committed bytes.
+    let events = train::tensorboard::read_events(&committed).unwrap();
+    let encoded: Vec<u8> = events.iter().flat_map(|e| train::tensorboard::frame(&e.encode())).collect();
+    assert_eq!(encoded, std::fs::read(&committed).unwrap(), "the encoding changed");
+
+    // The same run today writes the same tags, steps and (timings aside) values.
+    let dir = tempfile::tempdir().unwrap();
+    let now = event_scalars(&event_fixture_run(dir.path()).events);
+    assert_eq!(now.len(), mine.len(), "{now:?}");
+    for ((tag, step, v), (etag, estep, ev)) in now.iter().zip(&mine) {
+        assert_eq!((tag, step), (etag, estep));
+        if !is_timing(tag) {
+            assert!((v - ev).abs() <= 1e-5 * ev.abs().max(1.0), "{tag}@{step}: {v} vs {ev}");
+        }
+    }
+    for tag in [
+        "train/loss",
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/samples_per_sec",
+        "val/loss",
+        "val/auc",
+        "val/ndcg@10",
+    ] {
+        assert!(now.iter().any(|(t, _, _)| t == tag), "no `{tag}`");
+    }
+}
