@@ -24,6 +24,10 @@ pub struct Args {
     /// The model card's license (default: apache-2.0 for a Qwen/ base model, else `other`).
     #[arg(long)]
     pub license: Option<String>,
+    /// Storage dtype: f32, bf16 or f16 (default: the source model's). In bf16 the score row
+    /// `W_yes − W_no` is rounded once more than the two rows it comes from.
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Print one JSON object describing what was written.
     #[arg(long)]
     pub json: bool,
@@ -31,7 +35,8 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<(), Exit> {
     let format: Format = a.format.parse().map_err(Exit::usage)?;
-    let req = Request { src: a.src, format, out: a.out, force: a.force, license: a.license };
+    let dtype = a.dtype.as_deref().map(crate::model::parse_dtype).transpose().map_err(Exit::usage)?;
+    let req = Request { src: a.src, format, out: a.out, force: a.force, license: a.license, dtype };
     let done = export::export(&req).map_err(|e| match e {
         ExportError::Usage(_) | ExportError::Source { .. } => Exit::usage(e),
         other => Exit::failed(other),

@@ -87,6 +87,8 @@ pub struct Request {
     pub force: bool,
     /// The card's `license`; `None`: the base model's when known (see [`card`]), else `other`.
     pub license: Option<String>,
+    /// Storage dtype; `None`: the source's. The seq-cls row is computed in f32 either way.
+    pub dtype: Option<DType>,
 }
 
 /// What was written, for the CLI's report.
@@ -225,7 +227,7 @@ pub fn export(req: &Request) -> Result<Exported, ExportError> {
     let tmp = tempfile::Builder::new().prefix(".pipe-export-").tempdir_in(parent).map_err(io(parent))?;
     let dir = tmp.path();
 
-    let dtype = stored_dtype(&cfg);
+    let dtype = req.dtype.unwrap_or_else(|| stored_dtype(&cfg));
     let opts = LoadOptions { dtype: DType::F32, device: Device::Cpu, trainable: false };
     let qwen = model::load_files(&files, &opts)?;
     let architecture = match req.format {
