@@ -992,3 +992,129 @@ fn pipe_writes_what_tensorboard_read_from_the_fixture() {
         assert!(now.iter().any(|(t, _, _)| t == tag), "no `{tag}`");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// `pipe export` of a trained model: the card against the store, rerank on both forms.
+
+#[test]
+fn export_writes_a_card_from_the_store_and_both_forms_rerank_alike() {
+    let p = small_project();
+    let mut text = std::fs::read_to_string(p.path("pipelines/p.toml")).unwrap();
+    text.push_str(
+        "\n[stages.evaluate]\nkind = \"evaluate\"\nneeds = [\"train\", \"tokenize\", \"split\"]\ndevice = \"cpu\"\n\
+         \n[stages.analyze]\nkind = \"analyze\"\nneeds = [\"evaluate\", \"split\", \"train\"]\n",
+    );
+    p.write("pipelines/p.toml", &text);
+    p.ok(&["run", "pipelines/p.toml", "--quiet"]);
+    let train_dir = artifact_dirs(&p, "train").pop().unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(train_dir.join("manifest.json")).unwrap()).unwrap();
+    // The trained artifact carries its TensorBoard file.
+    assert_eq!(train::tensorboard::event_files(&train_dir.join("tensorboard")).len(), 1);
+
+    let td = train_dir.display().to_string();
+    p.ok(&["export", &td, "--format", "seq-cls", "--out", "out/seq"]);
+    p.ok(&["export", &td, "--format", "causal", "--out", "out/causal"]);
+    assert_eq!(p.pipe(&["export", &td, "--format", "causal", "--out", "out/causal"]).code, 2, "exists: needs --force");
+
+    // Rerank on the export equals rerank on the causal model.
+    let rerank = |m: &str| {
+        let out = p.ok(&[
+            "rerank",
+            "--model",
+            m,
+            "--device",
+            "cpu",
+            "--json",
+            "--query",
+            "angle bracket",
+            "--doc",
+            "deck bracket model 3",
+            "--doc",
+            "shower faucet lamp model 7",
+            "--doc",
+            "angle bracket deck model 1",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        v["results"].as_array().unwrap().iter().map(|r| r["logit"].as_f64().unwrap()).collect::<Vec<f64>>()
+    };
+    let (a, b) = (rerank("out/causal"), rerank("out/seq"));
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-5, "causal {a:?} vs seq-cls {b:?}");
+    }
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(p.path("out/seq/config.json")).unwrap())
+            .unwrap()["architectures"][0],
+        "Qwen3ForSequenceClassification"
+    );
+
+    // The card: front matter, then every figure as the manifests and the run record hold it.
+    let card = std::fs::read_to_string(p.path("out/seq/README.md")).unwrap();
+    let (front, body) = card.strip_prefix("---\n").unwrap().split_once("\n---\n").unwrap();
+    let field = |k: &str| front.lines().find_map(|l| l.strip_prefix(&format!("{k}: "))).map(str::to_string);
+    assert_eq!(field("pipeline_tag").as_deref(), Some("text-classification"));
+    assert_eq!(field("license").as_deref(), Some("other"), "a random base has no known license");
+    assert_eq!(field("library_name").as_deref(), Some("transformers"));
+    assert!(front.contains("tags:\n- reranker"), "{front}");
+    assert!(field("base_model").is_none(), "trained from random: no base model");
+    let causal_card = std::fs::read_to_string(p.path("out/causal/README.md")).unwrap();
+    assert!(causal_card.contains("pipeline_tag: text-ranking"));
+
+    for (k, v) in manifest["key_inputs"]["params"].as_object().unwrap() {
+        let row = format!("| `{k}` | `{}` |", v.to_string().replace('|', "\\|"));
+        assert!(body.contains(&row), "parameter row {row} missing");
+    }
+    assert!(body.contains(manifest["key"].as_str().unwrap()), "train key");
+    assert!(body.contains(&format!("pipe version: {}", manifest["tool_version"].as_str().unwrap())));
+    assert!(body.contains(&format!("training time: {} s", manifest["metrics"]["train_seconds"])));
+    assert!(body.contains(&format!("device `{}`", manifest["stats"]["device"].as_str().unwrap())));
+
+    let runs = std::fs::read_dir(p.path("artifacts/runs/p")).unwrap().flatten().collect::<Vec<_>>();
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(runs[0].path().join("run.json")).unwrap()).unwrap();
+    assert!(body.contains(&format!("run `{}`", run["run_id"].as_str().unwrap())));
+    let stage = |kind: &str| -> serde_json::Value {
+        let s = run["stages"].as_array().unwrap().iter().find(|s| s["kind"] == kind).unwrap();
+        let dir = p.path(&format!("artifacts/{kind}/{}", &s["key"].as_str().unwrap()[..20]));
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+    };
+    let load = stage("load");
+    for (file, hash) in load["key_inputs"]["inputs"].as_object().unwrap() {
+        assert!(body.contains(&format!("content hash of `{file}`: blake3 `{}`", hash.as_str().unwrap())));
+    }
+    let split = stage("split");
+    for part in ["train", "val", "test"] {
+        let s = &split["stats"][part];
+        assert!(body.contains(&format!("| {part} | {} | {} |", s["pairs"], s["queries"])), "{part} rows");
+    }
+    let analyze = stage("analyze");
+    let analysis: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(p.path(&format!("artifacts/analyze/{}/analysis.json", &analyze["key"].as_str().unwrap()[..20])))
+            .unwrap(),
+    )
+    .unwrap();
+    let f4 = |v: &serde_json::Value| format!("{:.4}", v.as_f64().unwrap());
+    let model = analysis["systems"].as_array().unwrap().iter().find(|s| s["id"] == "model").unwrap();
+    let auc_ci = &model["test_ci95"]["auc"];
+    assert!(
+        body.contains(&format!("{} [{}, {}]", f4(&model["test"]["auc"]), f4(&auc_ci[0]), f4(&auc_ci[1]))),
+        "model test AUC with its interval"
+    );
+    let lifts = analysis["lifts"].as_array().unwrap();
+    assert!(!lifts.is_empty());
+    for l in lifts {
+        let row = format!(
+            "| `{}` | {} | {} | {} | {} |",
+            l["baseline"].as_str().unwrap(),
+            l["metric"].as_str().unwrap(),
+            f4(&l["model"]),
+            f4(&l["base"]),
+            f4(&l["lift"])
+        );
+        assert!(body.contains(&row), "lift row {row}");
+    }
+    assert!(body.contains("<Instruct>: {INSTRUCTION}\\n<Query>: {query}\\n<Document>: {document}"), "prompt format");
+    for how in ["AutoModelForSequenceClassification", "CrossEncoder", "from vllm import LLM"] {
+        assert!(body.contains(how), "{how}");
+    }
+}
