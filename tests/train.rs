@@ -516,6 +516,7 @@ fn kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run() {
     let out = p.ok(&["run", "pipelines/p.toml"]);
     assert!(out.stderr.contains("resuming training from step 5"), "{out}");
     assert_same_weights(&trained_model(&p), &reference, 1e-6);
+    assert_same_event_steps(&p, &whole);
 
     // A real kill -9 at whatever step the run has reached.
     let p = small_project();
@@ -542,6 +543,20 @@ fn kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run() {
     let out = p.ok(&["run", "pipelines/p.toml"]);
     assert!(out.stderr.contains("resuming training from step"), "{out}");
     assert_same_weights(&trained_model(&p), &reference, 1e-6);
+    assert_same_event_steps(&p, &whole);
+}
+
+/// The resumed run's TensorBoard file in its artifact has each (tag, step) once, the same ones as
+/// the uninterrupted run's.
+fn assert_same_event_steps(p: &Project, whole: &Project) {
+    let keys = |p: &Project| -> Vec<(String, i64)> {
+        let dir = artifact_dirs(p, "train").pop().unwrap().join("tensorboard");
+        event_scalars(&dir).into_iter().map(|(t, s, _)| (t, s)).collect()
+    };
+    let got = keys(p);
+    let unique: std::collections::BTreeSet<_> = got.iter().cloned().collect();
+    assert_eq!(unique.len(), got.len(), "a (tag, step) appears twice: {got:?}");
+    assert_eq!(got, keys(whole));
 }
 
 /// `recompute` changes how gradients are computed, not what: a run that dies (as one that ran out
