@@ -1129,6 +1129,9 @@ fn export_writes_a_card_from_the_store_and_both_forms_rerank_alike() {
         assert!(body.contains(&row), "lift row {row}");
     }
     assert!(body.contains("<Instruct>: {INSTRUCTION}\\n<Query>: {query}\\n<Document>: {document}"), "prompt format");
+    let tok = stage("tokenize");
+    let limit = |k: &str| format!("`{k}` = {} tokens", tok["key_inputs"]["params"][k]);
+    assert!(body.contains(&limit("max_length")) && body.contains(&limit("max_description_tokens")), "prompt limits");
     for how in ["AutoModelForSequenceClassification", "CrossEncoder", "from vllm import LLM"] {
         assert!(body.contains(how), "{how}");
     }

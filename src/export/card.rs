@@ -431,8 +431,20 @@ impl Card {
         let _ = writeln!(s, "```\n");
         let _ = writeln!(
             s,
-            "For a product, `document` is `title + \". \" + description` (the title alone without a description).\n"
+            "For a product, `document` is `title + \". \" + description` (the title alone without a description)."
         );
+        if let Some(t) = self.provenance.as_ref().and_then(|p| p.stage(crate::stages::tokenize::KIND)) {
+            let p = |k: &str| t.key_inputs.params.get(k).cloned().unwrap_or(Value::Null);
+            let _ = writeln!(
+                s,
+                "In training the description was cut to `max_description_tokens` = {} tokens and the whole prompt to \
+                 `max_length` = {} tokens (the tokenize stage's parameters); score with the same limits for the same \
+                 numbers.",
+                p("max_description_tokens"),
+                p("max_length")
+            );
+        }
+        let _ = writeln!(s);
         let _ = writeln!(s, "## How to load it\n");
         match self.format {
             Format::SeqCls => {
