@@ -1017,7 +1017,8 @@ fn export_writes_a_card_from_the_store_and_both_forms_rerank_alike() {
     let mut text = std::fs::read_to_string(p.path("pipelines/p.toml")).unwrap();
     text.push_str(
         "\n[stages.evaluate]\nkind = \"evaluate\"\nneeds = [\"train\", \"tokenize\", \"split\"]\ndevice = \"cpu\"\n\
-         \n[stages.analyze]\nkind = \"analyze\"\nneeds = [\"evaluate\", \"split\", \"train\"]\n",
+         \n[stages.analyze]\nkind = \"analyze\"\nneeds = [\"evaluate\", \"split\", \"train\"]\n\
+         \n[stages.export]\nkind = \"export\"\nneeds = [\"train\", \"analyze\"]\n",
     );
     p.write("pipelines/p.toml", &text);
     p.ok(&["run", "pipelines/p.toml", "--quiet"]);
@@ -1063,6 +1064,12 @@ fn export_writes_a_card_from_the_store_and_both_forms_rerank_alike() {
         "Qwen3ForSequenceClassification"
     );
 
+    // The export stage wrote the same model and a card from its upstream artifacts.
+    let stage_dir = artifact_dirs(&p, "export").pop().expect("the export stage's artifact");
+    let stage_model = std::fs::read(stage_dir.join("model/model.safetensors")).unwrap();
+    assert_eq!(stage_model, std::fs::read(p.path("out/seq/model.safetensors")).unwrap());
+    let stage_card = std::fs::read_to_string(stage_dir.join("model/README.md")).unwrap();
+
     // The card: front matter, then every figure as the manifests and the run record hold it.
     let card = std::fs::read_to_string(p.path("out/seq/README.md")).unwrap();
     let (front, body) = card.strip_prefix("---\n").unwrap().split_once("\n---\n").unwrap();
@@ -1077,7 +1084,7 @@ fn export_writes_a_card_from_the_store_and_both_forms_rerank_alike() {
 
     for (k, v) in manifest["key_inputs"]["params"].as_object().unwrap() {
         let row = format!("| `{k}` | `{}` |", v.to_string().replace('|', "\\|"));
-        assert!(body.contains(&row), "parameter row {row} missing");
+        assert!(body.contains(&row) && stage_card.contains(&row), "parameter row {row} missing");
     }
     assert!(body.contains(manifest["key"].as_str().unwrap()), "train key");
     assert!(body.contains(&format!("pipe version: {}", manifest["tool_version"].as_str().unwrap())));
@@ -1095,12 +1102,14 @@ fn export_writes_a_card_from_the_store_and_both_forms_rerank_alike() {
     };
     let load = stage("load");
     for (file, hash) in load["key_inputs"]["inputs"].as_object().unwrap() {
-        assert!(body.contains(&format!("content hash of `{file}`: blake3 `{}`", hash.as_str().unwrap())));
+        let line = format!("content hash of `{file}`: blake3 `{}`", hash.as_str().unwrap());
+        assert!(body.contains(&line) && stage_card.contains(&line), "{line}");
     }
     let split = stage("split");
     for part in ["train", "val", "test"] {
         let s = &split["stats"][part];
-        assert!(body.contains(&format!("| {part} | {} | {} |", s["pairs"], s["queries"])), "{part} rows");
+        let row = format!("| {part} | {} | {} |", s["pairs"], s["queries"]);
+        assert!(body.contains(&row) && stage_card.contains(&row), "{part} rows");
     }
     let analyze = stage("analyze");
     let analysis: serde_json::Value = serde_json::from_slice(
@@ -1126,7 +1135,7 @@ fn export_writes_a_card_from_the_store_and_both_forms_rerank_alike() {
             f4(&l["base"]),
             f4(&l["lift"])
         );
-        assert!(body.contains(&row), "lift row {row}");
+        assert!(body.contains(&row) && stage_card.contains(&row), "lift row {row}");
     }
     assert!(body.contains("<Instruct>: {INSTRUCTION}\\n<Query>: {query}\\n<Document>: {document}"), "prompt format");
     let tok = stage("tokenize");

@@ -58,6 +58,10 @@ impl Provenance {
         };
         let mut stages = Vec::new();
         let mut analysis = None;
+        if run.is_none() {
+            // No run record (removed by `pipe gc`): the data stages are still found by content.
+            stages = upstream_chain(&store, &train);
+        }
         for st in run.as_ref().and_then(|r| r["stages"].as_array()).into_iter().flatten() {
             let (Some(kind), Some(key)) = (st["kind"].as_str(), st["key"].as_str()) else { continue };
             let adir = store.artifact_dir(kind, key);
@@ -70,6 +74,34 @@ impl Provenance {
             }
         }
         Ok(Self { train_dir: dir.to_path_buf(), train, run_record, run, stages, analysis })
+    }
+
+    /// For the `export` stage, which runs inside the pipeline (its run record is not written yet):
+    /// the train artifact and the analyze artifact it was given, and every artifact upstream of
+    /// them, found in the store by the output hashes their manifests name.
+    pub fn from_upstream(train_dir: &Path, analyze_dir: Option<&Path>) -> Result<Self, ExportError> {
+        let read = |dir: &Path| -> Result<Manifest, ExportError> {
+            read_manifest(dir)
+                .map_err(|e| ExportError::Source { path: dir.to_path_buf(), message: e.to_string() })?
+                .ok_or_else(|| ExportError::Source { path: dir.to_path_buf(), message: "has no manifest.json".into() })
+        };
+        let train = read(train_dir)?;
+        let root = train_dir.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+        let store = Store::new(&root);
+        let mut stages = upstream_chain(&store, &train);
+        let mut analysis = None;
+        if let Some(dir) = analyze_dir {
+            let m = read(dir)?;
+            for up in upstream_chain(&store, &m) {
+                if !stages.iter().any(|s| s.key == up.key) && up.key != train.key {
+                    stages.push(up);
+                }
+            }
+            let p = dir.join(crate::stages::analyze::ANALYSIS_FILE);
+            analysis = std::fs::read(&p).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            stages.push(m);
+        }
+        Ok(Self { train_dir: train_dir.to_path_buf(), train, run_record: None, run: None, stages, analysis })
     }
 
     /// The run's first stage of `kind`.
@@ -93,6 +125,28 @@ impl Provenance {
         let (repo, rev) = pinned.split_once('@')?;
         Some((repo.to_string(), rev.to_string()))
     }
+}
+
+/// Every artifact upstream of `m` (transitively), each found in the store as the artifact of that
+/// kind whose output hash the downstream manifest recorded.
+fn upstream_chain(store: &Store, m: &Manifest) -> Vec<Manifest> {
+    let mut out: Vec<Manifest> = Vec::new();
+    let mut queue: Vec<crate::engine::key::UpstreamInput> = m.key_inputs.upstream.clone();
+    while let Some(u) = queue.pop() {
+        let found = std::fs::read_dir(store.root.join(&u.kind))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| read_manifest(&e.path()).ok().flatten())
+            .find(|c| c.output_hash == u.output);
+        if let Some(c) = found {
+            if !out.iter().any(|o| o.key == c.key) {
+                queue.extend(c.key_inputs.upstream.clone());
+                out.push(c);
+            }
+        }
+    }
+    out
 }
 
 /// Everything the card shows.

@@ -189,10 +189,21 @@ fn stored_dtype(cfg: &Qwen3Config) -> DType {
     cfg.dtype.as_deref().and_then(|d| model::parse_dtype(d).ok()).unwrap_or(DType::F32)
 }
 
-/// Writes the export into a fresh directory beside `out` and renames it into place, so a failed
-/// export never leaves a half-written model where a server would load it.
+/// Exports what `req.src` names (see [`Request::src`]); a train artifact's card comes from the
+/// store's run records.
 pub fn export(req: &Request) -> Result<Exported, ExportError> {
     let (model_dir, artifact) = locate(&req.src)?;
+    let provenance = artifact.as_deref().map(Provenance::from_train_artifact).transpose()?;
+    export_model(&model_dir, provenance, req)
+}
+
+/// Writes the export of the causal model in `model_dir` into a fresh directory beside `req.out`
+/// and renames it into place, so a failed export never leaves a half-written model where a server
+/// would load it. `provenance` feeds the card (and names the train artifact whose TensorBoard
+/// files are copied); `req.src` is not read.
+pub fn export_model(model_dir: &Path, provenance: Option<Provenance>, req: &Request) -> Result<Exported, ExportError> {
+    let model_dir = model_dir.to_path_buf();
+    let artifact = provenance.as_ref().map(|p| p.train_dir.clone());
     let files = model::resolve(&ModelSource::Dir(model_dir.clone()), &Default::default())?;
     let cfg = Qwen3Config::from_file(&files.config)?;
     if model::seqcls::is_seq_cls(&cfg) {
@@ -208,10 +219,6 @@ pub fn export(req: &Request) -> Result<Exported, ExportError> {
     let tok = crate::text::load_tokenizer(&tok_path.display().to_string(), Path::new("."))?;
     let yn = crate::text::prompt::yes_no_ids(&tok)?;
     let (pad, pad_id) = pad_token(&model_dir, &tok)?;
-    let provenance = match &artifact {
-        Some(dir) => Some(Provenance::from_train_artifact(dir)?),
-        None => None,
-    };
 
     if req.out.exists() {
         let empty = std::fs::read_dir(&req.out).map(|mut d| d.next().is_none()).unwrap_or(false);

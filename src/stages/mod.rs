@@ -7,6 +7,7 @@ use crate::engine::{ParamError, Stage};
 
 pub mod analyze;
 pub mod evaluate;
+pub mod export;
 pub mod hub;
 pub mod load;
 pub mod normalize;
@@ -38,5 +39,6 @@ pub fn registry() -> Vec<Box<dyn Stage>> {
         Box::new(evaluate::Evaluate),
         Box::new(analyze::Analyze),
         Box::new(train::Train),
+        Box::new(export::Export),
     ]
 }
