@@ -9,9 +9,9 @@
 //! manifests of the stages of that run, and the train stage's TensorBoard event files under
 //! `runs/` (the Hugging Face hub shows them).
 //!
-//! Export is a command, not a stage option: the card reports the test metrics and the baselines
-//! of `evaluate` and `analyze`, which run after `train`, so only a step after the pipeline can
-//! write it.
+//! The same code runs as `pipe export` (card provenance from the run record that produced the train
+//! artifact) and as the `export` stage kind ([`crate::stages::export`]; provenance from its
+//! upstream artifacts, since the run record of the run in progress is not written yet).
 
 pub mod card;
 
