@@ -17,6 +17,7 @@
 
 pub mod cli;
 pub mod engine;
+pub mod export;
 pub mod hub;
 pub mod kernels;
 pub mod metrics;

@@ -543,3 +543,81 @@ fn lora_adapters_hook_into_linear_layers_and_receive_gradients() {
     let again = Reranker::new(trainable, 5, 7).unwrap().forward(&ids, &mask).unwrap();
     assert!(max_abs_diff(&vec1(&again.logit), &vec1(&out.logit)) < 1e-6);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The seq-cls export against transformers' AutoModelForSequenceClassification
+// (tests/fixtures/export/make_seqcls.py, run by hand).
+
+/// `untied_gqa` with the committed Qwen3 tokenizer beside it, as a model directory.
+fn causal_dir_with_tokenizer(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures().join("untied_gqa").join(f), dir.join(f)).unwrap();
+    }
+    let gz = std::fs::File::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/tokenizers/qwen3/tokenizer.json.gz"))
+        .unwrap();
+    let mut json = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(gz), &mut json).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), json).unwrap();
+}
+
+#[test]
+fn seq_cls_export_scores_like_transformers_and_like_the_causal_model() {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/export");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(here.join("expected.json")).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let causal_dir = tmp.path().join("causal");
+    causal_dir_with_tokenizer(&causal_dir);
+    let out = tmp.path().join("seqcls");
+    let req = pipe::export::Request {
+        src: causal_dir.clone(),
+        format: pipe::export::Format::SeqCls,
+        out: out.clone(),
+        force: false,
+        license: None,
+        dtype: Some(DType::F32),
+    };
+    pipe::export::export(&req).unwrap();
+
+    // pipe writes today the very export transformers loaded.
+    let hash = blake3::hash(&std::fs::read(out.join("model.safetensors")).unwrap()).to_hex().to_string();
+    assert_eq!(hash, expected["model_safetensors_blake3"], "the exported weights changed");
+    let config = |p: &Path| serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(p).unwrap()).unwrap();
+    assert_eq!(config(&out.join("config.json")), config(&here.join("seqcls_config.json")));
+
+    // pipe's prompts are the ids transformers' tokenizer gave for the same Home Depot pairs.
+    let tokenizer = pipe::text::tokenizer::builtin_qwen3().unwrap();
+    let prompts =
+        pipe::text::PromptConfig { max_length: 100_000, max_description_tokens: 100_000, ..Default::default() };
+    let encoder = pipe::text::PromptEncoder::new(tokenizer, prompts).unwrap();
+    let rows = expected["rows"].as_array().unwrap();
+    let ids: Vec<Vec<u32>> = rows
+        .iter()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap();
+            let e = encoder.encode_pair(s("query"), s("title"), s("description")).unwrap();
+            let want: Vec<u32> = r["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            assert_eq!(e.ids, want, "prompt ids of {r}");
+            e.ids
+        })
+        .collect();
+    let seqs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+
+    let want: Vec<f64> =
+        expected["seqcls_logits_single"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let opts = LoadOptions::default();
+    let files = model::resolve(&ModelSource::Dir(out.clone()), &HubSettings::default()).unwrap();
+    let seq = model::seqcls::load_reranker(&files, &opts, 9693, 2152).unwrap();
+    assert!(seq.is_seq_cls());
+    let files = model::resolve(&ModelSource::Dir(causal_dir), &HubSettings::default()).unwrap();
+    let causal = model::seqcls::load_reranker(&files, &opts, 9693, 2152).unwrap();
+    assert!(!causal.is_seq_cls());
+    for (name, r) in [("seq-cls", &seq), ("causal", &causal)] {
+        // Batches of 4, left-padded: padding must not move the score either.
+        let got = model::score::score_all(r, &seqs, 4, &Device::Cpu, |_| true).unwrap().unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g.logit as f64 - w).abs() < 1e-4, "{name} prompt {i}: pipe {} vs transformers {w}", g.logit);
+        }
+    }
+}

@@ -516,6 +516,7 @@ fn kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run() {
     let out = p.ok(&["run", "pipelines/p.toml"]);
     assert!(out.stderr.contains("resuming training from step 5"), "{out}");
     assert_same_weights(&trained_model(&p), &reference, 1e-6);
+    assert_same_event_steps(&p, &whole);
 
     // A real kill -9 at whatever step the run has reached.
     let p = small_project();
@@ -542,6 +543,20 @@ fn kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run() {
     let out = p.ok(&["run", "pipelines/p.toml"]);
     assert!(out.stderr.contains("resuming training from step"), "{out}");
     assert_same_weights(&trained_model(&p), &reference, 1e-6);
+    assert_same_event_steps(&p, &whole);
+}
+
+/// The resumed run's TensorBoard file in its artifact has each (tag, step) once, the same ones as
+/// the uninterrupted run's.
+fn assert_same_event_steps(p: &Project, whole: &Project) {
+    let keys = |p: &Project| -> Vec<(String, i64)> {
+        let dir = artifact_dirs(p, "train").pop().unwrap().join("tensorboard");
+        event_scalars(&dir).into_iter().map(|(t, s, _)| (t, s)).collect()
+    };
+    let got = keys(p);
+    let unique: std::collections::BTreeSet<_> = got.iter().cloned().collect();
+    assert_eq!(unique.len(), got.len(), "a (tag, step) appears twice: {got:?}");
+    assert_eq!(got, keys(whole));
 }
 
 /// `recompute` changes how gradients are computed, not what: a run that dies (as one that ran out
@@ -847,5 +862,286 @@ fn the_hand_written_layer_backward_gives_autograds_gradients() {
             let d = max_diff(reference, &grads[1].1[name]);
             assert!(d <= tol * scale, "{what}: `{name}` differs by {d} (scale {scale})");
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// TensorBoard event files.
+
+/// Tags whose values are timings, which differ between runs.
+fn is_timing(tag: &str) -> bool {
+    tag.ends_with("_per_sec")
+}
+
+/// Every scalar of the run's one event file as (tag, step, value), in file order.
+fn event_scalars(events_dir: &Path) -> Vec<(String, i64, f32)> {
+    let files = train::tensorboard::event_files(events_dir);
+    assert_eq!(files.len(), 1, "one event file per run: {files:?}");
+    let events = train::tensorboard::read_events(&files[0]).unwrap();
+    assert_eq!(
+        events[0].kind,
+        train::tensorboard::EventKind::FileVersion(train::tensorboard::FILE_VERSION.into()),
+        "the first record names the file version"
+    );
+    let mut out = Vec::new();
+    for e in &events[1..] {
+        let train::tensorboard::EventKind::Scalars(values) = &e.kind else { panic!("a second file_version record") };
+        out.extend(values.iter().map(|(t, v)| (t.clone(), e.step, *v)));
+    }
+    out
+}
+
+/// The config the committed TensorBoard fixture was written with (see `event_fixture_run`).
+fn fixture_config() -> TrainConfig {
+    TrainConfig { eval_every: 2, ..config() }
+}
+
+fn event_fixture_run(dir: &Path) -> train::Outcome {
+    run(tiny(true, 6), &fixture_config(), &store(8, 4, 31), &store(3, 4, 32), dir).unwrap()
+}
+
+#[test]
+fn a_resumed_run_has_every_step_once_in_its_event_file() {
+    let whole_dir = tempfile::tempdir().unwrap();
+    let whole = event_fixture_run(whole_dir.path());
+    let expected: Vec<(String, i64, f32)> = event_scalars(&whole.events);
+
+    // Stop after step 5 (checkpointed there), then play a process that kept going and died at
+    // step 7 without a checkpoint: its steps 6 and 7 are in the event file, not in the checkpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let faulty = TrainConfig { fault: Some(Fault::StopAfter(5)), ..fixture_config() };
+    let err = run(tiny(true, 6), &faulty, &store(8, 4, 31), &store(3, 4, 32), dir.path()).err().unwrap();
+    assert!(matches!(err, TrainError::Injected(5)), "{err}");
+    let events_dir = dir.path().join(train::trainer::EVENTS);
+    let file = train::tensorboard::event_files(&events_dir).pop().expect("written while training");
+    let mut bytes = std::fs::read(&file).unwrap();
+    for step in [6, 7] {
+        let e = train::tensorboard::Event {
+            wall_time: 0.0,
+            step,
+            kind: train::tensorboard::EventKind::Scalars(vec![("train/loss".into(), 99.0)]),
+        };
+        bytes.extend(train::tensorboard::frame(&e.encode()));
+    }
+    std::fs::write(&file, bytes).unwrap();
+
+    let resumed = event_fixture_run(dir.path());
+    assert_eq!(resumed.summary.resumed_from, Some(5));
+    let got = event_scalars(&resumed.events);
+    let mut seen = std::collections::BTreeSet::new();
+    for (tag, step, _) in &got {
+        assert!(seen.insert((tag.clone(), *step)), "`{tag}` at step {step} twice");
+    }
+    assert_eq!(got.len(), expected.len());
+    for ((tag, step, v), (etag, estep, ev)) in got.iter().zip(&expected) {
+        assert_eq!((tag, step), (etag, estep));
+        if !is_timing(tag) {
+            assert!((v - ev).abs() <= 1e-6 * ev.abs().max(1.0), "{tag}@{step}: {v} vs {ev}");
+        }
+    }
+}
+
+/// `tests/fixtures/tensorboard/`: an event file this code wrote for `event_fixture_run`, and what
+/// TensorBoard's own reader found in it (`read_events.py`, run by hand). pipe must still write the
+/// same tags at the same steps with the same values, byte for byte in the same encoding.
+#[test]
+fn pipe_writes_what_tensorboard_read_from_the_fixture() {
+    let fixtures = util::repo().join("tests/fixtures/tensorboard");
+    if std::env::var_os("PIPE_WRITE_TENSORBOARD_FIXTURE").is_some() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = event_fixture_run(dir.path());
+        let src = train::tensorboard::event_files(&out.events).pop().unwrap();
+        for old in train::tensorboard::event_files(&fixtures) {
+            std::fs::remove_file(old).unwrap();
+        }
+        std::fs::create_dir_all(&fixtures).unwrap();
+        std::fs::copy(&src, fixtures.join(src.file_name().unwrap())).unwrap();
+        return;
+    }
+    let read: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("scalars.json")).unwrap()).unwrap();
+    let committed = train::tensorboard::event_files(&fixtures).pop().expect("the committed event file");
+
+    // pipe's reader agrees with TensorBoard's on the committed file.
+    let mine = event_scalars(&fixtures);
+    let tb: Vec<(String, i64, f32)> = read["scalars"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(tag, pts)| {
+            pts.as_array()
+                .unwrap()
+                .iter()
+                .map(move |p| (tag.clone(), p["step"].as_i64().unwrap(), p["value"].as_f64().unwrap() as f32))
+        })
+        .collect();
+    let mut sorted = mine.clone();
+    sorted.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    assert_eq!(sorted, tb, "pipe's reader and TensorBoard's disagree on the committed file");
+    assert_eq!(read["file_version"], train::tensorboard::FILE_VERSION);
+
+    // The writer's encoding of those events is the committed bytes.
+    let events = train::tensorboard::read_events(&committed).unwrap();
+    let encoded: Vec<u8> = events.iter().flat_map(|e| train::tensorboard::frame(&e.encode())).collect();
+    assert_eq!(encoded, std::fs::read(&committed).unwrap(), "the encoding changed");
+
+    // The same run today writes the same tags, steps and (timings aside) values.
+    let dir = tempfile::tempdir().unwrap();
+    let now = event_scalars(&event_fixture_run(dir.path()).events);
+    assert_eq!(now.len(), mine.len(), "{now:?}");
+    for ((tag, step, v), (etag, estep, ev)) in now.iter().zip(&mine) {
+        assert_eq!((tag, step), (etag, estep));
+        if !is_timing(tag) {
+            assert!((v - ev).abs() <= 1e-5 * ev.abs().max(1.0), "{tag}@{step}: {v} vs {ev}");
+        }
+    }
+    for tag in [
+        "train/loss",
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/samples_per_sec",
+        "val/loss",
+        "val/auc",
+        "val/ndcg@10",
+    ] {
+        assert!(now.iter().any(|(t, _, _)| t == tag), "no `{tag}`");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `pipe export` of a trained model: the card against the store, rerank on both forms.
+
+#[test]
+fn export_writes_a_card_from_the_store_and_both_forms_rerank_alike() {
+    let p = small_project();
+    let mut text = std::fs::read_to_string(p.path("pipelines/p.toml")).unwrap();
+    text.push_str(
+        "\n[stages.evaluate]\nkind = \"evaluate\"\nneeds = [\"train\", \"tokenize\", \"split\"]\ndevice = \"cpu\"\n\
+         \n[stages.analyze]\nkind = \"analyze\"\nneeds = [\"evaluate\", \"split\", \"train\"]\n\
+         \n[stages.export]\nkind = \"export\"\nneeds = [\"train\", \"analyze\"]\n",
+    );
+    p.write("pipelines/p.toml", &text);
+    p.ok(&["run", "pipelines/p.toml", "--quiet"]);
+    let train_dir = artifact_dirs(&p, "train").pop().unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(train_dir.join("manifest.json")).unwrap()).unwrap();
+    // The trained artifact carries its TensorBoard file.
+    assert_eq!(train::tensorboard::event_files(&train_dir.join("tensorboard")).len(), 1);
+
+    let td = train_dir.display().to_string();
+    p.ok(&["export", &td, "--format", "seq-cls", "--out", "out/seq"]);
+    p.ok(&["export", &td, "--format", "causal", "--out", "out/causal"]);
+    assert_eq!(p.pipe(&["export", &td, "--format", "causal", "--out", "out/causal"]).code, 2, "exists: needs --force");
+
+    // Rerank on the export equals rerank on the causal model.
+    let rerank = |m: &str| {
+        let out = p.ok(&[
+            "rerank",
+            "--model",
+            m,
+            "--device",
+            "cpu",
+            "--json",
+            "--query",
+            "angle bracket",
+            "--doc",
+            "deck bracket model 3",
+            "--doc",
+            "shower faucet lamp model 7",
+            "--doc",
+            "angle bracket deck model 1",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        v["results"].as_array().unwrap().iter().map(|r| r["logit"].as_f64().unwrap()).collect::<Vec<f64>>()
+    };
+    let (a, b) = (rerank("out/causal"), rerank("out/seq"));
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-5, "causal {a:?} vs seq-cls {b:?}");
+    }
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(p.path("out/seq/config.json")).unwrap())
+            .unwrap()["architectures"][0],
+        "Qwen3ForSequenceClassification"
+    );
+
+    // The export stage wrote the same model and a card from its upstream artifacts.
+    let stage_dir = artifact_dirs(&p, "export").pop().expect("the export stage's artifact");
+    let stage_model = std::fs::read(stage_dir.join("model/model.safetensors")).unwrap();
+    assert_eq!(stage_model, std::fs::read(p.path("out/seq/model.safetensors")).unwrap());
+    let stage_card = std::fs::read_to_string(stage_dir.join("model/README.md")).unwrap();
+
+    // The card: front matter, then every figure as the manifests and the run record hold it.
+    let card = std::fs::read_to_string(p.path("out/seq/README.md")).unwrap();
+    let (front, body) = card.strip_prefix("---\n").unwrap().split_once("\n---\n").unwrap();
+    let field = |k: &str| front.lines().find_map(|l| l.strip_prefix(&format!("{k}: "))).map(str::to_string);
+    assert_eq!(field("pipeline_tag").as_deref(), Some("text-classification"));
+    assert_eq!(field("license").as_deref(), Some("other"), "a random base has no known license");
+    assert_eq!(field("library_name").as_deref(), Some("transformers"));
+    assert!(front.contains("tags:\n- reranker"), "{front}");
+    assert!(field("base_model").is_none(), "trained from random: no base model");
+    let causal_card = std::fs::read_to_string(p.path("out/causal/README.md")).unwrap();
+    assert!(causal_card.contains("pipeline_tag: text-ranking"));
+
+    for (k, v) in manifest["key_inputs"]["params"].as_object().unwrap() {
+        let row = format!("| `{k}` | `{}` |", v.to_string().replace('|', "\\|"));
+        assert!(body.contains(&row) && stage_card.contains(&row), "parameter row {row} missing");
+    }
+    assert!(body.contains(manifest["key"].as_str().unwrap()), "train key");
+    assert!(body.contains(&format!("pipe version: {}", manifest["tool_version"].as_str().unwrap())));
+    assert!(body.contains(&format!("training time: {} s", manifest["metrics"]["train_seconds"])));
+    assert!(body.contains(&format!("device `{}`", manifest["stats"]["device"].as_str().unwrap())));
+
+    let runs = std::fs::read_dir(p.path("artifacts/runs/p")).unwrap().flatten().collect::<Vec<_>>();
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(runs[0].path().join("run.json")).unwrap()).unwrap();
+    assert!(body.contains(&format!("run `{}`", run["run_id"].as_str().unwrap())));
+    let stage = |kind: &str| -> serde_json::Value {
+        let s = run["stages"].as_array().unwrap().iter().find(|s| s["kind"] == kind).unwrap();
+        let dir = p.path(&format!("artifacts/{kind}/{}", &s["key"].as_str().unwrap()[..20]));
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+    };
+    let load = stage("load");
+    for (file, hash) in load["key_inputs"]["inputs"].as_object().unwrap() {
+        let line = format!("content hash of `{file}`: blake3 `{}`", hash.as_str().unwrap());
+        assert!(body.contains(&line) && stage_card.contains(&line), "{line}");
+    }
+    let split = stage("split");
+    for part in ["train", "val", "test"] {
+        let s = &split["stats"][part];
+        let row = format!("| {part} | {} | {} |", s["pairs"], s["queries"]);
+        assert!(body.contains(&row) && stage_card.contains(&row), "{part} rows");
+    }
+    let analyze = stage("analyze");
+    let analysis: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(p.path(&format!("artifacts/analyze/{}/analysis.json", &analyze["key"].as_str().unwrap()[..20])))
+            .unwrap(),
+    )
+    .unwrap();
+    let f4 = |v: &serde_json::Value| format!("{:.4}", v.as_f64().unwrap());
+    let model = analysis["systems"].as_array().unwrap().iter().find(|s| s["id"] == "model").unwrap();
+    let auc_ci = &model["test_ci95"]["auc"];
+    assert!(
+        body.contains(&format!("{} [{}, {}]", f4(&model["test"]["auc"]), f4(&auc_ci[0]), f4(&auc_ci[1]))),
+        "model test AUC with its interval"
+    );
+    let lifts = analysis["lifts"].as_array().unwrap();
+    assert!(!lifts.is_empty());
+    for l in lifts {
+        let row = format!(
+            "| `{}` | {} | {} | {} | {} |",
+            l["baseline"].as_str().unwrap(),
+            l["metric"].as_str().unwrap(),
+            f4(&l["model"]),
+            f4(&l["base"]),
+            f4(&l["lift"])
+        );
+        assert!(body.contains(&row) && stage_card.contains(&row), "lift row {row}");
+    }
+    assert!(body.contains("<Instruct>: {INSTRUCTION}\\n<Query>: {query}\\n<Document>: {document}"), "prompt format");
+    let tok = stage("tokenize");
+    let limit = |k: &str| format!("`{k}` = {} tokens", tok["key_inputs"]["params"][k]);
+    assert!(body.contains(&limit("max_length")) && body.contains(&limit("max_description_tokens")), "prompt limits");
+    for how in ["AutoModelForSequenceClassification", "CrossEncoder", "from vllm import LLM"] {
+        assert!(body.contains(how), "{how}");
     }
 }

@@ -14,6 +14,7 @@ mod common;
 pub mod compare;
 pub mod config;
 pub mod dag;
+pub mod export;
 pub mod gc;
 pub mod metrics;
 mod process;
@@ -56,6 +57,8 @@ pub enum Command {
     Bench(bench::BenchCommand),
     /// Rank documents for a query with a Qwen3 reranker (P(yes) per document).
     Rerank(rerank::RerankArgs),
+    /// Write a trained model as a causal-LM or sequence-classification directory with a model card.
+    Export(export::Args),
     /// Which stages are fresh or stale, and why.
     Status(status::Args),
     /// Why one stage would run.
@@ -117,6 +120,7 @@ pub fn run(cli: Cli, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
         Command::Metrics(args) => metrics::run(args),
         Command::Bench(cmd) => bench::run(cmd).map_err(Exit::failed),
         Command::Rerank(args) => rerank::run(args).map_err(Exit::failed),
+        Command::Export(args) => export::run(args),
         Command::Status(args) => status::run(args, registry),
         Command::Why(args) => why::run(args, registry),
         Command::Dag(args) => dag::run(args, registry),

@@ -7,12 +7,13 @@ use anyhow::{bail, Context};
 use crate::hub::HubSettings;
 use crate::model::device::{parse_device, parse_dtype};
 use crate::model::score::score_all;
-use crate::model::{LoadOptions, ModelSource, Reranker};
+use crate::model::{LoadOptions, ModelSource};
 use crate::text::{load_tokenizer, PromptConfig, PromptEncoder};
 
 #[derive(clap::Args, Debug)]
 pub struct RerankArgs {
-    /// A local Hugging Face model directory or `hf:<owner>/<name>[@revision]`.
+    /// A local Hugging Face model directory or `hf:<owner>/<name>[@revision]`: the causal LM or its
+    /// `Qwen3ForSequenceClassification` export (told apart by `architectures` in config.json).
     #[arg(long)]
     pub model: String,
     /// Tokenizer: a tokenizer.json(.gz), `hf:…`, or `qwen3` (built in). Default: the model's tokenizer.json.
@@ -98,12 +99,14 @@ pub fn run(a: RerankArgs) -> anyhow::Result<()> {
     let config = PromptConfig { instruction: a.instruction.clone(), max_length: a.max_length, ..Default::default() };
     let encoder = PromptEncoder::new(tokenizer, config)?;
     let device = parse_device(&a.device)?;
-    let model = crate::model::load_files(
+    let yn = encoder.yes_no();
+    // Either form: the causal LM (yes − no) or a `pipe export --format seq-cls` directory.
+    let reranker = crate::model::seqcls::load_reranker(
         &files,
         &LoadOptions { dtype: parse_dtype(&a.dtype)?, device: device.clone(), trainable: false },
+        yn.yes,
+        yn.no,
     )?;
-    let yn = encoder.yes_no();
-    let reranker = Reranker::new(model, yn.yes, yn.no)?;
     let encoded: Vec<Vec<u32>> = docs
         .iter()
         .map(|d| match d {

@@ -24,10 +24,10 @@ use super::ModelError;
 use crate::hub::{HubError, HubRepo, HubSettings, RepoKind};
 use crate::util::rng::SplitMix64;
 
-const CONFIG: &str = "config.json";
-const SINGLE: &str = "model.safetensors";
-const INDEX: &str = "model.safetensors.index.json";
-const TOKENIZER: &str = "tokenizer.json";
+pub(super) const CONFIG: &str = "config.json";
+pub(super) const SINGLE: &str = "model.safetensors";
+pub(super) const INDEX: &str = "model.safetensors.index.json";
+pub(super) const TOKENIZER: &str = "tokenizer.json";
 
 /// Where a model comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,7 +84,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     move |source| ModelError::Io { path: path.to_path_buf(), source }
 }
 
-fn read_json(path: &Path) -> Result<Value, ModelError> {
+pub(super) fn read_json(path: &Path) -> Result<Value, ModelError> {
     let text = fs::read_to_string(path).map_err(io_err(path))?;
     serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.to_path_buf(), source })
 }
@@ -209,33 +209,57 @@ fn finish(t: Tensor, trainable: bool) -> Result<Tensor, ModelError> {
     Ok(if trainable { Var::from_tensor(&t)?.as_tensor().clone() } else { t })
 }
 
-/// Loads a resolved model. Tensors are read from the memory map one at a time and cast, so peak
-/// memory is the model in the target dtype plus one tensor. A tied model ignores a stored
-/// `lm_head.weight` (as transformers does); other unused tensors are reported with a warning.
+/// Loads a resolved causal-LM checkpoint. Tensors are read from the memory map one at a time and
+/// cast, so peak memory is the model in the target dtype plus one tensor. A tied model ignores a
+/// stored `lm_head.weight` (as transformers does); other unused tensors are reported with a
+/// warning. A sequence-classification export has no LM head to read, so it is refused here with
+/// the way to load it ([`super::seqcls::load_reranker`]) rather than failing on a missing tensor.
 pub fn load_files(files: &ModelFiles, opts: &LoadOptions) -> Result<Qwen3, ModelError> {
-    check_float(opts.dtype, "requested dtype")?;
     let cfg = Qwen3Config::from_file(&files.config)?;
+    if super::seqcls::is_seq_cls(&cfg) {
+        return Err(ModelError::NotAModelDir {
+            path: files.config.clone(),
+            reason: "this is a Qwen3ForSequenceClassification export (one score row, no LM head); \
+                     `pipe rerank --model` loads it, training and evaluate need the causal-LM model it was exported from"
+                .into(),
+        });
+    }
+    Ok(load_with_config(files, cfg, opts, &[])?.0)
+}
+
+/// Loads the decoder `cfg` describes plus the `extra` tensors (name, shape), returned apart.
+pub(super) fn load_with_config(
+    files: &ModelFiles,
+    cfg: Qwen3Config,
+    opts: &LoadOptions,
+    extra: &[(&str, Vec<usize>)],
+) -> Result<(Qwen3, Vec<Tensor>), ModelError> {
+    check_float(opts.dtype, "requested dtype")?;
     // SAFETY: the files are opened read-only; like every mmap-based loader (transformers and
     // candle included) we rely on nobody truncating a checkpoint while it is being read.
     let st = unsafe { MmapedSafetensors::multi(&files.weights)? };
     let location = || files.weights.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
-    let mut params = ParamMap::new();
-    let expected = cfg.param_shapes();
-    for (name, shape) in &expected {
-        let view = st.get(name).map_err(|_| ModelError::MissingTensor { name: name.clone(), location: location() })?;
-        if view.shape() != shape.as_slice() {
+    let read = |name: &str, shape: &[usize]| -> Result<Tensor, ModelError> {
+        let view =
+            st.get(name).map_err(|_| ModelError::MissingTensor { name: name.to_owned(), location: location() })?;
+        if view.shape() != shape {
             return Err(ModelError::ShapeMismatch {
-                name: name.clone(),
-                expected: shape.clone(),
+                name: name.to_owned(),
+                expected: shape.to_vec(),
                 got: view.shape().to_vec(),
             });
         }
         let t = st.load(name, &opts.device)?;
         check_float(t.dtype(), name)?;
-        let t = t.to_dtype(opts.dtype)?;
-        params.insert(name.clone(), finish(t, opts.trainable)?);
+        finish(t.to_dtype(opts.dtype)?, opts.trainable)
+    };
+    let mut params = ParamMap::new();
+    let expected = cfg.param_shapes();
+    for (name, shape) in &expected {
+        params.insert(name.clone(), read(name, shape)?);
     }
-    let known: BTreeSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let extras = extra.iter().map(|(name, shape)| read(name, shape)).collect::<Result<Vec<_>, _>>()?;
+    let known: BTreeSet<&str> = expected.iter().map(|(n, _)| n.as_str()).chain(extra.iter().map(|(n, _)| *n)).collect();
     let mut unused: Vec<String> = Vec::new();
     for path in &files.weights {
         // SAFETY: as above.
@@ -252,7 +276,7 @@ pub fn load_files(files: &ModelFiles, opts: &LoadOptions) -> Result<Qwen3, Model
         // transformers only warns here too; a stray buffer should not make a model unusable.
         tracing::warn!("checkpoint {} holds tensors this Qwen3 config does not use (ignored): {unused:?}", location());
     }
-    Qwen3::new(cfg, params)
+    Ok((Qwen3::new(cfg, params)?, extras))
 }
 
 /// Resolves and loads in one step.
@@ -274,7 +298,7 @@ pub struct SaveOptions {
     pub max_shard_bytes: Option<u64>,
 }
 
-fn dtype_name(d: DType) -> Result<&'static str, ModelError> {
+pub(super) fn dtype_name(d: DType) -> Result<&'static str, ModelError> {
     match d {
         DType::F32 => Ok("float32"),
         DType::BF16 => Ok("bfloat16"),
@@ -284,7 +308,7 @@ fn dtype_name(d: DType) -> Result<&'static str, ModelError> {
 }
 
 /// A tensor's bytes in safetensors' little-endian layout.
-struct Raw {
+pub(super) struct Raw {
     dtype: safetensors::Dtype,
     shape: Vec<usize>,
     data: Vec<u8>,
@@ -305,7 +329,7 @@ impl safetensors::View for &Raw {
     }
 }
 
-fn to_raw(t: &Tensor, dtype: DType) -> Result<Raw, ModelError> {
+pub(super) fn to_raw(t: &Tensor, dtype: DType) -> Result<Raw, ModelError> {
     let flat = t.to_dtype(dtype)?.flatten_all()?.to_device(&Device::Cpu)?;
     let (st_dtype, data): (_, Vec<u8>) = match dtype {
         DType::F32 => (safetensors::Dtype::F32, flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
@@ -322,14 +346,14 @@ fn to_raw(t: &Tensor, dtype: DType) -> Result<Raw, ModelError> {
     Ok(Raw { dtype: st_dtype, shape: t.dims().to_vec(), data })
 }
 
-fn write_safetensors(path: &Path, tensors: &[(&str, Raw)]) -> Result<(), ModelError> {
+pub(super) fn write_safetensors(path: &Path, tensors: &[(&str, Raw)]) -> Result<(), ModelError> {
     // transformers 4.x refuses safetensors files whose metadata lacks format=pt.
     let meta = HashMap::from([("format".to_owned(), "pt".to_owned())]);
     safetensors::serialize_to_file(tensors.iter().map(|(n, r)| (*n, r)), Some(meta), path)
         .map_err(|e| ModelError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })
 }
 
-fn copy_tokenizer(src: &Path, dst: &Path) -> Result<(), ModelError> {
+pub(super) fn copy_tokenizer(src: &Path, dst: &Path) -> Result<(), ModelError> {
     let is_gz = src.extension().is_some_and(|e| e == "gz");
     if is_gz {
         let f = fs::File::open(src).map_err(io_err(src))?;

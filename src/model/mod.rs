@@ -13,6 +13,8 @@
 //!   `candle_core::Var`s when trainable, so a trainer can run `loss.backward()` and read each
 //!   gradient from the `GradStore` by name.
 //! - [`reranker`]: `logit = h_last · (W_yes − W_no)` and the losses the trainer needs.
+//! - [`seqcls`]: the single-logit `Qwen3ForSequenceClassification` export (`score = W_yes − W_no`)
+//!   and loading either form as a [`Reranker`].
 //! - [`checkpoint`]: local dirs and `hf:` ids, single and sharded safetensors, save in the layout
 //!   transformers loads, and a deterministic `random` initialisation.
 //!
@@ -30,6 +32,7 @@ pub mod ops;
 pub mod qwen3;
 pub mod reranker;
 pub mod score;
+pub mod seqcls;
 
 pub use checkpoint::{load, load_files, random, resolve, save, LoadOptions, ModelFiles, ModelSource, SaveOptions};
 pub use config::Qwen3Config;

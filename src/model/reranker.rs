@@ -35,6 +35,9 @@ pub struct Reranker {
     model: Qwen3,
     yes_id: u32,
     no_id: u32,
+    /// `Some([1, hidden])` for a sequence-classification export, whose only head row is
+    /// `W_yes − W_no`: its logit is read directly instead of as a difference of two rows.
+    score: Option<Tensor>,
 }
 
 impl Reranker {
@@ -50,7 +53,38 @@ impl Reranker {
         if yes_id == no_id {
             return Err(ModelError::Input("the yes and no token ids are equal".into()));
         }
-        Ok(Self { model, yes_id, no_id })
+        Ok(Self { model, yes_id, no_id, score: None })
+    }
+
+    /// A reranker whose head is one row `score: [1, hidden]` (`Qwen3ForSequenceClassification`
+    /// with one label), as [`super::seqcls`] loads it. Its logit equals the causal model's
+    /// `yes − no` up to float rounding, because the row is that difference. `yes_id`/`no_id` are
+    /// only recorded (the export's tokenizer still has them).
+    pub fn with_score_row(model: Qwen3, score: Tensor, yes_id: u32, no_id: u32) -> Result<Self, ModelError> {
+        let hidden = model.config().hidden_size;
+        if score.dims() != [1, hidden] {
+            return Err(ModelError::ShapeMismatch {
+                name: "score.weight".into(),
+                expected: vec![1, hidden],
+                got: score.dims().to_vec(),
+            });
+        }
+        let score = score.to_dtype(model.dtype())?.to_device(model.device())?;
+        Ok(Self { model, yes_id, no_id, score: Some(score) })
+    }
+
+    /// True when the head is a single score row (a sequence-classification export).
+    pub fn is_seq_cls(&self) -> bool {
+        self.score.is_some()
+    }
+
+    /// The head as two rows `[2, hidden]`, yes first: the LM head's yes and no rows, or the score
+    /// row and a zero row, so that [`yes_no`] computes the same `logit` for both forms.
+    fn head_rows(&self) -> Result<Tensor, ModelError> {
+        match &self.score {
+            None => self.model.lm_head_rows(&[self.yes_id, self.no_id]),
+            Some(row) => Ok(Tensor::cat(&[row, &row.zeros_like()?], 0)?),
+        }
     }
 
     pub fn model(&self) -> &Qwen3 {
@@ -78,13 +112,18 @@ impl Reranker {
     pub fn forward(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<RerankOutput, ModelError> {
         check_left_padded(attention_mask)?;
         let h = self.model.hidden_states(ids, attention_mask)?;
-        score_last(&self.model, &h, &self.model.lm_head_rows(&[self.yes_id, self.no_id])?)
+        score_last(&self.model, &h, &self.head_rows()?)
     }
 
     /// Plain scores for inference: runs on a gradient-free view of the weights so no graph is
     /// kept, whatever the model's trainability.
     pub fn scores(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Vec<RerankScore>, ModelError> {
-        let frozen = Reranker { model: self.model.detached()?, yes_id: self.yes_id, no_id: self.no_id };
+        let frozen = Reranker {
+            model: self.model.detached()?,
+            yes_id: self.yes_id,
+            no_id: self.no_id,
+            score: self.score.as_ref().map(Tensor::detach),
+        };
         let out = frozen.forward(ids, attention_mask)?;
         let logits: Vec<f32> = out.logit.to_dtype(candle_core::DType::F32)?.to_vec1()?;
         Ok(logits.into_iter().map(|logit| RerankScore { logit, p_yes: sigmoid_f32(logit) }).collect())

@@ -9,6 +9,7 @@ use crate::model::ModelError;
 
 pub mod analyze;
 pub mod evaluate;
+pub mod export;
 pub mod hub;
 pub mod load;
 pub mod normalize;
@@ -79,6 +80,7 @@ pub fn registry() -> Vec<Box<dyn Stage>> {
         Box::new(evaluate::Evaluate),
         Box::new(analyze::Analyze),
         Box::new(train::Train),
+        Box::new(export::Export),
     ]
 }
 

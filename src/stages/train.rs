@@ -1,7 +1,8 @@
 //! `train`: thin glue between the engine and [`crate::train`]. It turns the parameters (documented
 //! in `stages/train.toml`) into a [`TrainConfig`], loads the starting model and the tokenize
 //! stage's token store, runs [`crate::train::train`] with the stage's scratch dir for resumable
-//! checkpoints, and writes `model/` (HF layout) and `train_log.jsonl`.
+//! checkpoints, and writes `model/` (HF layout), `train_log.jsonl` and the TensorBoard event file
+//! (`tensorboard/`, written live into the scratch dir while training).
 
 use std::path::Path;
 
@@ -21,15 +22,18 @@ use crate::train::{self, BestMetric, Fault, LoraConfig, LossKind, Mode, RunEnv, 
 
 pub const KIND: &str = "train";
 /// Bump when the artifact's meaning changes for the same parameters.
-pub const VERSION: u32 = 1;
+/// 2: the TensorBoard event files (`tensorboard/`).
+pub const VERSION: u32 = 2;
 /// The trained weights, in Hugging Face layout (what `evaluate` with `model = "trained"` loads).
 pub const MODEL_DIR: &str = "model";
 /// One JSON object per optimizer step and per validation (what `analyze` draws the loss curve from).
 pub const TRAIN_LOG: &str = "train_log.jsonl";
+/// TensorBoard event files of the run (`tensorboard --logdir artifacts/` shows them).
+pub const EVENTS_DIR: &str = crate::train::trainer::EVENTS;
 
 /// The token stores and tokenizer in; the model and the log out.
 pub const CONTRACT: Contract =
-    Contract { needs: &[Need::always(&[super::tokenize::KIND])], writes: &[MODEL_DIR, TRAIN_LOG] };
+    Contract { needs: &[Need::always(&[super::tokenize::KIND])], writes: &[MODEL_DIR, TRAIN_LOG, EVENTS_DIR] };
 
 /// The environment variable of the testing hook (see `stages/train.toml`).
 pub const FAULT_ENV: &str = "PIPE_TRAIN_FAULT";
@@ -345,6 +349,12 @@ impl TypedStage for Train {
             .map_err(|e| StageError::failed(format!("saving the model: {e}")))?;
         let log_dst = ctx.out.join(TRAIN_LOG);
         std::fs::copy(&outcome.log, &log_dst).map_err(|e| StageError::io(&log_dst, e))?;
+        let events_dst = ctx.out.join(EVENTS_DIR);
+        std::fs::create_dir_all(&events_dst).map_err(|e| StageError::io(&events_dst, e))?;
+        for src in crate::train::tensorboard::event_files(&outcome.events) {
+            let dst = events_dst.join(src.file_name().expect("a listed file has a name"));
+            std::fs::copy(&src, &dst).map_err(|e| StageError::io(&dst, e))?;
+        }
 
         let s = &outcome.summary;
         let best = s.best;

@@ -30,6 +30,7 @@ pub mod matching;
 pub mod optim;
 pub mod optimizer;
 pub mod schedule;
+pub mod tensorboard;
 pub mod trainer;
 
 use std::path::{Path, PathBuf};

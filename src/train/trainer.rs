@@ -12,6 +12,8 @@
 //! - `epoch-<e>.safetensors`: the epoch-end checkpoints, the last `keep_checkpoints` of them
 //!   (hard links to the step checkpoint of that moment, so they cost no space while current).
 //! - `train_log.jsonl`: the log so far; on resume it is cut back to the checkpoint's step.
+//! - `tensorboard/events.out.tfevents.*`: the same numbers as TensorBoard scalars, written as they
+//!   happen so a live `tensorboard --logdir` shows the run; on resume cut back the same way.
 //!
 //! Nothing else is random: the data order comes from (seed, epoch) and LoRA dropout masks from
 //! (seed, micro-batch number), so resuming from a checkpoint replays exactly the steps an
@@ -35,6 +37,7 @@ use super::learner::Learner;
 use super::loss::mean_loss;
 use super::optimizer::LossScaler;
 use super::schedule::Schedule;
+use super::tensorboard::EventWriter;
 use super::TrainError;
 use crate::metrics::{self, Options, Prediction};
 use crate::model::Qwen3;
@@ -42,6 +45,8 @@ use crate::text::TokenStore;
 
 const CHECKPOINT: &str = "checkpoint.safetensors";
 const LOG: &str = "train_log.jsonl";
+/// The TensorBoard event directory in the scratch dir (and, copied, in the artifact).
+pub const EVENTS: &str = "tensorboard";
 /// Bump when the checkpoint's meaning changes: older checkpoints are then ignored, not misread.
 const STATE_VERSION: u32 = 1;
 
@@ -112,6 +117,8 @@ pub struct Outcome {
     pub summary: Summary,
     /// `train_log.jsonl` in the scratch dir (copy it before the scratch dir goes).
     pub log: PathBuf,
+    /// The TensorBoard event directory in the scratch dir (copy it too).
+    pub events: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -169,6 +176,9 @@ impl Files {
     }
     fn log(&self) -> PathBuf {
         self.dir.join(LOG)
+    }
+    fn events(&self) -> PathBuf {
+        self.dir.join(EVENTS)
     }
     /// `(number, path)` of files named `<prefix><number>.safetensors`.
     fn numbered(&self, prefix: &str) -> Vec<(u64, PathBuf)> {
@@ -306,6 +316,7 @@ pub fn train(
     let mut write_log = |v: serde_json::Value| -> Result<(), TrainError> {
         writeln!(log, "{v}").map_err(|e| TrainError::io(files.log(), e))
     };
+    let mut events = EventWriter::open(&files.events(), resumed_from)?;
 
     env.progress.set_length(total);
     env.progress.set_position(st.step);
@@ -371,6 +382,18 @@ pub fn train(
             line["match_loss"] = json!(match_loss);
         }
         write_log(line)?;
+        let mut scalars = vec![
+            ("train/loss", loss),
+            ("train/learning_rate", lr),
+            ("train/grad_norm", report.grad_norm),
+            ("train/samples_per_sec", rows as f64 / dt),
+            ("train/tokens_per_sec", tokens as f64 / dt),
+            ("train/epoch", epoch_pos),
+        ];
+        if cfg.match_loss > 0.0 {
+            scalars.push(("train/match_loss", match_loss));
+        }
+        events.scalars(st.step, &scalars)?;
         ema = Some(match ema {
             Some(e) => 0.9 * e + 0.1 * loss,
             None => loss,
@@ -398,6 +421,10 @@ pub fn train(
                     "val_auc": r.auc,
                     "val_ndcg@10": r.ndcg10,
                 }))?;
+                let mut scalars = vec![("val/loss", r.loss)];
+                scalars.extend(r.auc.map(|v| ("val/auc", v)));
+                scalars.extend(r.ndcg10.map(|v| ("val/ndcg@10", v)));
+                events.scalars(st.step, &scalars)?;
                 st.validations.push(r);
                 let old = st.best.and_then(|b| b.metric(cfg.best_metric));
                 if cfg.best_metric.better(r.metric(cfg.best_metric), old) {
@@ -473,7 +500,7 @@ pub fn train(
         total_steps: total,
         steps_per_epoch,
     };
-    Ok(Outcome { model, summary, log: files.log() })
+    Ok(Outcome { model, summary, log: files.log(), events: files.events() })
 }
 
 /// Validation loss (the training objective's mean over the split), AUC and NDCG@10 of the logits.

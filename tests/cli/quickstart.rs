@@ -19,7 +19,8 @@ fn assert_keys_are_pinned(run: &serde_json::Value) {
         ("normalize", "f3bd1e75e5a426def277db6dc964e57caa4c8ab07090310cb7fd806bcc9f3a0c"),
         ("split", "7489040cf5a948e6dabf265a40e04d9a8f15d0586bb317fd1fcce2c1b5a2bf2b"),
         ("tokenize", "86d4aed83566ab6ed1a1ae5cea4787d7315bb1b9e9b5b9274bac5a935ae279b5"),
-        ("train", "3b3c5f3441b0fc100b404004975041c32efd8289ed4f5c43039fad85f880fe65"),
+        // train 2 (the TensorBoard event files in `tensorboard/`).
+        ("train", "e02edc2ffc523c2a97e9bb33e522c8ba68829037a9e29d73f453140b6f1c8e45"),
         ("evaluate", "c228a98a7d92c74da2a087faf32d248a187718490f9313fc929f75a81b1ad04f"),
         // analyze 2 (bootstrap intervals, paired lifts, the lexical-overlap baselines; two new parameters).
         ("analyze", "feb998bf652eafd705ee69ce7e15da33459fdf9f7394a983ddb5aafe21131269"),
