@@ -11,6 +11,7 @@ use figment::value::{Dict, Map};
 use figment::{Figment, Metadata, Profile, Provider};
 
 use super::params::{ParamError, Params};
+use super::slurm::{Resources, SlurmConfig};
 use super::stage::{Need, Stage, When};
 
 /// A configuration mistake. Always names where it is and, when it can, what to write instead.
@@ -42,7 +43,7 @@ impl ConfigError {
     fn new(origin: impl Into<String>, key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError { origin: origin.into(), key: key.into(), message: message.into(), hint: None }
     }
-    fn hint(mut self, hint: Option<String>) -> Self {
+    pub(crate) fn hint(mut self, hint: Option<String>) -> Self {
         self.hint = hint;
         self
     }
@@ -59,6 +60,10 @@ pub struct StageConfig {
     /// feature), found at load with the layer the value came from; [`Pipeline::check_runnable`]
     /// reports it for the commands that compute.
     pub unavailable: Option<ConfigError>,
+    /// `[stages.<id>.resources]`: what the stage's Slurm job asks for; not part of the key.
+    pub resources: Resources,
+    /// `retries`: how often a failed Slurm job of this stage is resubmitted.
+    pub retries: u32,
 }
 
 /// A resolved pipeline: what the runner executes and what the run record stores.
@@ -78,6 +83,8 @@ pub struct Pipeline {
     /// The original file text and the overrides, so sweep points can be resolved like the base.
     pub source_text: String,
     pub overrides: Overrides,
+    /// The Slurm part of `[executor]`.
+    pub slurm: SlurmConfig,
 }
 
 /// A parameter sweep: grid axes and/or random draws, each naming `<stage>.<param>`.
@@ -184,8 +191,10 @@ impl Provider for Layer {
 }
 
 const PIPELINE_KEYS: &[&str] = &["name", "artifacts", "root", "description"];
-const TOP_KEYS: &[&str] = &["pipeline", "stages", "sweep"];
-const STAGE_META_KEYS: &[&str] = &["kind", "needs"];
+const TOP_KEYS: &[&str] = &["pipeline", "stages", "sweep", "executor"];
+/// Keys of a stage table that say how and where it runs, not what it computes: kept out of the
+/// parameters, and so out of the cache key.
+const STAGE_META_KEYS: &[&str] = &["kind", "needs", "resources", "retries"];
 
 /// The nearest candidate by edit distance, if it is close enough to be a plausible typo.
 pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
@@ -227,6 +236,9 @@ struct Skeleton {
     root: Option<String>,
     /// (id, kind, needs) in file order.
     stages: Vec<(String, String, Vec<String>)>,
+    /// Per stage, in the same order: its resources and retries.
+    meta: Vec<(Resources, u32)>,
+    slurm: SlurmConfig,
     table: toml::Table,
 }
 
@@ -257,7 +269,7 @@ fn parse_skeleton(file: &Path, text: &str, registry: &[Box<dyn Stage>]) -> Resul
             return Err(ConfigError::new(
                 &origin,
                 k,
-                "unknown top-level section; expected `[pipeline]`, `[stages.<id>]` or `[sweep]`",
+                "unknown top-level section; expected `[pipeline]`, `[stages.<id>]`, `[sweep]` or `[executor]`",
             )
             .hint(hint));
         }
@@ -320,6 +332,7 @@ fn parse_skeleton(file: &Path, text: &str, registry: &[Box<dyn Stage>]) -> Resul
     };
     let kinds: Vec<&str> = registry.iter().map(|s| s.kind()).collect();
     let mut stages = Vec::new();
+    let mut meta = Vec::new();
     for (id, v) in stages_t {
         let key = format!("stages.{id}");
         if !valid_name(id) {
@@ -373,8 +386,10 @@ fn parse_skeleton(file: &Path, text: &str, registry: &[Box<dyn Stage>]) -> Resul
             }
         };
         stages.push((id.clone(), kind, needs));
+        meta.push(super::slurm::parse_stage_meta(&origin, id, t)?);
     }
-    Ok(Skeleton { name, artifacts, root, stages, table })
+    let slurm = super::slurm::parse_executor(&origin, table.get("executor"))?;
+    Ok(Skeleton { name, artifacts, root, stages, meta, slurm, table })
 }
 
 /// Parse `stage.param.sub=value`: the value is a TOML value when it parses as one, else a plain string.
@@ -533,6 +548,7 @@ pub fn load_str(
     let mut file_layer = sk.table.clone();
     file_layer.remove("pipeline");
     file_layer.remove("sweep");
+    file_layer.remove("executor");
     if let Some(toml::Value::Table(st)) = file_layer.get_mut("stages") {
         for (_, v) in st.iter_mut() {
             if let toml::Value::Table(t) = v {
@@ -601,7 +617,7 @@ pub fn load_str(
     let merged_stages = merged.get("stages").and_then(|v| v.as_table()).unwrap_or(&empty);
 
     let mut stages = Vec::new();
-    for ((id, kind, needs), defaults) in sk.stages.iter().zip(&defaults_by_id) {
+    for (((id, kind, needs), defaults), (resources, retries)) in sk.stages.iter().zip(&defaults_by_id).zip(&sk.meta) {
         let given = merged_stages.get(id).and_then(|v| v.as_table()).unwrap_or(&empty);
         let checked = check_table(defaults, given, &format!("stages.{id}"), &origin_of)?;
         let mut params = defaults.clone();
@@ -625,7 +641,15 @@ pub fn load_str(
         }
         let unavailable =
             imp.available(&params).err().map(|e| param_error(e, &format!("stage `{id}` cannot run in this build: ")));
-        stages.push(StageConfig { id: id.clone(), kind: kind.clone(), needs: needs.clone(), params, unavailable });
+        stages.push(StageConfig {
+            id: id.clone(),
+            kind: kind.clone(),
+            needs: needs.clone(),
+            params,
+            unavailable,
+            resources: resources.clone(),
+            retries: *retries,
+        });
     }
     let mut sweep = match sk.table.get("sweep") {
         Some(v) => Some(parse_sweep(&origin, v, &stages, registry)?),
@@ -648,6 +672,7 @@ pub fn load_str(
         sweep,
         source_text: text.to_string(),
         overrides: overrides.clone(),
+        slurm: sk.slurm,
     };
     // A cycle first: a stage that needs itself is missing its real upstream too, and the cycle is
     // the mistake to report.

@@ -15,6 +15,7 @@ pub mod graph;
 pub mod hashing;
 pub mod key;
 pub mod runner;
+pub mod slurm;
 pub mod store;
 pub mod sweep;
 pub mod time;
