@@ -549,6 +549,7 @@ pub fn run(targets: &[Target], d: &DriverOptions) -> Result<Outcome, SlurmError>
             per_target[t].insert(s.id.clone(), (j, true));
         }
     }
+    let width = jobs.iter().map(|j| j.id.len()).max().unwrap_or(4);
     for j in 0..jobs.len() {
         if !jobs[j].adopted {
             submit_job(&mut jobs, j, targets)?;
@@ -569,7 +570,7 @@ pub fn run(targets: &[Target], d: &DriverOptions) -> Result<Outcome, SlurmError>
             .map_err(|source| SlurmError::Io { path: path.clone(), source })?;
         if !d.quiet {
             let verb = if job.adopted { "already queued as" } else { "submitted as" };
-            eprintln!("  {:<10} {verb} slurm job {}  log {}", job.id, job.job, log.display());
+            eprintln!("  {:<width$}  {verb} slurm job {}  log {}", job.id, job.job, log.display());
         }
     }
     set_in_flight(jobs.iter().map(|j| j.job).collect());
@@ -642,6 +643,14 @@ fn submit_job(jobs: &mut [Job], j: usize, targets: &[Target]) -> Result<(), Slur
     Ok(())
 }
 
+fn last_line(log: &Path) -> Option<String> {
+    let text = std::fs::read(log).ok()?;
+    let text = String::from_utf8_lossy(&text);
+    let line = text.lines().rev().find(|l| !l.trim().is_empty())?.trim();
+    let line: String = line.chars().take(300).collect();
+    Some(line)
+}
+
 /// Every job that (transitively) depends on job `j`, in submission order.
 fn dependents(jobs: &[Job], j: usize) -> Vec<usize> {
     let mut hit = vec![false; jobs.len()];
@@ -692,10 +701,14 @@ fn wait(jobs: &mut [Job], targets: &[Target], d: &DriverOptions) -> Result<(), S
                 continue;
             }
             let log = log_path(&e.store.root, &e.pipeline.name, &jobs[j].id, jobs[j].job);
-            let what = format!(
+            let mut what = format!(
                 "slurm job {} ended {} (exit code {}, reason {})",
                 jobs[j].job, info.state, info.exit_code, info.reason
             );
+            // The job's own last word (pipe exec's error line), so the cause shows without opening the log.
+            if let Some(last) = last_line(&log) {
+                what.push_str(&format!(": {last}"));
+            }
             if jobs[j].cancelled_by_us {
                 jobs[j].done = Some(Err(what));
                 continue;
