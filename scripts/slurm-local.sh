@@ -2,6 +2,8 @@
 # A single-node Slurm cluster on this machine, for trying `pipe run --executor slurm` and for the tests.
 #
 #   bash scripts/slurm-local.sh up       install slurm-wlm + munge if missing, configure, start, wait for idle
+#   bash scripts/slurm-local.sh up --no-install
+#                                        the same, but exit 3 instead of downloading packages (the tests)
 #   bash scripts/slurm-local.sh down     stop slurmd, slurmctld and munged
 #   bash scripts/slurm-local.sh status   say whether the daemons run and what sinfo reports
 #
@@ -34,6 +36,10 @@ install_packages() {
   if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
     && command -v sbatch >/dev/null; then
     return
+  fi
+  if [ "${NO_INSTALL:-0}" = 1 ]; then
+    log "slurm-wlm and munge are not installed (--no-install); run: sudo bash $0 up"
+    exit 3
   fi
   log "installing slurm-wlm and munge (apt-get)"
   local t0=$SECONDS
@@ -204,7 +210,10 @@ status() {
 }
 
 case "${1:-}" in
-  up) up ;;
+  up)
+    if [ "${2:-}" = "--no-install" ]; then NO_INSTALL=1; fi
+    up
+    ;;
   down) down ;;
   status) status ;;
   *)

@@ -1,6 +1,7 @@
-//! The Slurm executor against a real single-node cluster, started through `scripts/slurm-local.sh up`.
-//! Without a cluster (not root, no apt) these tests skip loudly, unless `PIPE_REQUIRE_SLURM=1` (CI)
-//! makes that a failure.
+//! The Slurm executor against a real single-node cluster, started through `scripts/slurm-local.sh up
+//! --no-install` (tests download nothing: CI installs Slurm with `scripts/slurm-local.sh up` first).
+//! Without a cluster (Slurm not installed, not root) these tests skip loudly, unless
+//! `PIPE_REQUIRE_SLURM=1` (CI) makes that a failure.
 
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -16,7 +17,7 @@ fn slurm_up() -> bool {
     let up = UP.get_or_init(|| {
         let out = Command::new("bash")
             .arg(repo().join("scripts/slurm-local.sh"))
-            .arg("up")
+            .args(["up", "--no-install"])
             .output()
             .map_err(|e| format!("cannot run bash: {e}"))?;
         if out.status.success() {
