@@ -9,6 +9,7 @@ use super::common::{load, PipelineArgs};
 use super::{process, Exit};
 use crate::engine::runner::{Engine, Status};
 use crate::engine::Stage;
+use crate::util::fs::write_atomic;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -24,6 +25,10 @@ pub struct Args {
     /// Recompute even if the artifact exists.
     #[arg(long)]
     pub force: bool,
+    /// Write `{"status": "ran"|"cached", …}` here (`%j`: the Slurm job id), so that the submitting run
+    /// can tell a stage its job computed from one the job found already stored.
+    #[arg(long, value_name = "PATH")]
+    pub outcome: Option<String>,
 }
 
 pub fn run(args: Args, registry: &[Box<dyn Stage>], quiet: bool) -> Result<(), Exit> {
@@ -35,6 +40,14 @@ pub fn run(args: Args, registry: &[Box<dyn Stage>], quiet: bool) -> Result<(), E
         eprintln!("pipe exec: stage {} of {} ({})", args.stage, pipeline.name, p.file.display());
     }
     let rec = engine.run_stage(&args.stage, args.force, quiet)?;
+    if let Some(pattern) = &args.outcome {
+        let job = std::env::var("SLURM_JOB_ID").unwrap_or_else(|_| "local".into());
+        let path = PathBuf::from(pattern.replace("%j", &job));
+        let v = serde_json::json!({ "stage": rec.id, "status": rec.status, "key": rec.key, "seconds": rec.seconds });
+        if let Err(e) = write_atomic(&path, &serde_json::to_vec(&v).expect("serializes")) {
+            eprintln!("pipe exec: cannot write {}: {e}", path.display());
+        }
+    }
     match rec.status {
         Status::Failed => Err(Exit::failed(anyhow::anyhow!(
             "stage `{}` ({}) failed: {}",

@@ -116,6 +116,8 @@ pub struct Executed {
     /// Why the job failed (naming the job and its log), if it did.
     pub failure: Option<String>,
     pub log: String,
+    /// The job found the artifact already in the store (another run computed it meanwhile).
+    pub found_cached: bool,
 }
 
 impl StageState {
@@ -600,6 +602,9 @@ impl<'a> Engine<'a> {
         }
         self.run_one(i, opts, last, outputs, rec, false);
         match (rec.status, executed) {
+            (Status::Cached, Some(x)) if x.found_cached => {
+                rec.reason = Some(format!("found in the store by slurm job {}", x.job));
+            }
             (Status::Cached, Some(x)) if x.owner => {
                 rec.status = Status::Ran;
                 rec.slurm_job = Some(x.job);

@@ -507,9 +507,12 @@ pub fn run(targets: &[Target], d: &DriverOptions) -> Result<Outcome, SlurmError>
             if target.opts.force.contains(&s.id) {
                 command.push("--force".into());
             }
+            let log = e.store.root.join("slurm").join(&p.name).join(&s.id).join("%j.log");
+            command.push("--outcome".into());
+            command.push(log.with_extension("json").display().to_string());
             let spec = JobSpec {
                 name: format!("pipe:{}:{}", p.name, s.id),
-                log: e.store.root.join("slurm").join(&p.name).join(&s.id).join("%j.log"),
+                log,
                 chdir: d.cwd.clone(),
                 deps: Vec::new(),
                 resources: s.resources.clone(),
@@ -614,7 +617,13 @@ pub fn run(targets: &[Target], d: &DriverOptions) -> Result<Outcome, SlurmError>
             };
             executed.insert(
                 stage.clone(),
-                Executed { job: job.job, owner: *owner, failure, log: log.display().to_string() },
+                Executed {
+                    job: job.job,
+                    owner: *owner,
+                    failure,
+                    log: log.display().to_string(),
+                    found_cached: read_outcome(&log.with_extension("json")).as_deref() == Some("cached"),
+                },
             );
         }
         let mut opts = target.opts.clone();
@@ -641,6 +650,12 @@ fn submit_job(jobs: &mut [Job], j: usize, targets: &[Target]) -> Result<(), Slur
     job.attempts += 1;
     job.state = "PENDING".into();
     Ok(())
+}
+
+/// The status `pipe exec` reported for its stage (`ran` or `cached`), from the file `--outcome` names.
+fn read_outcome(path: &Path) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    v["status"].as_str().map(str::to_string)
 }
 
 fn last_line(log: &Path) -> Option<String> {

@@ -171,7 +171,9 @@ fn cancelled_train_job_resumes_from_its_checkpoint() {
     }
     let p = quickstart_project();
     let sets = ["--set", "train.max_steps=40", "--set", "train.epochs=1", "--set", "train.checkpoint_every=5"];
-    let mut args = vec!["run", "pipelines/quickstart.toml", "--executor", "slurm", "--detach", "--json"];
+    // Up to train only: evaluate and analyze would add minutes and nothing to what is tested here.
+    let mut args =
+        vec!["run", "pipelines/quickstart.toml", "--until", "train", "--executor", "slurm", "--detach", "--json"];
     args.extend(sets);
     let v = p.run_json(&args);
     assert_eq!(v["status"], "submitted", "{v}");
@@ -179,6 +181,12 @@ fn cancelled_train_job_resumes_from_its_checkpoint() {
         v["jobs"].as_array().unwrap().iter().find(|j| j["stage"] == stage).unwrap()["job"].as_u64().unwrap()
     };
     let train_job = job_of(&v, "train");
+    // A second run while they are queued waits for the same jobs instead of submitting new ones.
+    let again = p.run_json(&args);
+    for j in again["jobs"].as_array().unwrap() {
+        assert_eq!(j["submitted"], false, "{again}");
+        assert_eq!(j["job"].as_u64(), Some(job_of(&v, j["stage"].as_str().unwrap())), "{again}");
+    }
     // `pipe status` follows the detached jobs.
     let mut status_args = vec!["status", "pipelines/quickstart.toml"];
     status_args.extend(sets);
@@ -212,18 +220,7 @@ fn cancelled_train_job_resumes_from_its_checkpoint() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(ckpt.exists(), "the checkpoint survives the cancellation");
-    // Its dependents can never run; Slurm cancels them.
-    let evaluate_job = job_of(&v, "evaluate");
-    let start = Instant::now();
-    while job_state(evaluate_job) != "CANCELLED" {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "evaluate job {evaluate_job} is {}",
-            job_state(evaluate_job)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let mut args = vec!["run", "pipelines/quickstart.toml", "--executor", "slurm", "--json"];
+    let mut args = vec!["run", "pipelines/quickstart.toml", "--until", "train", "--executor", "slurm", "--json"];
     args.extend(sets);
     let v = p.run_json(&args);
     assert_eq!(v["status"], "ok", "{v}");
@@ -266,7 +263,12 @@ fn a_failing_stage_names_its_job_and_log_after_its_retries() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("train.csv") && text.contains("seven"), "the log says what went wrong: {text}");
     // retries = 1: two attempts, two logs.
-    assert_eq!(p.count_dir("artifacts/slurm/p/load"), 2);
+    let logs = std::fs::read_dir(p.path("artifacts/slurm/p/load"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .count();
+    assert_eq!(logs, 2);
     assert_eq!(v["stages"][1]["status"], "skipped");
     assert!(v["stages"][1].get("slurm_job").is_none());
 }
@@ -303,4 +305,67 @@ fn interrupting_a_waiting_run_cancels_its_jobs() {
     for job in jobs {
         assert_eq!(job_state(job), "CANCELLED", "job {job}");
     }
+}
+
+#[test]
+fn requeued_train_job_resumes_within_the_same_run() {
+    if !slurm_up() {
+        return;
+    }
+    let p = quickstart_project();
+    let mut child = p
+        .command(&[
+            "run",
+            "pipelines/quickstart.toml",
+            "--until",
+            "train",
+            "--executor",
+            "slurm",
+            "--json",
+            "--set",
+            "train.max_steps=30",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.checkpoint_every=3",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let train_job = loop {
+        let has_ckpt = std::fs::read_dir(p.path("artifacts/.scratch"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.path().join("checkpoint.safetensors").exists());
+        let logs: Vec<u64> = std::fs::read_dir(p.path("artifacts/slurm/quickstart/train"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.path().file_stem()?.to_str()?.parse().ok())
+            .collect();
+        if has_ckpt && !logs.is_empty() {
+            break logs[0];
+        }
+        assert!(start.elapsed() < Duration::from_secs(300), "no train checkpoint");
+        assert!(child.try_wait().unwrap().is_none(), "pipe run ended early");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // What preemption with requeue does: the job is killed and queued again under the same id.
+    assert!(Command::new("scontrol").args(["requeue", &train_job.to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "ok", "{v}");
+    let train = v["stages"].as_array().unwrap().iter().find(|s| s["id"] == "train").unwrap();
+    assert_eq!(train["slurm_job"].as_u64(), Some(train_job), "{v}");
+    let log = std::fs::read_to_string(p.path(&format!("artifacts/slurm/quickstart/train/{train_job}.log"))).unwrap();
+    assert!(log.contains("DUE TO JOB REQUEUE"), "{log}");
+    assert!(log.contains("resuming training from step"), "the requeued attempt resumed: {log}");
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(std::path::Path::new(train["dir"].as_str().unwrap()).join("manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(manifest["stats"]["resumed_from_step"].as_u64().is_some_and(|s| s >= 3), "{}", manifest["stats"]);
 }
