@@ -186,14 +186,15 @@ pub fn parse_stage_meta(origin: &str, id: &str, stage: &toml::Table) -> Result<(
 
 #[derive(Debug, thiserror::Error)]
 pub enum SlurmError {
-    #[error("cannot run `{tool}` ({source}); is Slurm installed and on PATH? (try `bash scripts/slurm-local.sh up`)")]
-    Spawn { tool: String, source: std::io::Error },
+    // `cause`, not `source`: the message already says it, and anyhow would print it twice.
+    #[error("cannot run `{tool}` ({cause}); is Slurm installed and on PATH? (try `bash scripts/slurm-local.sh up`)")]
+    Spawn { tool: String, cause: std::io::Error },
     #[error("`{tool}` failed ({status}): {stderr}")]
     Tool { tool: String, status: String, stderr: String },
     #[error("sbatch printed {0:?} where a job id was expected")]
     BadJobId(String),
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
@@ -304,11 +305,11 @@ fn tool(name: &str, args: &[String], stdin: Option<&str>) -> Result<String, Slur
     let mut cmd = Command::new(name);
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
-    let mut child = cmd.spawn().map_err(|source| SlurmError::Spawn { tool: name.into(), source })?;
+    let mut child = cmd.spawn().map_err(|cause| SlurmError::Spawn { tool: name.into(), cause })?;
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes()).map_err(|source| SlurmError::Spawn { tool: name.into(), source })?;
+        pipe.write_all(text.as_bytes()).map_err(|cause| SlurmError::Spawn { tool: name.into(), cause })?;
     }
-    let out = child.wait_with_output().map_err(|source| SlurmError::Spawn { tool: name.into(), source })?;
+    let out = child.wait_with_output().map_err(|cause| SlurmError::Spawn { tool: name.into(), cause })?;
     if !out.status.success() {
         return Err(SlurmError::Tool {
             tool: format!("{name} {}", args.join(" ")),
@@ -423,7 +424,7 @@ pub struct DriverOptions {
 /// What a submission produced, per target: the run record when waited for.
 pub struct Outcome {
     pub records: Vec<RunRecord>,
-    /// (target, stage id, job id, log): every job this invocation submitted or adopted.
+    /// Every job this invocation submitted or adopted, in submission order.
     pub jobs: Vec<SubmittedJob>,
 }
 
@@ -434,6 +435,7 @@ pub struct SubmittedJob {
     pub log: String,
     /// False when an earlier `pipe run` had already submitted it and it was still queued or running.
     pub submitted: bool,
+    /// The target (sweep point) that owns the job; others that share the stage wait on it.
     #[serde(skip)]
     pub target: usize,
 }
@@ -542,6 +544,7 @@ pub fn run(targets: &[Target], d: &DriverOptions) -> Result<Outcome, SlurmError>
                 if let Some(info) = states.as_ref().and_then(|s| s.get(&r.job)).filter(|i| is_active(&i.state)) {
                     job.job = r.job;
                     job.adopted = true;
+                    job.attempts = 1;
                     job.state = info.state.clone();
                 }
             }
@@ -570,7 +573,7 @@ pub fn run(targets: &[Target], d: &DriverOptions) -> Result<Outcome, SlurmError>
         let path = job_record_path(&e.store.root, &job.plan_id);
         let _ = std::fs::create_dir_all(path.parent().expect("has parent"));
         write_atomic(&path, &serde_json::to_vec_pretty(&rec).expect("serializes"))
-            .map_err(|source| SlurmError::Io { path: path.clone(), source })?;
+            .map_err(|cause| SlurmError::Io { path: path.clone(), cause })?;
         if !d.quiet {
             let verb = if job.adopted { "already queued as" } else { "submitted as" };
             eprintln!("  {:<width$}  {verb} slurm job {}  log {}", job.id, job.job, log.display());
@@ -645,7 +648,7 @@ fn submit_job(jobs: &mut [Job], j: usize, targets: &[Target]) -> Result<(), Slur
     let job = &mut jobs[j];
     job.spec.deps = deps;
     let dir = job.spec.log.parent().expect("log has a dir").to_path_buf();
-    std::fs::create_dir_all(&dir).map_err(|source| SlurmError::Io { path: dir, source })?;
+    std::fs::create_dir_all(&dir).map_err(|cause| SlurmError::Io { path: dir, cause })?;
     job.job = submit(&e.pipeline.slurm, &job.spec)?;
     job.attempts += 1;
     job.state = "PENDING".into();
@@ -729,7 +732,7 @@ fn wait(jobs: &mut [Job], targets: &[Target], d: &DriverOptions) -> Result<(), S
                 continue;
             }
             let downstream = dependents(jobs, j);
-            if jobs[j].attempts <= jobs[j].retries && jobs[j].attempts > 0 {
+            if jobs[j].attempts <= jobs[j].retries {
                 if !d.quiet {
                     eprintln!(
                         "  {:<width$}  {what}; retrying ({} of {}); log {}",
