@@ -476,6 +476,9 @@ pub fn run(targets: &[Target], d: &DriverOptions) -> Result<Outcome, SlurmError>
         e.store.init().map_err(EngineError::from)?;
         e.store.sweep_temp();
         let wanted = e.wanted(target.opts.until.as_deref())?;
+        if let Some(f) = target.opts.force.iter().find(|f| p.stage(f).is_none()) {
+            return Err(EngineError::Usage(format!("no stage `{f}` in {}", p.file.display())).into());
+        }
         let status = e.status(&target.opts.force);
         let plan = e.plan_ids();
         let mut stage_job: HashMap<usize, usize> = HashMap::new();
@@ -558,7 +561,11 @@ pub fn run(targets: &[Target], d: &DriverOptions) -> Result<Outcome, SlurmError>
     let width = jobs.iter().map(|j| j.id.len()).max().unwrap_or(4);
     for j in 0..jobs.len() {
         if !jobs[j].adopted {
-            submit_job(&mut jobs, j, targets)?;
+            if let Err(e) = submit_job(&mut jobs, j, targets) {
+                // Half a pipeline queued would run for nobody: take back what this run submitted.
+                cancel(&jobs[..j].iter().filter(|x| !x.adopted).map(|x| x.job).collect::<Vec<_>>());
+                return Err(e);
+            }
         }
         let job = &jobs[j];
         let e = targets[job.target].engine;
