@@ -690,7 +690,13 @@ fn dependents(jobs: &[Job], j: usize) -> Vec<usize> {
     out
 }
 
+/// Polls until every job finished, resubmitting failed ones that have retries left. On a terminal
+/// a live line shows the jobs still queued or running, with a line per job that ends; elsewhere
+/// (logs, CI) a line per state change.
 fn wait(jobs: &mut [Job], targets: &[Target], d: &DriverOptions) -> Result<(), SlurmError> {
+    use std::io::IsTerminal;
+    let live = !d.quiet && std::io::stderr().is_terminal();
+    let start = std::time::Instant::now();
     let width = jobs.iter().map(|j| j.id.len()).max().unwrap_or(4);
     let mut shown: Vec<String> = vec![String::new(); jobs.len()];
     while jobs.iter().any(|j| j.done.is_none()) {
@@ -714,7 +720,10 @@ fn wait(jobs: &mut [Job], targets: &[Target], d: &DriverOptions) -> Result<(), S
             };
             jobs[j].state = info.state.clone();
             let line = format!("{} (slurm job {})", info.state, jobs[j].job);
-            if shown[j] != line && !d.quiet {
+            if shown[j] != line && !d.quiet && (!live || !is_active(&info.state)) {
+                if live {
+                    eprint!("\r\x1b[2K");
+                }
                 eprintln!("  {:<width$}  {line}", jobs[j].id);
             }
             shown[j] = line;
@@ -767,9 +776,19 @@ fn wait(jobs: &mut [Job], targets: &[Target], d: &DriverOptions) -> Result<(), S
             }
             cancel(&ids);
         }
+        if live && jobs.iter().any(|j| j.done.is_none()) {
+            let waiting: Vec<String> =
+                jobs.iter().filter(|j| j.done.is_none()).map(|j| format!("{} {}", j.id, j.state)).collect();
+            let secs = start.elapsed().as_secs();
+            let line = format!("  [{}:{:02}] {}", secs / 60, secs % 60, waiting.join(", "));
+            eprint!("\r\x1b[2K{}", line.chars().take(120).collect::<String>());
+        }
         if jobs.iter().any(|j| j.done.is_none()) {
             std::thread::sleep(d.poll);
         }
+    }
+    if live {
+        eprint!("\r\x1b[2K");
     }
     Ok(())
 }
