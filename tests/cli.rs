@@ -263,5 +263,7 @@ mod metrics;
 mod quickstart;
 #[path = "cli/rerank.rs"]
 mod rerank;
+#[path = "cli/slurm.rs"]
+mod slurm;
 #[path = "cli/sweep.rs"]
 mod sweep;

@@ -14,6 +14,7 @@ mod common;
 pub mod compare;
 pub mod config;
 pub mod dag;
+pub mod exec;
 pub mod export;
 pub mod gc;
 pub mod metrics;
@@ -73,6 +74,9 @@ pub enum Command {
     Verify(verify::Args),
     /// Remove artifacts that no kept run record references.
     Gc(gc::Args),
+    /// Compute one stage against the store (what a Slurm job runs).
+    #[command(hide = true)]
+    Exec(exec::Args),
 }
 
 /// An error that carries its exit code.
@@ -104,7 +108,7 @@ impl From<EngineError> for Exit {
     fn from(e: EngineError) -> Self {
         let code = match e {
             EngineError::Config(_) | EngineError::Usage(_) => 2,
-            EngineError::Store(_) => 1,
+            EngineError::Store(_) | EngineError::UpstreamMissing(_) => 1,
         };
         Exit { code, error: e.into() }
     }
@@ -128,6 +132,7 @@ pub fn run(cli: Cli, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
         Command::Show(args) => show::run(args, registry),
         Command::Verify(args) => verify::run(args, registry),
         Command::Gc(args) => gc::run(args, registry),
+        Command::Exec(args) => exec::run(args, registry, quiet),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Process-wide setup the commands need but do not own: the log filter, and what Ctrl-C (or SIGTERM)
 //! does while stages run. Apart from the commands so that `run` and `sweep` install the same handler.
 
-use crate::engine::runner;
+use crate::engine::{runner, slurm};
 
 /// Logs go to stderr, filtered by `PIPE_LOG` (tracing's env-filter syntax); without it warnings and
 /// errors, or errors only under `--quiet`.
@@ -13,8 +13,14 @@ pub(super) fn init_tracing(quiet: bool) {
 
 /// An interrupted run removes the partial output of the stage it was in (the runner tracks its temp
 /// dir), says so, and exits 130 like a shell would; a finished stage's artifact is already in the store.
+/// A `pipe run` waiting for Slurm jobs cancels them.
 pub(super) fn install_interrupt_handler() {
     let _ = ctrlc::set_handler(|| {
+        let cancelled = slurm::cancel_in_flight();
+        if !cancelled.is_empty() {
+            let ids: Vec<String> = cancelled.iter().map(u64::to_string).collect();
+            eprintln!("\npipe: interrupted; cancelled slurm job(s) {}", ids.join(" "));
+        }
         let removed = runner::cleanup_on_interrupt();
         if removed.is_empty() {
             eprintln!("\npipe: interrupted");

@@ -3,7 +3,8 @@
 
 use super::common::{gpu_pool, load, print_json, PipelineArgs};
 use super::{process, sweep, Exit};
-use crate::engine::runner::{self, Engine, RunOptions};
+use crate::engine::runner::{self, Engine, RunOptions, RunRecord};
+use crate::engine::slurm::{self, DriverOptions, ExecutorKind};
 use crate::engine::Stage;
 
 #[derive(clap::Args, Debug)]
@@ -30,21 +31,47 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub jobs: usize,
     /// GPU ordinals stages may compute on, e.g. `0,1,2,3` (default: `[executor] gpus`, else every
-    /// GPU this process sees).
+    /// GPU this process sees). Local executor only: Slurm gives each job its GPUs.
     #[arg(long, value_name = "N,N,…")]
     pub gpus: Option<String>,
+    /// Where stale stages run: `local` (this process) or `slurm` (one sbatch job per stage);
+    /// default `[executor] kind`, else local.
+    #[arg(long, value_name = "local|slurm")]
+    pub executor: Option<ExecutorKind>,
+    /// With the Slurm executor: return once the jobs are submitted (`pipe status` follows them).
+    #[arg(long)]
+    pub detach: bool,
 }
 
 pub fn run(args: Args, registry: &[Box<dyn Stage>], quiet: bool) -> Result<(), Exit> {
-    let Args { p, force, until, dry_run, json, sweep, jobs, gpus } = args;
+    let Args { p, force, until, dry_run, json, sweep, jobs, gpus, executor, detach } = args;
     let pipeline = load(&p, registry)?;
-    let pool = gpu_pool(&pipeline, gpus.as_deref(), registry)?;
     let multi = pipeline
         .sweep
         .as_ref()
         .is_some_and(|s| s.grid.iter().any(|(k, _)| p.sets.iter().any(|x| x.starts_with(&format!("{k}=")))));
+    let on_slurm = executor.unwrap_or(pipeline.executor.kind) == ExecutorKind::Slurm && !dry_run;
+    if detach && !on_slurm {
+        return Err(Exit::usage(anyhow::anyhow!(
+            "--detach needs the Slurm executor: add `--executor slurm` or `[executor] kind = \"slurm\"` to {}",
+            p.file.display()
+        )));
+    }
+    if on_slurm && gpus.is_some() {
+        return Err(Exit::usage(anyhow::anyhow!(
+            "--gpus is for the local executor; under Slurm each job gets its GPUs from `[stages.<id>.resources] gpus` in {}",
+            p.file.display()
+        )));
+    }
+    let driver = on_slurm.then(|| driver_options(detach, quiet || json)).transpose()?;
     if sweep || multi {
-        return sweep::run_points(&pipeline, &p.file, registry, jobs, pool, json, quiet);
+        return match driver {
+            Some(d) => sweep::run_points_slurm(&pipeline, &p.file, registry, &d, json),
+            None => {
+                let pool = gpu_pool(&pipeline, gpus.as_deref(), registry)?;
+                sweep::run_points(&pipeline, &p.file, registry, jobs, pool, json, quiet)
+            }
+        };
     }
     if let (Some(_), false) = (&pipeline.sweep, quiet || json) {
         eprintln!(
@@ -54,17 +81,67 @@ pub fn run(args: Args, registry: &[Box<dyn Stage>], quiet: bool) -> Result<(), E
     }
     let engine = Engine::new(&pipeline, registry)?;
     process::install_interrupt_handler();
-    let opts = RunOptions { force, until, dry_run, quiet: quiet || json, gpus: Some(pool), jobs, ..Default::default() };
-    let record = engine.run(&opts)?;
+    let mut opts = RunOptions { force, until, dry_run, quiet: quiet || json, jobs, ..Default::default() };
+    let record = match driver {
+        None => {
+            opts.gpus = Some(gpu_pool(&pipeline, gpus.as_deref(), registry)?);
+            engine.run(&opts)?
+        }
+        Some(d) => {
+            let run_id = format!("{}-{}", crate::engine::time::compact_now(), std::process::id());
+            opts.run_dir = Some(engine.store.root.join("runs").join(&pipeline.name).join(run_id));
+            let targets = [slurm::Target { engine: &engine, opts }];
+            let outcome = slurm::run(&targets, &d).map_err(slurm_exit)?;
+            if d.detach {
+                return detached(&pipeline.name, &outcome.jobs, json, quiet);
+            }
+            outcome.records.into_iter().next().expect("one target, one record")
+        }
+    };
+    print_record(&record, json, quiet)
+}
+
+/// The Slurm driver's settings for this process.
+pub(super) fn driver_options(detach: bool, quiet: bool) -> Result<DriverOptions, Exit> {
+    let exe = std::env::current_exe().map_err(|e| Exit::failed(anyhow::anyhow!("cannot find the pipe binary: {e}")))?;
+    let cwd = std::env::current_dir().map_err(|e| Exit::failed(anyhow::anyhow!("no working directory: {e}")))?;
+    Ok(DriverOptions { detach, quiet, exe, cwd, poll: std::time::Duration::from_millis(1000) })
+}
+
+pub(super) fn slurm_exit(e: slurm::SlurmError) -> Exit {
+    match e {
+        slurm::SlurmError::Engine(e) => e.into(),
+        other => Exit::failed(other),
+    }
+}
+
+/// `--detach`: the jobs as submitted; the run record is written by a later `pipe run`.
+fn detached(pipeline: &str, jobs: &[slurm::SubmittedJob], json: bool, quiet: bool) -> Result<(), Exit> {
+    if json {
+        print_json(&serde_json::json!({ "pipeline": pipeline, "status": "submitted", "jobs": jobs }));
+    } else if !quiet {
+        eprintln!(
+            "pipe: {} job(s) submitted; `pipe status` follows them, `pipe run` again collects the run record",
+            jobs.len()
+        );
+    }
+    Ok(())
+}
+
+fn print_record(record: &RunRecord, json: bool, quiet: bool) -> Result<(), Exit> {
     if json {
         let stages: Vec<serde_json::Value> = record
             .stages
             .iter()
             .map(|s| {
-                serde_json::json!({
+                let mut v = serde_json::json!({
                     "id": s.id, "kind": s.kind, "status": s.status, "key": s.key,
                     "seconds": s.seconds, "dir": s.dir, "reason": s.reason, "gpus": s.gpus,
-                })
+                });
+                if let Some(j) = s.slurm_job {
+                    v["slurm_job"] = j.into();
+                }
+                v
             })
             .collect();
         print_json(&serde_json::json!({
@@ -74,7 +151,7 @@ pub fn run(args: Args, registry: &[Box<dyn Stage>], quiet: bool) -> Result<(), E
             "stages": stages,
         }));
     } else if !quiet {
-        eprintln!("{}", runner::summary(&record));
+        eprintln!("{}", runner::summary(record));
     }
     if record.status == "failed" {
         let failed = record.stages.iter().find(|s| s.status == runner::Status::Failed);

@@ -4,6 +4,7 @@
 use super::common::{load, print_json, PipelineArgs};
 use super::Exit;
 use crate::engine::runner::{self, Engine};
+use crate::engine::slurm;
 use crate::engine::Stage;
 
 #[derive(clap::Args, Debug)]
@@ -18,12 +19,26 @@ pub fn run(args: Args, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
     let pipeline = load(&args.p, registry)?;
     let engine = Engine::new(&pipeline, registry)?;
     let states = engine.status(&[]);
+    // Stale stages a Slurm job is computing right now (a detached `pipe run`).
+    let jobs = slurm::active_jobs(&engine);
     if args.json {
-        print_json(&serde_json::json!({ "pipeline": pipeline.name, "stages": states }));
+        let mut v = serde_json::to_value(&states).expect("states serialize");
+        for s in v.as_array_mut().expect("an array") {
+            if let Some((job, state)) = s["id"].as_str().and_then(|id| jobs.get(id)) {
+                s["slurm_job"] = (*job).into();
+                s["slurm_state"] = state.clone().into();
+            }
+        }
+        print_json(&serde_json::json!({ "pipeline": pipeline.name, "stages": v }));
     } else {
         let width = states.iter().map(|s| s.id.len()).max().unwrap_or(4);
         for s in &states {
             let key = s.key.as_deref().map(runner::short).unwrap_or("-");
+            if let Some((job, state)) = jobs.get(&s.id) {
+                let what = if state == "PENDING" { "pending" } else { "running" };
+                println!("{:<width$}  {what} (slurm job {job})  {key}", s.id);
+                continue;
+            }
             println!("{:<width$}  {:<5}  {key}", s.id, s.state);
             for r in &s.reasons {
                 println!("{:<width$}    - {r}", "");

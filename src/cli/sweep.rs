@@ -27,6 +27,10 @@ pub struct Args {
 
 pub fn run(args: Args, registry: &[Box<dyn Stage>], quiet: bool) -> Result<(), Exit> {
     let pipeline = load(&args.p, registry)?;
+    if pipeline.executor.kind == crate::engine::executor::ExecutorKind::Slurm {
+        let d = super::run::driver_options(false, quiet || args.json)?;
+        return run_points_slurm(&pipeline, &args.p.file, registry, &d, args.json);
+    }
     let pool = gpu_pool(&pipeline, args.gpus.as_deref(), registry)?;
     run_points(&pipeline, &args.p.file, registry, args.jobs, pool, args.json, quiet)
 }
@@ -50,6 +54,35 @@ pub(super) fn run_points(
     }
     process::install_interrupt_handler();
     let report = crate::engine::sweep::run_sweep(pipeline, registry, jobs.max(1), quiet || json, Some(pool))?;
+    finish(report, json, quiet)
+}
+
+/// [`run_points`] through Slurm: each point's stale stages are jobs.
+pub(super) fn run_points_slurm(
+    pipeline: &Pipeline,
+    file: &Path,
+    registry: &[Box<dyn Stage>],
+    d: &crate::engine::slurm::DriverOptions,
+    json: bool,
+) -> Result<(), Exit> {
+    if pipeline.sweep.is_none() {
+        return Err(Exit::usage(anyhow::anyhow!(
+            "{}: `sweep`: the pipeline defines no sweep; add `[sweep.grid]` or pass `--set stage.param=a,b`",
+            file.display()
+        )));
+    }
+    process::install_interrupt_handler();
+    let (report, _) = crate::engine::sweep::run_sweep_slurm(pipeline, registry, d).map_err(super::run::slurm_exit)?;
+    if d.detach {
+        if json {
+            print_json(&report);
+        }
+        return Ok(());
+    }
+    finish(report, json, d.quiet)
+}
+
+fn finish(report: crate::engine::sweep::SweepReport, json: bool, quiet: bool) -> Result<(), Exit> {
     // A sweep's own report page: the sweep table and one chart per swept parameter and metric.
     let sweep_dir = PathBuf::from(&report.sweep_dir);
     if let Ok(runs) = crate::engine::compare::find_runs(std::slice::from_ref(&sweep_dir)) {

@@ -12,6 +12,7 @@ use figment::{Figment, Metadata, Profile, Provider};
 
 use super::executor::ExecutorConfig;
 use super::params::{ParamError, Params};
+use super::slurm::{Resources, SlurmConfig};
 use super::stage::{Need, Stage, When};
 
 /// A configuration mistake. Always names where it is and, when it can, what to write instead.
@@ -60,6 +61,10 @@ pub struct StageConfig {
     /// feature), found at load with the layer the value came from; [`Pipeline::check_runnable`]
     /// reports it for the commands that compute.
     pub unavailable: Option<ConfigError>,
+    /// `[stages.<id>.resources]`: what the stage's Slurm job asks for; not part of the key.
+    pub resources: Resources,
+    /// `retries`: how often a failed Slurm job of this stage is resubmitted.
+    pub retries: u32,
 }
 
 /// A resolved pipeline: what the runner executes and what the run record stores.
@@ -81,6 +86,8 @@ pub struct Pipeline {
     pub overrides: Overrides,
     /// `[executor]`: where stages compute. Not part of any key: it changes where, never what.
     pub executor: ExecutorConfig,
+    /// The Slurm part of `[executor]`.
+    pub slurm: SlurmConfig,
 }
 
 /// A parameter sweep: grid axes and/or random draws, each naming `<stage>.<param>`.
@@ -188,7 +195,9 @@ impl Provider for Layer {
 
 const PIPELINE_KEYS: &[&str] = &["name", "artifacts", "root", "description"];
 const TOP_KEYS: &[&str] = &["pipeline", "stages", "sweep", "executor"];
-const STAGE_META_KEYS: &[&str] = &["kind", "needs"];
+/// Keys of a stage table that say how and where it runs, not what it computes: kept out of the
+/// parameters, and so out of the cache key.
+const STAGE_META_KEYS: &[&str] = &["kind", "needs", "resources", "retries"];
 
 /// The nearest candidate by edit distance, if it is close enough to be a plausible typo.
 pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
@@ -230,6 +239,9 @@ struct Skeleton {
     root: Option<String>,
     /// (id, kind, needs) in file order.
     stages: Vec<(String, String, Vec<String>)>,
+    /// Per stage, in the same order: its resources and retries.
+    meta: Vec<(Resources, u32)>,
+    slurm: SlurmConfig,
     table: toml::Table,
 }
 
@@ -323,6 +335,7 @@ fn parse_skeleton(file: &Path, text: &str, registry: &[Box<dyn Stage>]) -> Resul
     };
     let kinds: Vec<&str> = registry.iter().map(|s| s.kind()).collect();
     let mut stages = Vec::new();
+    let mut meta = Vec::new();
     for (id, v) in stages_t {
         let key = format!("stages.{id}");
         if !valid_name(id) {
@@ -376,8 +389,10 @@ fn parse_skeleton(file: &Path, text: &str, registry: &[Box<dyn Stage>]) -> Resul
             }
         };
         stages.push((id.clone(), kind, needs));
+        meta.push(super::slurm::parse_stage_meta(&origin, id, t)?);
     }
-    Ok(Skeleton { name, artifacts, root, stages, table })
+    let slurm = super::slurm::parse_executor(&origin, table.get("executor"))?;
+    Ok(Skeleton { name, artifacts, root, stages, meta, slurm, table })
 }
 
 /// Parse `stage.param.sub=value`: the value is a TOML value when it parses as one, else a plain string.
@@ -606,7 +621,7 @@ pub fn load_str(
     let merged_stages = merged.get("stages").and_then(|v| v.as_table()).unwrap_or(&empty);
 
     let mut stages = Vec::new();
-    for ((id, kind, needs), defaults) in sk.stages.iter().zip(&defaults_by_id) {
+    for (((id, kind, needs), defaults), (resources, retries)) in sk.stages.iter().zip(&defaults_by_id).zip(&sk.meta) {
         let given = merged_stages.get(id).and_then(|v| v.as_table()).unwrap_or(&empty);
         let checked = check_table(defaults, given, &format!("stages.{id}"), &origin_of)?;
         let mut params = defaults.clone();
@@ -630,7 +645,15 @@ pub fn load_str(
         }
         let unavailable =
             imp.available(&params).err().map(|e| param_error(e, &format!("stage `{id}` cannot run in this build: ")));
-        stages.push(StageConfig { id: id.clone(), kind: kind.clone(), needs: needs.clone(), params, unavailable });
+        stages.push(StageConfig {
+            id: id.clone(),
+            kind: kind.clone(),
+            needs: needs.clone(),
+            params,
+            unavailable,
+            resources: resources.clone(),
+            retries: *retries,
+        });
     }
     let mut sweep = match sk.table.get("sweep") {
         Some(v) => Some(parse_sweep(&origin, v, &stages, registry)?),
@@ -654,6 +677,7 @@ pub fn load_str(
         source_text: text.to_string(),
         overrides: overrides.clone(),
         executor,
+        slurm: sk.slurm,
     };
     // A cycle first: a stage that needs itself is missing its real upstream too, and the cycle is
     // the mistake to report.

@@ -1,5 +1,5 @@
-//! `[executor]`: where and with what the stages of a run compute. Today one kind, `local` (this
-//! process, on this machine's GPUs); the table is parsed here, apart from the stage parameters, so
+//! `[executor]`: where and with what the stages of a run compute: `local` (this process, on this
+//! machine's GPUs) or `slurm` (one batch job per stage, keys of its own in [`super::slurm`]); the table is parsed here, apart from the stage parameters, so
 //! that another kind adds its keys to [`KINDS`] and a variant to [`ExecutorKind`] without touching
 //! the rest of the configuration.
 //!
@@ -12,18 +12,39 @@ use super::config::{did_you_mean, ConfigError};
 
 /// The executor kinds, by name, and the keys each accepts (besides `kind`). A kind's keys are
 /// checked strictly, like stage parameters: a misspelt `gpus_per_stage` must not silently become 1.
-pub const KINDS: &[(&str, ExecutorKind, &[&str])] =
-    &[("local", ExecutorKind::Local, &["gpus", "gpus_per_stage", "stages_per_gpu"])];
+pub const KINDS: &[(&str, ExecutorKind, &[&str])] = &[
+    ("local", ExecutorKind::Local, &["gpus", "gpus_per_stage", "stages_per_gpu"]),
+    // The slot keys stay valid: a file switched between kinds by `--executor` keeps meaning the same.
+    (
+        "slurm",
+        ExecutorKind::Slurm,
+        &["gpus", "gpus_per_stage", "stages_per_gpu", "partition", "account", "time", "qos", "extra_args"],
+    ),
+];
 
 /// Pretends this many GPUs are visible (ordinals 0..N), whatever the build and the machine: how
 /// the slot logic is exercised end to end on machines without GPUs. Stages still open what they
 /// open; only the engine's bookkeeping is fooled.
 pub const FAKE_GPUS_ENV: &str = "PIPE_FAKE_GPUS";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ExecutorKind {
     /// Stages run in this process; sweep points on its threads (`--jobs`).
+    #[default]
     Local,
+    /// Each stale stage is an `sbatch` job (see [`super::slurm`]).
+    Slurm,
+}
+
+impl std::str::FromStr for ExecutorKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        KINDS.iter().find(|(n, _, _)| *n == s).map(|(_, k, _)| *k).ok_or_else(|| {
+            let known = KINDS.iter().map(|(n, _, _)| format!("\"{n}\"")).collect::<Vec<_>>().join(" or ");
+            format!("unknown executor `{s}`: expected {known}")
+        })
+    }
 }
 
 impl ExecutorKind {

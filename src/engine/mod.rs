@@ -20,6 +20,7 @@ pub mod hashing;
 pub mod key;
 pub mod runner;
 pub mod slots;
+pub mod slurm;
 pub mod store;
 pub mod sweep;
 pub mod time;

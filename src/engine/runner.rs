@@ -34,6 +34,9 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Usage(String),
+    /// `pipe exec` was started before the stage's upstream artifacts were in the store.
+    #[error("{0}")]
+    UpstreamMissing(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -70,6 +73,9 @@ pub struct StageRecord {
     pub metrics: JsonMap,
     /// The GPU ordinals the stage computed on (empty when it ran on the CPU or was cached).
     pub gpus: Vec<usize>,
+    /// The Slurm job that computed the stage (only for `ran` stages of a Slurm run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slurm_job: Option<u64>,
 }
 
 /// `artifacts/runs/<pipeline>/<run-id>/run.json`.
@@ -103,6 +109,23 @@ pub struct RunOptions {
     pub gpus: Option<Arc<GpuPool>>,
     /// Stages of this pipeline to run at once (independent branches); 0 or 1 runs them one by one.
     pub jobs: usize,
+    /// Set when the stale stages were computed elsewhere (Slurm jobs): the run then only collects
+    /// their artifacts from the store and computes nothing itself. Keyed by stage id.
+    pub executed: Option<BTreeMap<String, Executed>>,
+}
+
+/// A stage some other process computed for this run (a Slurm job).
+#[derive(Debug, Clone)]
+pub struct Executed {
+    pub job: u64,
+    /// False when the job was submitted for another sweep point that shares the stage: this run
+    /// then reports it `cached`, like a local sweep does.
+    pub owner: bool,
+    /// Why the job failed (naming the job and its log), if it did.
+    pub failure: Option<String>,
+    pub log: String,
+    /// The job found the artifact already in the store (another run computed it meanwhile).
+    pub found_cached: bool,
 }
 
 impl StageState {
@@ -136,6 +159,24 @@ pub struct Engine<'a> {
 struct Done {
     output_hash: String,
     dir: PathBuf,
+}
+
+impl StageRecord {
+    fn new(s: &super::config::StageConfig) -> Self {
+        StageRecord {
+            id: s.id.clone(),
+            kind: s.kind.clone(),
+            status: Status::Skipped,
+            key: None,
+            seconds: 0.0,
+            dir: None,
+            reason: None,
+            params: flatten_params(&s.params.0),
+            metrics: JsonMap::new(),
+            gpus: Vec::new(),
+            slurm_job: None,
+        }
+    }
 }
 
 /// Last successful key per stage id: the baseline that `status` explains changes against.
@@ -237,6 +278,111 @@ impl<'a> Engine<'a> {
 
     fn index(&self, id: &str) -> usize {
         self.pipeline.stages.iter().position(|s| s.id == id).expect("needs validated")
+    }
+
+    /// The position of stage `id` in the pipeline (an id from the pipeline's own `needs`).
+    pub fn index_of(&self, id: &str) -> usize {
+        self.index(id)
+    }
+
+    /// Which stages `--until` selects (all without it), after checking the ids exist.
+    pub fn wanted(&self, until: Option<&str>) -> Result<Vec<bool>, EngineError> {
+        let p = self.pipeline;
+        let Some(u) = until else { return Ok(vec![true; p.stages.len()]) };
+        if p.stage(u).is_none() {
+            let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
+            let hint = super::config::did_you_mean(u, ids.iter().copied()).unwrap_or_default();
+            return Err(EngineError::Usage(format!("no stage `{u}` in {} {hint}", p.file.display())));
+        }
+        let mut w = vec![false; p.stages.len()];
+        let mut stack = vec![self.index(u)];
+        while let Some(i) = stack.pop() {
+            if !w[i] {
+                w[i] = true;
+                stack.extend(p.stages[i].needs.iter().map(|n| self.index(n)));
+            }
+        }
+        Ok(w)
+    }
+
+    /// Per stage, an id of the computation it asks for, known before anything runs: the key's inputs
+    /// with each upstream *output* hash replaced by that upstream's plan id. Two stages with the same
+    /// plan id (sweep points sharing a prefix) compute the same artifact. None when an input file
+    /// cannot be read.
+    pub fn plan_ids(&self) -> Vec<Option<String>> {
+        let mut ids: Vec<Option<String>> = vec![None; self.pipeline.stages.len()];
+        let mut planned: HashMap<usize, Done> = HashMap::new();
+        for &i in &self.dag.order {
+            let s = &self.pipeline.stages[i];
+            if s.needs.iter().any(|n| ids[self.index(n)].is_none()) {
+                continue;
+            }
+            if let Ok(k) = self.key_inputs(i, &planned) {
+                let id = k.hash();
+                planned.insert(i, Done { output_hash: format!("plan:{id}"), dir: PathBuf::new() });
+                ids[i] = Some(id);
+            }
+        }
+        ids
+    }
+
+    /// The artifacts of every stage stage `i` (transitively) needs, read from the store, in order.
+    fn upstream_from_store(&self, i: usize) -> Result<HashMap<usize, Done>, String> {
+        let mut need = vec![false; self.pipeline.stages.len()];
+        let mut stack: Vec<usize> = self.pipeline.stages[i].needs.iter().map(|n| self.index(n)).collect();
+        while let Some(j) = stack.pop() {
+            if !need[j] {
+                need[j] = true;
+                stack.extend(self.pipeline.stages[j].needs.iter().map(|n| self.index(n)));
+            }
+        }
+        let mut outputs = HashMap::new();
+        for &j in self.dag.order.iter().filter(|&&j| need[j]) {
+            let u = &self.pipeline.stages[j];
+            let key = self.key_inputs(j, &outputs)?.hash();
+            match self.store.manifest(&u.kind, &key) {
+                Ok(Some(m)) => {
+                    outputs.insert(j, Done { output_hash: m.output_hash, dir: self.store.artifact_dir(&u.kind, &key) });
+                }
+                _ => {
+                    return Err(format!(
+                        "upstream stage `{}` has no artifact {} in the store {}: it must complete first",
+                        u.id,
+                        self.store.artifact_dir(&u.kind, &key).display(),
+                        self.store.root.display()
+                    ))
+                }
+            }
+        }
+        Ok(outputs)
+    }
+
+    /// Whether stage `i`'s artifact is in the store (its upstream ones too).
+    pub fn has_artifact(&self, i: usize) -> bool {
+        let s = &self.pipeline.stages[i];
+        self.upstream_from_store(i)
+            .and_then(|up| self.key_inputs(i, &up))
+            .is_ok_and(|k| self.store.manifest(&s.kind, &k.hash()).ok().flatten().is_some())
+    }
+
+    /// Run one stage whose upstream artifacts are already in the store — what a Slurm job does —
+    /// through the same cache check, lock, temp dir and atomic publish as [`Engine::run`].
+    pub fn run_stage(&self, id: &str, force: bool, quiet: bool) -> Result<StageRecord, EngineError> {
+        let p = self.pipeline;
+        p.check_runnable()?;
+        let Some(s) = p.stage(id) else {
+            let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
+            let hint = super::config::did_you_mean(id, ids.iter().copied()).unwrap_or_default();
+            return Err(EngineError::Usage(format!("no stage `{id}` in {} {hint}", p.file.display())));
+        };
+        let i = self.index(id);
+        self.store.init()?;
+        let mut outputs = self.upstream_from_store(i).map_err(EngineError::UpstreamMissing)?;
+        let mut rec = StageRecord::new(s);
+        let opts = RunOptions { force: if force { vec![id.to_string()] } else { vec![] }, quiet, ..Default::default() };
+        self.run_one(i, &opts, &self.last_keys(), &mut outputs, &mut rec, true);
+        self.stat.save();
+        Ok(rec)
     }
 
     fn upstream_ids_of_kind(&self, i: usize, kind: &str) -> String {
@@ -347,27 +493,14 @@ impl<'a> Engine<'a> {
         if let Some(pool) = &opts.gpus {
             self.check_gpus(pool)?;
         }
-        for f in opts.force.iter().chain(opts.until.iter()) {
+        for f in &opts.force {
             if p.stage(f).is_none() {
                 let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
                 let hint = super::config::did_you_mean(f, ids.iter().copied()).unwrap_or_default();
                 return Err(EngineError::Usage(format!("no stage `{f}` in {} {hint}", p.file.display())));
             }
         }
-        let wanted: Vec<bool> = match &opts.until {
-            None => vec![true; p.stages.len()],
-            Some(u) => {
-                let mut w = vec![false; p.stages.len()];
-                let mut stack = vec![self.index(u)];
-                while let Some(i) = stack.pop() {
-                    if !w[i] {
-                        w[i] = true;
-                        stack.extend(p.stages[i].needs.iter().map(|n| self.index(n)));
-                    }
-                }
-                w
-            }
-        };
+        let wanted = self.wanted(opts.until.as_deref())?;
         if !opts.dry_run {
             self.store.init()?;
             let swept = self.store.sweep_temp();
@@ -456,18 +589,7 @@ impl<'a> Engine<'a> {
         outputs: &mut HashMap<usize, Done>,
     ) -> StageRecord {
         let s = &self.pipeline.stages[i];
-        let mut rec = StageRecord {
-            id: s.id.clone(),
-            kind: s.kind.clone(),
-            status: Status::Skipped,
-            key: None,
-            seconds: 0.0,
-            dir: None,
-            reason: None,
-            params: flatten_params(&s.params.0),
-            metrics: JsonMap::new(),
-            gpus: Vec::new(),
-        };
+        let mut rec = StageRecord::new(s);
         let blocked = s.needs.iter().find(|n| {
             done.get(&self.index(n)) != Some(&Status::Cached) && done.get(&self.index(n)) != Some(&Status::Ran)
         });
@@ -475,8 +597,10 @@ impl<'a> Engine<'a> {
             rec.reason = Some(format!("after --until {}", opts.until.as_deref().unwrap_or_default()));
         } else if let Some(b) = blocked {
             rec.reason = Some(format!("upstream {b} did not complete"));
+        } else if let Some(executed) = &opts.executed {
+            self.collect(i, opts, last, outputs, &mut rec, executed.get(&s.id));
         } else {
-            self.run_one(i, opts, last, outputs, &mut rec);
+            self.run_one(i, opts, last, outputs, &mut rec, true);
         }
         rec
     }
@@ -582,6 +706,53 @@ impl<'a> Engine<'a> {
         let _ = write_atomic(&run_dir.join("run.json"), &serde_json::to_vec_pretty(record).expect("record serializes"));
     }
 
+    /// A stage of a run whose stale stages were computed by jobs: its artifact must be in the store
+    /// now, unless its job failed.
+    fn collect(
+        &self,
+        i: usize,
+        opts: &RunOptions,
+        last: &BTreeMap<String, String>,
+        outputs: &mut HashMap<usize, Done>,
+        rec: &mut StageRecord,
+        executed: Option<&Executed>,
+    ) {
+        let s = &self.pipeline.stages[i];
+        if let Some(x) = executed {
+            if let Some(f) = &x.failure {
+                rec.status = Status::Failed;
+                rec.key = self.key_inputs(i, outputs).ok().map(|k| k.hash());
+                rec.reason = Some(f.clone());
+                rec.slurm_job = Some(x.job);
+                return;
+            }
+        }
+        self.run_one(i, opts, last, outputs, rec, false);
+        match (rec.status, executed) {
+            (Status::Cached, Some(x)) if x.found_cached => {
+                rec.reason = Some(format!("found in the store by slurm job {}", x.job));
+            }
+            (Status::Cached, Some(x)) if x.owner => {
+                rec.status = Status::Ran;
+                rec.slurm_job = Some(x.job);
+                let m = rec.key.as_deref().and_then(|k| self.store.manifest(&s.kind, k).ok().flatten());
+                rec.seconds = m.map(|m| m.seconds).unwrap_or_default();
+            }
+            (Status::Failed, Some(x)) => {
+                rec.slurm_job = Some(x.job);
+                rec.reason = Some(format!(
+                    "slurm job {} finished, but {}; log {}",
+                    x.job,
+                    rec.reason.as_deref().unwrap_or("left no artifact"),
+                    x.log
+                ));
+            }
+            _ => {}
+        }
+    }
+
+    /// Cached, or computed here when `compute` (else a stale stage fails: it was to be computed
+    /// elsewhere and was not).
     fn run_one(
         &self,
         i: usize,
@@ -589,6 +760,7 @@ impl<'a> Engine<'a> {
         last: &BTreeMap<String, String>,
         outputs: &mut HashMap<usize, Done>,
         rec: &mut StageRecord,
+        compute: bool,
     ) {
         let s = &self.pipeline.stages[i];
         let cur = match self.key_inputs(i, outputs) {
@@ -602,7 +774,7 @@ impl<'a> Engine<'a> {
         let key = cur.hash();
         rec.key = Some(key.clone());
         let dir = self.store.artifact_dir(&s.kind, &key);
-        let forced = opts.force.contains(&s.id);
+        let forced = compute && opts.force.contains(&s.id);
         let cached = |rec: &mut StageRecord, outputs: &mut HashMap<usize, Done>, m: Manifest| {
             rec.status = Status::Cached;
             rec.dir = Some(dir.display().to_string());
@@ -621,6 +793,11 @@ impl<'a> Engine<'a> {
         }
         let reasons = if forced { vec![Reason::Forced] } else { self.reasons(i, &cur, last, true) };
         rec.reason = Some(reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "));
+        if !compute {
+            rec.status = Status::Failed;
+            rec.reason = Some(format!("its artifact {} is not in the store", dir.display()));
+            return;
+        }
         if opts.dry_run {
             rec.status = Status::Ran;
             return;

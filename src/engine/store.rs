@@ -228,7 +228,8 @@ impl Store {
         kinds.sort_by_key(|e| e.file_name());
         for k in kinds {
             let kind = k.file_name().to_string_lossy().to_string();
-            if kind.starts_with('.') || kind == "runs" {
+            // `runs/` holds run records, `slurm/` job logs and job records: not artifacts.
+            if kind.starts_with('.') || kind == "runs" || kind == "slurm" {
                 continue;
             }
             let Ok(rd) = std::fs::read_dir(k.path()) else { continue };

@@ -30,6 +30,9 @@ pub struct PointResult {
     pub status: String,
     pub run_dir: String,
     pub error: Option<String>,
+    /// Stage id → the Slurm job that computed it for this point (Slurm executor only).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub slurm_jobs: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -158,16 +161,17 @@ fn finished(run_dir: &Path) -> bool {
         .is_some_and(|v| v["status"] == "ok")
 }
 
-/// Run every point of the base pipeline's sweep. `jobs` > 1 runs points on parallel threads; shared
-/// stages are still computed once (the per-key store lock makes the others wait, then hit the cache),
-/// and the points' compute stages share `gpus`, one pool, so each gets GPUs of its own.
-pub fn run_sweep(
-    base: &Pipeline,
-    registry: &[Box<dyn Stage>],
-    jobs: usize,
-    quiet: bool,
-    gpus: Option<Arc<GpuPool>>,
-) -> Result<SweepReport, EngineError> {
+/// A sweep with every point resolved into its own pipeline.
+struct Resolved {
+    id: String,
+    sweep_dir: std::path::PathBuf,
+    points: Vec<Point>,
+    pipelines: Vec<Pipeline>,
+}
+
+/// `gpus`: checked against each point's GPU demand here, so a point asking for more GPUs than the
+/// pool has fails the sweep before anything runs.
+fn resolve(base: &Pipeline, registry: &[Box<dyn Stage>], gpus: Option<&Arc<GpuPool>>) -> Result<Resolved, EngineError> {
     let spec =
         base.sweep.clone().ok_or_else(|| EngineError::Usage(format!("{} defines no sweep", base.file.display())))?;
     let is_int = |k: &str| -> bool {
@@ -186,12 +190,30 @@ pub fn run_sweep(
         ov.sets.extend(pt.values.iter().map(|(k, v)| format!("{k}={}", toml_inline(v))));
         let mut p = config::load_str(&base.file, &base.source_text, &ov, registry)?;
         p.check_runnable()?;
-        if let Some(pool) = &gpus {
+        if let Some(pool) = gpus {
             runner::check_gpus(&p, registry, pool)?;
         }
         p.sweep = None;
         pipelines.push(p);
     }
+    Ok(Resolved { id, sweep_dir, points: pts, pipelines })
+}
+
+fn point_values(pt: &Point) -> serde_json::Map<String, serde_json::Value> {
+    pt.values.iter().map(|(k, v)| (k.clone(), value_json(v))).collect()
+}
+
+/// Run every point of the base pipeline's sweep. `jobs` > 1 runs points on parallel threads; shared
+/// stages are still computed once (the per-key store lock makes the others wait, then hit the cache),
+/// and the points' compute stages share `gpus`, one pool, so each gets GPUs of its own.
+pub fn run_sweep(
+    base: &Pipeline,
+    registry: &[Box<dyn Stage>],
+    jobs: usize,
+    quiet: bool,
+    gpus: Option<Arc<GpuPool>>,
+) -> Result<SweepReport, EngineError> {
+    let Resolved { id, sweep_dir, points: pts, pipelines } = resolve(base, registry, gpus.as_ref())?;
     if !quiet {
         eprintln!("pipe: sweep {id}: {} point(s) → {}", pts.len(), sweep_dir.display());
     }
@@ -204,14 +226,14 @@ pub fn run_sweep(
         }
         let pt = &pts[i];
         let run_dir = sweep_dir.join(&pt.name);
-        let values: serde_json::Map<String, serde_json::Value> =
-            pt.values.iter().map(|(k, v)| (k.clone(), value_json(v))).collect();
+        let values = point_values(pt);
         let mut res = PointResult {
             name: pt.name.clone(),
             values: values.clone(),
             status: "done".into(),
             run_dir: run_dir.display().to_string(),
             error: None,
+            slurm_jobs: Default::default(),
         };
         if finished(&run_dir) {
             if !quiet {
@@ -265,6 +287,79 @@ pub fn run_sweep(
         status: if ok { "ok" } else { "failed" }.into(),
         points,
     })
+}
+
+/// The sweep through Slurm: every unfinished point's stale stages become jobs, a stage that points
+/// share (same plan id) one job. Waits unless `d.detach`; the report is then of the submission.
+pub fn run_sweep_slurm(
+    base: &Pipeline,
+    registry: &[Box<dyn Stage>],
+    d: &super::slurm::DriverOptions,
+) -> Result<(SweepReport, Vec<super::slurm::SubmittedJob>), super::slurm::SlurmError> {
+    let Resolved { id, sweep_dir, points: pts, pipelines } = resolve(base, registry, None)?;
+    if !d.quiet {
+        eprintln!("pipe: sweep {id}: {} point(s) → {} (Slurm)", pts.len(), sweep_dir.display());
+    }
+    let engines = pipelines.iter().map(|p| Engine::new(p, registry)).collect::<Result<Vec<_>, _>>()?;
+    let mut todo = Vec::new();
+    let mut targets = Vec::new();
+    for (i, pt) in pts.iter().enumerate() {
+        let run_dir = sweep_dir.join(&pt.name);
+        if finished(&run_dir) {
+            continue;
+        }
+        let opts = RunOptions {
+            quiet: true,
+            run_dir: Some(run_dir),
+            sweep: Some(serde_json::json!({"id": id, "point": pt.name, "values": point_values(pt)})),
+            ..Default::default()
+        };
+        todo.push(i);
+        targets.push(super::slurm::Target { engine: &engines[i], opts });
+    }
+    let outcome = super::slurm::run(&targets, d)?;
+    let mut points = Vec::new();
+    for (i, pt) in pts.iter().enumerate() {
+        let run_dir = sweep_dir.join(&pt.name);
+        let mut res = PointResult {
+            name: pt.name.clone(),
+            values: point_values(pt),
+            status: "done".into(),
+            run_dir: run_dir.display().to_string(),
+            error: None,
+            slurm_jobs: Default::default(),
+        };
+        if let Some(t) = todo.iter().position(|&x| x == i) {
+            if d.detach {
+                res.status = "submitted".into();
+                res.slurm_jobs =
+                    outcome.jobs.iter().filter(|j| j.target == t).map(|j| (j.stage.clone(), j.job)).collect();
+            } else {
+                let r = &outcome.records[t];
+                res.status = if r.status == "ok" { "ok".into() } else { "failed".into() };
+                res.error =
+                    r.stages.iter().find(|s| s.status == super::runner::Status::Failed).and_then(|s| s.reason.clone());
+                res.slurm_jobs = r.stages.iter().filter_map(|s| s.slurm_job.map(|j| (s.id.clone(), j))).collect();
+            }
+        }
+        points.push(res);
+    }
+    let ok = points.iter().all(|p| p.status != "failed");
+    let status = if d.detach {
+        "submitted"
+    } else if ok {
+        "ok"
+    } else {
+        "failed"
+    };
+    let report = SweepReport {
+        pipeline: base.name.clone(),
+        sweep_id: id,
+        sweep_dir: sweep_dir.display().to_string(),
+        status: status.into(),
+        points,
+    };
+    Ok((report, outcome.jobs))
 }
 
 /// A value as `--set` accepts it back (strings quoted so commas and spaces survive).
