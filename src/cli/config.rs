@@ -13,6 +13,6 @@ pub struct Args {
 
 pub fn run(args: Args, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
     let pipeline = load(&args.p, registry)?;
-    print!("{}\n{}", pipeline.to_toml(), pipeline.executor.to_toml());
+    print!("{}\n{}", pipeline.to_toml(), pipeline.executor.to_toml(&pipeline.slurm));
     Ok(())
 }

@@ -13,14 +13,14 @@ use super::config::{did_you_mean, ConfigError};
 /// The executor kinds, by name, and the keys each accepts (besides `kind`). A kind's keys are
 /// checked strictly, like stage parameters: a misspelt `gpus_per_stage` must not silently become 1.
 pub const KINDS: &[(&str, ExecutorKind, &[&str])] = &[
-    ("local", ExecutorKind::Local, &["gpus", "gpus_per_stage", "stages_per_gpu"]),
-    // The slot keys stay valid: a file switched between kinds by `--executor` keeps meaning the same.
-    (
-        "slurm",
-        ExecutorKind::Slurm,
-        &["gpus", "gpus_per_stage", "stages_per_gpu", "partition", "account", "time", "qos", "extra_args"],
-    ),
+    // The Slurm keys stay valid under `local`, and the slot keys under `slurm`: one file can be
+    // switched between the two by `pipe run --executor` and keep meaning the same.
+    ("local", ExecutorKind::Local, ALL_KEYS),
+    ("slurm", ExecutorKind::Slurm, ALL_KEYS),
 ];
+
+const ALL_KEYS: &[&str] =
+    &["gpus", "gpus_per_stage", "stages_per_gpu", "partition", "account", "time", "qos", "extra_args"];
 
 /// Pretends this many GPUs are visible (ordinals 0..N), whatever the build and the machine: how
 /// the slot logic is exercised end to end on machines without GPUs. Stages still open what they
@@ -41,8 +41,8 @@ impl std::str::FromStr for ExecutorKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         KINDS.iter().find(|(n, _, _)| *n == s).map(|(_, k, _)| *k).ok_or_else(|| {
-            let known = KINDS.iter().map(|(n, _, _)| format!("\"{n}\"")).collect::<Vec<_>>().join(" or ");
-            format!("unknown executor `{s}`: expected {known}")
+            let known = KINDS.iter().map(|(n, _, _)| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+            format!("unknown executor kind `{s}`; known: {known}")
         })
     }
 }
@@ -156,7 +156,7 @@ impl ExecutorConfig {
     /// The table as `pipe config` prints it, every default filled in; [`ExecutorConfig::parse`]
     /// reads it back to the same value. Apart from [`super::config::Pipeline::to_toml`], which
     /// names what a run computes (sweep ids hash it): where it computes is not part of that.
-    pub fn to_toml(&self) -> String {
+    pub fn to_toml(&self, slurm: &super::slurm::SlurmConfig) -> String {
         let mut t = toml::Table::new();
         t.insert("kind".into(), self.kind.name().into());
         if let Some(g) = &self.gpus {
@@ -164,6 +164,7 @@ impl ExecutorConfig {
         }
         t.insert("gpus_per_stage".into(), toml::Value::Integer(self.gpus_per_stage as i64));
         t.insert("stages_per_gpu".into(), toml::Value::Integer(self.stages_per_gpu as i64));
+        slurm.insert_keys(&mut t);
         let mut top = toml::Table::new();
         top.insert("executor".into(), toml::Value::Table(t));
         toml::to_string_pretty(&top).expect("toml tables serialize")
@@ -298,7 +299,7 @@ mod tests {
         assert_eq!((c.gpus.clone(), c.gpus_per_stage, c.stages_per_gpu), (Some(vec![2, 0]), 2, 3));
         // What `pipe config` prints reads back the same.
         for cfg in [c, ExecutorConfig::default()] {
-            assert_eq!(parse(&cfg.to_toml()).unwrap(), cfg, "{}", cfg.to_toml());
+            assert_eq!(parse(&cfg.to_toml(&Default::default())).unwrap(), cfg, "{}", cfg.to_toml(&Default::default()));
         }
     }
 

@@ -40,6 +40,25 @@ pub struct SlurmConfig {
     pub extra_args: Vec<String>,
 }
 
+impl SlurmConfig {
+    /// Its keys into an `[executor]` table as `pipe config` prints it (only those that are set).
+    pub fn insert_keys(&self, t: &mut toml::Table) {
+        for (k, v) in
+            [("partition", &self.partition), ("account", &self.account), ("time", &self.time), ("qos", &self.qos)]
+        {
+            if let Some(v) = v {
+                t.insert(k.into(), v.clone().into());
+            }
+        }
+        if !self.extra_args.is_empty() {
+            t.insert(
+                "extra_args".into(),
+                toml::Value::Array(self.extra_args.iter().map(|a| toml::Value::from(a.as_str())).collect()),
+            );
+        }
+    }
+}
+
 /// `[stages.<id>.resources]`: what one stage's job asks Slurm for. Not part of the cache key: where a
 /// stage runs does not change what it computes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]

@@ -74,10 +74,7 @@ fn executor_table_mistakes_name_the_file_and_key() {
     let p = Project::with_sample();
     let cases = [
         ("[executor]\nkind = \"slurmm\"\n", "pipelines/p.toml: `executor.kind`: unknown executor kind `slurmm`"),
-        (
-            "[executor]\ngpus_per_stag = 2\n",
-            "pipelines/p.toml: `executor.gpus_per_stag`: unknown key for the `local` executor",
-        ),
+        ("[executor]\ngpus_per_stag = 2\n", "pipelines/p.toml: `executor.gpus_per_stag`: unknown key"),
         (
             "[executor]\ngpus = [9]\n",
             "pipelines/p.toml: `executor.gpus`: GPU 9 is not visible: this process sees GPUs 0..3",
