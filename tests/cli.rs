@@ -259,6 +259,8 @@ mod malformed;
 mod metrics;
 #[path = "cli/quickstart.rs"]
 mod quickstart;
+#[path = "cli/remote.rs"]
+mod remote;
 #[path = "cli/rerank.rs"]
 mod rerank;
 #[path = "cli/sweep.rs"]

@@ -1,7 +1,7 @@
 //! `pipe run`: runs the stale stages of one pipeline and writes its run record; a pipeline with a sweep
 //! runs its base configuration unless `--sweep` (or a multi-valued `--set`) asks for every point.
 
-use super::common::{load, print_json, PipelineArgs};
+use super::common::{load, print_json, with_remote, PipelineArgs, RemoteArg};
 use super::{process, sweep, Exit};
 use crate::engine::runner::{self, Engine, RunOptions};
 use crate::engine::Stage;
@@ -28,11 +28,13 @@ pub struct Args {
     /// Sweep points to run at once (independent CPU work; one GPU wants 1).
     #[arg(long, default_value_t = 1)]
     pub jobs: usize,
+    #[command(flatten)]
+    pub remote: RemoteArg,
 }
 
 pub fn run(args: Args, registry: &[Box<dyn Stage>], quiet: bool) -> Result<(), Exit> {
-    let Args { p, force, until, dry_run, json, sweep, jobs } = args;
-    let pipeline = load(&p, registry)?;
+    let Args { p, force, until, dry_run, json, sweep, jobs, remote } = args;
+    let pipeline = with_remote(load(&p, registry)?, remote.remote)?;
     let multi = pipeline
         .sweep
         .as_ref()
@@ -57,7 +59,7 @@ pub fn run(args: Args, registry: &[Box<dyn Stage>], quiet: bool) -> Result<(), E
             .map(|s| {
                 serde_json::json!({
                     "id": s.id, "kind": s.kind, "status": s.status, "key": s.key,
-                    "seconds": s.seconds, "dir": s.dir, "reason": s.reason,
+                    "seconds": s.seconds, "dir": s.dir, "reason": s.reason, "warning": s.warning,
                 })
             })
             .collect();

@@ -14,6 +14,7 @@ pub mod gc;
 pub mod graph;
 pub mod hashing;
 pub mod key;
+pub mod remote;
 pub mod runner;
 pub mod store;
 pub mod sweep;

@@ -184,6 +184,8 @@ pub fn run_sweep(
         let mut p = config::load_str(&base.file, &base.source_text, &ov, registry)?;
         p.check_runnable()?;
         p.sweep = None;
+        // `--remote` is applied to the base after loading; every point shares it.
+        p.remote = base.remote.clone();
         pipelines.push(p);
     }
     if !quiet {
