@@ -156,7 +156,9 @@ fn fresh_clone_fetches_everything(remote: Remote) {
     let b = quickstart();
     assert!(!b.path("artifacts").exists());
     // Status asks the remote only when told to, and then sees every stage there.
-    let status = json(&run(&b, &remote, &["status", "pipelines/quickstart.toml", "--json"], &[]));
+    let mut status_args = QUICK.to_vec();
+    status_args[0] = "status";
+    let status = json(&run(&b, &remote, &status_args, &[]));
     assert!(
         status["stages"].as_array().unwrap().iter().all(|s| s["state"] == "stale" && s["in_remote"] == true),
         "{status}"
