@@ -5,7 +5,9 @@
 #
 #   benches/remote.sh [--set S.P=V]...   # extra overrides for every run; default the full quickstart
 #
-# PROFILE=release (default) or debug picks the build; FETCH_RUNS (default 3) sets the fetched runs,
+# PROFILE=release (default) or debug picks the build (the debug build compiles pipe's own code, the
+# model and training loop included, without optimisation, so computing is slower there than in release);
+# FETCH_RUNS (default 3) sets the fetched runs,
 # each into its own fresh project. Needs `pip install 'moto[server]'`. Python is $PYTHON (default
 # python3). Run it on an otherwise idle machine.
 set -euo pipefail
