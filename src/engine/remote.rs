@@ -43,22 +43,8 @@ pub enum RemoteError {
     Url { url: String, message: String },
     #[error("{object}: {message}")]
     Transfer { object: String, message: String },
-    /// The remote copy does not match its own manifest; nothing was published locally.
-    #[error(
-        "{object}: blake3 {actual}, but the manifest says {expected}: the remote copy of {kind} {short} is \
-         damaged, and nothing was stored locally for that key\n  hint: from a machine whose copy passes \
-         `pipe verify`, run `pipe push PIPELINE --force {stage}`, or delete {manifest} so that the stage is \
-         recomputed and uploaded again"
-    )]
-    Corrupt {
-        object: String,
-        expected: String,
-        actual: String,
-        kind: String,
-        short: String,
-        stage: String,
-        manifest: String,
-    },
+    #[error(transparent)]
+    Corrupt(Box<Corrupt>),
     #[error("{object}: {message}")]
     BadManifest { object: String, message: String },
     #[error("{path}: {message}")]
@@ -67,6 +53,24 @@ pub enum RemoteError {
     Store(#[from] StoreError),
     #[error("interrupted")]
     Interrupted,
+}
+
+/// The remote copy does not match its own manifest; nothing was published locally.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{object}: blake3 {actual}, but the manifest says {expected}: the remote copy of {kind} {short} is \
+     damaged, and nothing was stored locally for that key\n  hint: from a machine whose copy passes \
+     `pipe verify`, run `pipe push PIPELINE --force {stage}`, or delete {manifest} so that the stage is \
+     recomputed and uploaded again"
+)]
+pub struct Corrupt {
+    pub object: String,
+    pub expected: String,
+    pub actual: String,
+    pub kind: String,
+    pub short: String,
+    pub stage: String,
+    pub manifest: String,
 }
 
 /// Whether `url` names a remote this build can open (checked when the pipeline file is loaded, so a
@@ -317,14 +321,16 @@ impl Remote {
 
     fn download_into(&self, tmp: &Path, m: &Manifest) -> Result<(), RemoteError> {
         let mrel = Self::artifact_rel(&m.kind, &m.key, MANIFEST);
-        let corrupt = |object: String, expected: String, actual: String| RemoteError::Corrupt {
-            object,
-            expected,
-            actual,
-            kind: m.kind.clone(),
-            short: dir_name(&m.key).to_string(),
-            stage: m.stage.clone(),
-            manifest: self.show(&mrel),
+        let corrupt = |object: String, expected: String, actual: String| {
+            RemoteError::Corrupt(Box::new(Corrupt {
+                object,
+                expected,
+                actual,
+                kind: m.kind.clone(),
+                short: dir_name(&m.key).to_string(),
+                stage: m.stage.clone(),
+                manifest: self.show(&mrel),
+            }))
         };
         // The output hash is what downstream keys are built from: it must describe these files.
         let listed = output_hash(&m.files);
@@ -525,7 +531,7 @@ impl Remote {
 /// What the runner's lookup of a stale stage in the remote found.
 pub enum Fetch {
     /// Downloaded, verified and published: the manifest and the seconds it took.
-    Fetched(Manifest, f64),
+    Fetched(Box<Manifest>, f64),
     /// The remote has no complete artifact for the key: compute it.
     Absent,
     /// The remote could not be asked (unreachable, denied): compute the stage, with this warning.
@@ -546,9 +552,9 @@ pub fn fetch_stage(remote: &Remote, store: &Store, kind: &str, key: &str, id: &s
         eprintln!("  {id}: fetching {} file(s) from {}", m.files.len(), remote.url());
     }
     match remote.fetch(store, &m) {
-        Ok(()) => Fetch::Fetched(m, start.elapsed().as_secs_f64()),
+        Ok(()) => Fetch::Fetched(Box::new(m), start.elapsed().as_secs_f64()),
         Err(RemoteError::Interrupted) => Fetch::Refused("interrupted".into()),
-        Err(e @ (RemoteError::Corrupt { .. } | RemoteError::BadManifest { .. })) => Fetch::Refused(e.to_string()),
+        Err(e @ (RemoteError::Corrupt(_) | RemoteError::BadManifest { .. })) => Fetch::Refused(e.to_string()),
         Err(e) => Fetch::Refused(format!("fetching from the remote failed: {e}")),
     }
 }

@@ -575,7 +575,7 @@ impl<'a> Engine<'a> {
                 Fetch::Absent => {}
                 Fetch::Unavailable(warning) => rec.warning = Some(warning),
                 Fetch::Fetched(m, secs) => {
-                    cached(rec, outputs, m);
+                    cached(rec, outputs, *m);
                     rec.status = Status::Fetched;
                     rec.seconds = secs;
                     let why = rec.reason.take().unwrap_or_default();

@@ -429,3 +429,22 @@ fn s3_credentials_never_reach_output_records_or_errors() {
     assert!(!records.contains(SECRET), "the secret is in a run record");
     assert!(!all_text(&p.path("artifacts")).contains(SECRET));
 }
+
+#[test]
+fn a_bad_remote_url_is_a_configuration_error_before_anything_runs() {
+    let p = Project::with_sample();
+    let text = std::fs::read_to_string(p.path("pipelines/p.toml")).unwrap();
+    p.write("pipelines/p.toml", &text.replace("name = \"p\"", "name = \"p\"\nremote = \"ftp://host/x\""));
+    let out = p.pipe(&["run", "pipelines/p.toml"]);
+    assert_eq!(out.code, 2, "{out}");
+    assert!(
+        out.stderr.contains("pipelines/p.toml: `pipeline.remote`: remote `ftp://host/x`: unsupported scheme `ftp`"),
+        "{out}"
+    );
+    assert!(out.stderr.contains("hint: write `s3://bucket/prefix`"), "{out}");
+    assert!(!p.path("artifacts").exists(), "nothing ran");
+    p.write("pipelines/p.toml", &text);
+    let out = p.pipe(&["push", "pipelines/p.toml", "--remote", "s3://"]);
+    assert_eq!(out.code, 2, "{out}");
+    assert!(out.stderr.contains("--remote: remote `s3://`: names no bucket"), "{out}");
+}
