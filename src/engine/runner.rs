@@ -600,8 +600,13 @@ impl<'a> Engine<'a> {
                 self.remember_key(&s.id, &key);
                 if let Some(remote) = &self.remote {
                     let retry = format!("pipe push {} {}", self.pipeline.file.display(), s.id);
-                    rec.warning =
+                    let failed =
                         super::remote::upload_stage(remote, &self.store, &s.kind, &key, &s.id, &retry, opts.quiet);
+                    // After a failed lookup, both warnings.
+                    rec.warning = match (rec.warning.take(), failed) {
+                        (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+                        (a, b) => a.or(b),
+                    };
                 }
             }
             Err((e, secs)) => {
