@@ -93,7 +93,10 @@ pub fn check_url(url: &str) -> Result<(), RemoteError> {
 /// The URL without user info or query string (an Azure SAS token travels in the query): what every
 /// message, record and reason shows.
 pub fn redact_url(url: &str) -> String {
+    const SCHEMES: [&str; 8] = ["s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "file"];
     match url::Url::parse(url) {
+        // `user:secret@host` parses as scheme `user`: show nothing of what is not a remote URL.
+        Ok(u) if !SCHEMES.contains(&u.scheme()) => format!("{}:…", u.scheme()),
         Ok(mut u) => {
             let had_query = u.query().is_some();
             let _ = u.set_username("");
@@ -599,8 +602,11 @@ mod tests {
     fn urls_lose_user_info_and_query() {
         assert_eq!(redact_url("s3://AKIAXX:hunter2secret@bkt/team"), "s3://bkt/team");
         assert_eq!(redact_url("az://ctr/p?sv=2020&sig=abcdef"), "az://ctr/p?…");
-        assert_eq!(redact_url("s3://[bad:pw@x"), "s3://…");
-        assert_eq!(redact_url("user:pw@nowhere"), "(not a URL)");
+        assert_eq!(redact_url("s3://[odd:pw@x"), "s3://x");
+        // Unparseable: nothing after the scheme is shown.
+        assert_eq!(redact_url("s3://user:pw@[::1"), "s3://…");
+        assert_eq!(redact_url("user:pw@nowhere"), "user:…");
+        assert_eq!(redact_url("no url at all"), "(not a URL)");
     }
 
     #[test]
