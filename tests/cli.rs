@@ -261,6 +261,8 @@ mod malformed;
 mod metrics;
 #[path = "cli/quickstart.rs"]
 mod quickstart;
+#[path = "cli/remote.rs"]
+mod remote;
 #[path = "cli/rerank.rs"]
 mod rerank;
 #[path = "cli/slurm.rs"]

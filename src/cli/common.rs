@@ -59,6 +59,25 @@ pub(super) fn gpu_pool(
     Ok(Arc::new(GpuPool::new(gpus, pipeline.executor.gpus_per_stage, pipeline.executor.stages_per_gpu)))
 }
 
+/// `--remote URL` for the commands that talk to the remote store; it replaces `[pipeline] remote`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RemoteArg {
+    /// The remote artifact store (`s3://bucket/prefix`, `gs://…`, `az://…`, `file:///path`); default
+    /// `[pipeline] remote`. Credentials come from the standard AWS_*, GOOGLE_*, AZURE_* variables.
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+}
+
+/// The pipeline with `--remote` applied (checked like the file's `[pipeline] remote`).
+pub(super) fn with_remote(mut pipeline: Pipeline, remote: Option<String>) -> Result<Pipeline, Exit> {
+    if let Some(url) = remote {
+        crate::engine::remote::check_url(&url)
+            .map_err(|e| Exit::usage(anyhow::anyhow!("--remote: {e}\n  hint: {}", crate::engine::remote::URL_FORMS)))?;
+        pipeline.remote = Some(url);
+    }
+    Ok(pipeline)
+}
+
 /// The store `verify` and `gc` work on: `--artifacts`, else the one `--pipeline` names, else ./artifacts.
 pub(super) fn store_for(
     artifacts: &Option<PathBuf>,

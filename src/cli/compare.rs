@@ -6,13 +6,18 @@ use std::path::PathBuf;
 
 use super::Exit;
 use crate::engine::compare;
+use crate::engine::remote::Remote;
 use crate::metrics::bootstrap::BootstrapOptions;
 use crate::report::uncertainty;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    #[arg(required = true)]
+    #[arg(required_unless_present = "remote")]
     pub paths: Vec<PathBuf>,
+    /// Also compare every run record under `<URL>/runs/` of a remote store (uploaded by `pipe run`
+    /// and `pipe push` with a remote). Intervals need the evaluate artifacts: `pipe pull` them.
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
     /// Sort rows by this metric (best first).
     #[arg(long)]
     pub sort: Option<String>,
@@ -45,8 +50,28 @@ pub enum Format {
 }
 
 pub fn run(args: Args) -> Result<(), Exit> {
-    let Args { paths, sort, metrics, format, plot, baseline, resamples, seed } = args;
-    let runs = compare::find_runs(&paths).map_err(Exit::usage)?;
+    let Args { mut paths, remote, sort, metrics, format, plot, baseline, resamples, seed } = args;
+    // Remote records are read from a local copy, labelled with the remote's URL.
+    let copy = tempfile::tempdir().map_err(Exit::failed)?;
+    let remote_url = match &remote {
+        Some(url) => {
+            let r = Remote::open(url).map_err(|e| Exit::usage(anyhow::anyhow!(e)))?;
+            if r.pull_runs(copy.path()).map_err(Exit::failed)? == 0 {
+                return Err(Exit::usage(anyhow::anyhow!("{}/runs: no run records there", r.url())));
+            }
+            paths.push(copy.path().join("runs"));
+            Some(r.url().to_string())
+        }
+        None => None,
+    };
+    let mut runs = compare::find_runs(&paths).map_err(Exit::usage)?;
+    if let Some(url) = &remote_url {
+        let local = copy.path().display().to_string();
+        for r in &mut runs {
+            r.root = r.root.replace(&local, url);
+            r.run_dir = r.run_dir.replace(&local, url);
+        }
+    }
     let mut c = compare::build(runs, metrics.as_deref(), sort.as_deref(), paths.len()).map_err(Exit::usage)?;
     if resamples > 0 || baseline.is_some() {
         let boot = BootstrapOptions { resamples, seed, level: 0.95 };

@@ -19,6 +19,8 @@ pub mod export;
 pub mod gc;
 pub mod metrics;
 mod process;
+pub mod pull;
+pub mod push;
 pub mod rerank;
 pub mod run;
 pub mod show;
@@ -62,6 +64,10 @@ pub enum Command {
     Export(export::Args),
     /// Which stages are fresh or stale, and why.
     Status(status::Args),
+    /// Upload stages' artifacts and the pipeline's run records to the remote store.
+    Push(push::Args),
+    /// Download stages' artifacts from the remote store into the local one.
+    Pull(pull::Args),
     /// Why one stage would run.
     Why(why::Args),
     /// Print the stage graph.
@@ -108,7 +114,8 @@ impl From<EngineError> for Exit {
     fn from(e: EngineError) -> Self {
         let code = match e {
             EngineError::Config(_) | EngineError::Usage(_) => 2,
-            EngineError::Store(_) | EngineError::UpstreamMissing(_) => 1,
+            EngineError::Remote(crate::engine::remote::RemoteError::Url { .. }) => 2,
+            EngineError::Store(_) | EngineError::UpstreamMissing(_) | EngineError::Remote(_) => 1,
         };
         Exit { code, error: e.into() }
     }
@@ -126,6 +133,8 @@ pub fn run(cli: Cli, registry: &[Box<dyn Stage>]) -> Result<(), Exit> {
         Command::Rerank(args) => rerank::run(args).map_err(Exit::failed),
         Command::Export(args) => export::run(args),
         Command::Status(args) => status::run(args, registry),
+        Command::Push(args) => push::run(args, registry, quiet),
+        Command::Pull(args) => pull::run(args, registry, quiet),
         Command::Why(args) => why::run(args, registry),
         Command::Dag(args) => dag::run(args, registry),
         Command::Config(args) => config::run(args, registry),

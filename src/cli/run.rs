@@ -1,7 +1,7 @@
 //! `pipe run`: runs the stale stages of one pipeline and writes its run record; a pipeline with a sweep
 //! runs its base configuration unless `--sweep` (or a multi-valued `--set`) asks for every point.
 
-use super::common::{gpu_pool, load, print_json, PipelineArgs};
+use super::common::{gpu_pool, load, print_json, with_remote, PipelineArgs, RemoteArg};
 use super::{process, sweep, Exit};
 use crate::engine::runner::{self, Engine, RunOptions, RunRecord};
 use crate::engine::slurm::{self, DriverOptions, ExecutorKind};
@@ -41,11 +41,13 @@ pub struct Args {
     /// With the Slurm executor: return once the jobs are submitted (`pipe status` follows them).
     #[arg(long)]
     pub detach: bool,
+    #[command(flatten)]
+    pub remote: RemoteArg,
 }
 
 pub fn run(args: Args, registry: &[Box<dyn Stage>], quiet: bool) -> Result<(), Exit> {
-    let Args { p, force, until, dry_run, json, sweep, jobs, gpus, executor, detach } = args;
-    let pipeline = load(&p, registry)?;
+    let Args { p, force, until, dry_run, json, sweep, jobs, gpus, executor, detach, remote } = args;
+    let pipeline = with_remote(load(&p, registry)?, remote.remote)?;
     let multi = pipeline
         .sweep
         .as_ref()
@@ -137,6 +139,7 @@ fn print_record(record: &RunRecord, json: bool, quiet: bool) -> Result<(), Exit>
                 let mut v = serde_json::json!({
                     "id": s.id, "kind": s.kind, "status": s.status, "key": s.key,
                     "seconds": s.seconds, "dir": s.dir, "reason": s.reason, "gpus": s.gpus,
+                    "warning": s.warning,
                 });
                 if let Some(j) = s.slurm_job {
                     v["slurm_job"] = j.into();

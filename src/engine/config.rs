@@ -77,6 +77,9 @@ pub struct Pipeline {
     pub root: PathBuf,
     /// The store.
     pub artifacts: PathBuf,
+    /// `[pipeline] remote` (or `--remote`): a shared object store the runner fetches from and
+    /// uploads to. Never part of a cache key: where an artifact is kept does not change its bytes.
+    pub remote: Option<String>,
     /// In file order.
     pub stages: Vec<StageConfig>,
     /// `[sweep]` from the file plus multi-valued `--set`s; validated against the stages' defaults.
@@ -193,7 +196,7 @@ impl Provider for Layer {
     }
 }
 
-const PIPELINE_KEYS: &[&str] = &["name", "artifacts", "root", "description"];
+const PIPELINE_KEYS: &[&str] = &["name", "artifacts", "root", "description", "remote"];
 const TOP_KEYS: &[&str] = &["pipeline", "stages", "sweep", "executor"];
 /// Keys of a stage table that say how and where it runs, not what it computes: kept out of the
 /// parameters, and so out of the cache key.
@@ -237,6 +240,7 @@ struct Skeleton {
     name: String,
     artifacts: String,
     root: Option<String>,
+    remote: Option<String>,
     /// (id, kind, needs) in file order.
     stages: Vec<(String, String, Vec<String>)>,
     /// Per stage, in the same order: its resources and retries.
@@ -318,6 +322,12 @@ fn parse_skeleton(file: &Path, text: &str, registry: &[Box<dyn Stage>]) -> Resul
     let artifacts = get_str("artifacts")?.unwrap_or_else(|| "artifacts".into());
     let root = get_str("root")?;
     get_str("description")?;
+    let remote = get_str("remote")?;
+    if let Some(url) = &remote {
+        super::remote::check_url(url).map_err(|e| {
+            ConfigError::new(&origin, "pipeline.remote", e.to_string()).hint(Some(super::remote::URL_FORMS.into()))
+        })?;
+    }
 
     let stages_t = match table.get("stages") {
         Some(toml::Value::Table(t)) if !t.is_empty() => t,
@@ -392,7 +402,7 @@ fn parse_skeleton(file: &Path, text: &str, registry: &[Box<dyn Stage>]) -> Resul
         meta.push(super::slurm::parse_stage_meta(&origin, id, t)?);
     }
     let slurm = super::slurm::parse_executor(&origin, table.get("executor"))?;
-    Ok(Skeleton { name, artifacts, root, stages, meta, slurm, table })
+    Ok(Skeleton { name, artifacts, root, remote, stages, meta, slurm, table })
 }
 
 /// Parse `stage.param.sub=value`: the value is a TOML value when it parses as one, else a plain string.
@@ -672,6 +682,7 @@ pub fn load_str(
         file: file.to_path_buf(),
         root,
         artifacts,
+        remote: sk.remote,
         stages,
         sweep,
         source_text: text.to_string(),

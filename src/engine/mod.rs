@@ -18,6 +18,7 @@ mod gpu_slot_tests;
 pub mod graph;
 pub mod hashing;
 pub mod key;
+pub mod remote;
 pub mod runner;
 pub mod slots;
 pub mod slurm;

@@ -15,6 +15,7 @@ use super::dirty::{self, Reason};
 use super::graph::{self, Dag};
 use super::hashing::StatCache;
 use super::key::{dir_name, flatten_params, KeyInputs, UpstreamInput};
+use super::remote::{Fetch, Remote, RemoteError};
 use super::slots::{GpuPool, SlotGuard};
 use super::stage::{ExternalInput, JsonMap, Stage, StageContext, StageError, Upstream};
 use super::store::{Manifest, Store, StoreError, MANIFEST_SCHEMA};
@@ -32,6 +33,8 @@ pub enum EngineError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
     #[error("{0}")]
     Usage(String),
     /// `pipe exec` was started before the stage's upstream artifacts were in the store.
@@ -43,6 +46,8 @@ pub enum EngineError {
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Cached,
+    /// Downloaded from the remote store instead of computed.
+    Fetched,
     Ran,
     Failed,
     Skipped,
@@ -52,6 +57,7 @@ impl Status {
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Cached => "cached",
+            Status::Fetched => "fetched",
             Status::Ran => "ran",
             Status::Failed => "failed",
             Status::Skipped => "skipped",
@@ -76,6 +82,9 @@ pub struct StageRecord {
     /// The Slurm job that computed the stage (only for `ran` stages of a Slurm run).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slurm_job: Option<u64>,
+    /// Something went wrong that did not fail the stage (an upload to the remote).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// `artifacts/runs/<pipeline>/<run-id>/run.json`.
@@ -130,7 +139,7 @@ pub struct Executed {
 
 impl StageState {
     fn stale(s: &super::config::StageConfig, key: Option<String>, reasons: Vec<Reason>) -> Self {
-        StageState { id: s.id.clone(), kind: s.kind.clone(), state: "stale", key, reasons, dir: None }
+        StageState { id: s.id.clone(), kind: s.kind.clone(), state: "stale", key, reasons, dir: None, in_remote: None }
     }
 }
 
@@ -144,6 +153,9 @@ pub struct StageState {
     pub reasons: Vec<Reason>,
     #[serde(skip)]
     pub dir: Option<PathBuf>,
+    /// With a remote: whether it holds this stale stage's artifact (`pipe pull` or `pipe run` fetches it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_remote: Option<bool>,
 }
 
 pub struct Engine<'a> {
@@ -152,6 +164,8 @@ pub struct Engine<'a> {
     pub store: Store,
     stat: StatCache,
     pub dag: Dag,
+    /// The pipeline's remote store, opened when it names one.
+    pub remote: Option<Remote>,
 }
 
 /// A stage that completed in this run (or this status pass): what its dependents hash and read.
@@ -175,6 +189,7 @@ impl StageRecord {
             metrics: JsonMap::new(),
             gpus: Vec::new(),
             slurm_job: None,
+            warning: None,
         }
     }
 }
@@ -189,7 +204,8 @@ impl<'a> Engine<'a> {
         let dag = graph::build(pipeline)?;
         let store = Store::new(&pipeline.artifacts);
         let stat = StatCache::open(&pipeline.artifacts);
-        Ok(Engine { pipeline, registry, store, stat, dag })
+        let remote = pipeline.remote.as_deref().map(Remote::open).transpose()?;
+        Ok(Engine { pipeline, registry, store, stat, dag, remote })
     }
 
     fn stage_impl(&self, kind: &str) -> &dyn Stage {
@@ -470,12 +486,32 @@ impl<'a> Engine<'a> {
                         key: Some(key.clone()),
                         reasons: vec![],
                         dir: Some(self.store.artifact_dir(&s.kind, &key)),
+                        in_remote: None,
                     });
                 }
                 _ => {
-                    stale[i] = true;
                     let reasons = if forced { vec![Reason::Forced] } else { self.reasons(i, &cur, &last, true) };
-                    states.push(StageState::stale(s, Some(key), reasons));
+                    let mut state = StageState::stale(s, Some(key.clone()), reasons);
+                    // A remote copy's output hash is as good as a local one for the keys downstream.
+                    match self.remote.as_ref().filter(|_| !forced).map(|r| r.manifest(&s.kind, &key)) {
+                        Some(Ok(Some(m))) => {
+                            state.in_remote = Some(true);
+                            outputs.insert(
+                                i,
+                                Done { output_hash: m.output_hash, dir: self.store.artifact_dir(&s.kind, &key) },
+                            );
+                        }
+                        Some(Ok(None)) => {
+                            state.in_remote = Some(false);
+                            stale[i] = true;
+                        }
+                        Some(Err(e)) => {
+                            eprintln!("pipe: warning: {e}");
+                            stale[i] = true;
+                        }
+                        None => stale[i] = true,
+                    }
+                    states.push(state);
                 }
             }
         }
@@ -555,6 +591,9 @@ impl<'a> Engine<'a> {
         record.finished = Some(time::rfc3339_now());
         if !opts.dry_run {
             self.write_record(&run_dir, &record);
+            if let Some(remote) = &self.remote {
+                super::remote::push_record(remote, &self.store, &run_dir, opts.quiet);
+            }
         }
         self.stat.save();
         Ok(record)
@@ -590,9 +629,10 @@ impl<'a> Engine<'a> {
     ) -> StageRecord {
         let s = &self.pipeline.stages[i];
         let mut rec = StageRecord::new(s);
-        let blocked = s.needs.iter().find(|n| {
-            done.get(&self.index(n)) != Some(&Status::Cached) && done.get(&self.index(n)) != Some(&Status::Ran)
-        });
+        let blocked = s
+            .needs
+            .iter()
+            .find(|n| !matches!(done.get(&self.index(n)), Some(Status::Cached | Status::Fetched | Status::Ran)));
         if !wanted[i] {
             rec.reason = Some(format!("after --until {}", opts.until.as_deref().unwrap_or_default()));
         } else if let Some(b) = blocked {
@@ -624,9 +664,13 @@ impl<'a> Engine<'a> {
             ),
             Status::Ran => format!("{:.2}s  {}", rec.seconds, rec.dir.as_deref().unwrap_or("")),
             Status::Cached => rec.dir.clone().unwrap_or_default(),
+            Status::Fetched => format!("{:.2}s  {}", rec.seconds, rec.reason.as_deref().unwrap_or("")),
             Status::Failed | Status::Skipped => rec.reason.clone().unwrap_or_default(),
         };
         eprintln!("  {:<width$}  {:<9}  {}", rec.id, what, detail);
+        if let Some(w) = &rec.warning {
+            eprintln!("  {:<width$}  warning    {w}", "");
+        }
     }
 
     /// `--jobs N` on one pipeline: up to N stages whose upstream stages have finished run at once, on
@@ -830,6 +874,26 @@ impl<'a> Engine<'a> {
                 return;
             }
         }
+        if let (Some(remote), false) = (&self.remote, forced) {
+            match super::remote::fetch_stage(remote, &self.store, &s.kind, &key, &s.id, opts.quiet) {
+                Fetch::Absent => {}
+                Fetch::Unavailable(warning) => rec.warning = Some(warning),
+                Fetch::Fetched(m, secs) => {
+                    cached(rec, outputs, *m);
+                    rec.status = Status::Fetched;
+                    rec.seconds = secs;
+                    let why = rec.reason.take().unwrap_or_default();
+                    rec.reason = Some(format!("fetched from {}: not in the local store ({why})", remote.url()));
+                    self.remember_key(&s.id, &key);
+                    return;
+                }
+                Fetch::Refused(e) => {
+                    rec.status = Status::Failed;
+                    rec.reason = Some(e);
+                    return;
+                }
+            }
+        }
         // After the store lock: a stage waiting for another process's artifact holds no GPU.
         let slots = match &opts.gpus {
             Some(pool) => match self.gpu_slots(i, pool, opts.quiet) {
@@ -851,6 +915,16 @@ impl<'a> Engine<'a> {
                 rec.metrics = m.metrics;
                 outputs.insert(i, Done { output_hash: m.output_hash, dir: dir.clone() });
                 self.remember_key(&s.id, &key);
+                if let Some(remote) = &self.remote {
+                    let retry = format!("pipe push {} {}", self.pipeline.file.display(), s.id);
+                    let failed =
+                        super::remote::upload_stage(remote, &self.store, &s.kind, &key, &s.id, &retry, opts.quiet);
+                    // After a failed lookup, both warnings.
+                    rec.warning = match (rec.warning.take(), failed) {
+                        (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+                        (a, b) => a.or(b),
+                    };
+                }
             }
             Err((e, secs)) => {
                 rec.status = Status::Failed;
@@ -1019,10 +1093,14 @@ pub fn summary(record: &RunRecord) -> String {
     let mut w = Vec::new();
     let _ = write!(
         w,
-        "pipe: {} — {} ran, {} cached, {} failed, {} skipped; run record {}",
+        "pipe: {} — {} ran, {} cached, {}{} failed, {} skipped; run record {}",
         record.status,
         count(Status::Ran),
         count(Status::Cached),
+        match count(Status::Fetched) {
+            0 => String::new(),
+            n => format!("{n} fetched, "),
+        },
         count(Status::Failed),
         count(Status::Skipped),
         record.run_dir

@@ -194,6 +194,8 @@ fn resolve(base: &Pipeline, registry: &[Box<dyn Stage>], gpus: Option<&Arc<GpuPo
             runner::check_gpus(&p, registry, pool)?;
         }
         p.sweep = None;
+        // `--remote` is applied to the base after loading; every point shares it.
+        p.remote = base.remote.clone();
         pipelines.push(p);
     }
     Ok(Resolved { id, sweep_dir, points: pts, pipelines })

@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod s3;
+
 pub const SAMPLE_PIPELINE: &str = r#"[pipeline]
 name = "p"
 
