@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use super::common::{load, PipelineArgs};
+use super::common::{load, with_remote, PipelineArgs};
 use super::{process, Exit};
 use crate::engine::runner::{Engine, Status};
 use crate::engine::Stage;
@@ -29,11 +29,15 @@ pub struct Args {
     /// can tell a stage its job computed from one the job found already stored.
     #[arg(long, value_name = "PATH")]
     pub outcome: Option<String>,
+    /// The submitting run's remote store (its `--remote`, else the file's `[pipeline] remote`): the job
+    /// fetches the stage from it when it is there and uploads what it computes.
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
 }
 
 pub fn run(args: Args, registry: &[Box<dyn Stage>], quiet: bool) -> Result<(), Exit> {
     let p = PipelineArgs { file: args.pipeline, sets: args.sets };
-    let pipeline = load(&p, registry)?;
+    let pipeline = with_remote(load(&p, registry)?, args.remote)?;
     let engine = Engine::new(&pipeline, registry)?;
     process::install_interrupt_handler();
     if !quiet {

@@ -511,6 +511,10 @@ pub fn run(targets: &[Target], d: &DriverOptions) -> Result<Outcome, SlurmError>
             if target.opts.force.contains(&s.id) {
                 command.push("--force".into());
             }
+            if let Some(url) = &p.remote {
+                command.push("--remote".into());
+                command.push(url.clone());
+            }
             let log = e.store.root.join("slurm").join(&p.name).join(&s.id).join("%j.log");
             command.push("--outcome".into());
             command.push(log.with_extension("json").display().to_string());

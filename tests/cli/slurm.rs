@@ -369,3 +369,30 @@ fn requeued_train_job_resumes_within_the_same_run() {
     .unwrap();
     assert!(manifest["stats"]["resumed_from_step"].as_u64().is_some_and(|s| s >= 3), "{}", manifest["stats"]);
 }
+
+#[test]
+fn slurm_jobs_use_the_runs_remote_store() {
+    if !slurm_up() {
+        return;
+    }
+    // `--remote` reaches the jobs: they upload what they compute, so a fresh project fetches it all.
+    let remote = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/team", remote.path().display());
+    let cluster = Project::with_sample();
+    let v = cluster.run_json(&["run", "pipelines/p.toml", "--executor", "slurm", "--remote", &url, "--json"]);
+    assert_eq!(v["status"], "ok", "{v}");
+    for s in v["stages"].as_array().unwrap() {
+        assert!(s["slurm_job"].as_u64().is_some(), "computed by a job: {s}");
+        // The remote mirrors the local store's layout, `<kind>/<short key>/`.
+        let local = std::path::Path::new(s["dir"].as_str().unwrap());
+        let uploaded = remote.path().join("team").join(s["kind"].as_str().unwrap()).join(local.file_name().unwrap());
+        assert!(uploaded.join("manifest.json").exists(), "the job uploaded {}: {v}", uploaded.display());
+    }
+    let fresh = Project::with_sample();
+    let w = fresh.run_json(&["run", "pipelines/p.toml", "--remote", &url, "--json"]);
+    let got: Vec<&str> = w["stages"].as_array().unwrap().iter().map(|s| s["status"].as_str().unwrap()).collect();
+    assert_eq!(got, ["fetched"; 3], "{w}");
+    for (a, b) in v["stages"].as_array().unwrap().iter().zip(w["stages"].as_array().unwrap()) {
+        assert_eq!(a["key"], b["key"]);
+    }
+}
