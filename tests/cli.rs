@@ -253,6 +253,8 @@ mod crash;
 mod docs;
 #[path = "cli/hub.rs"]
 mod hub;
+#[path = "cli/layouts.rs"]
+mod layouts;
 #[path = "cli/malformed.rs"]
 mod malformed;
 #[path = "cli/metrics.rs"]
