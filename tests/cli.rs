@@ -255,6 +255,8 @@ mod docs;
 mod gpus;
 #[path = "cli/hub.rs"]
 mod hub;
+#[path = "cli/layouts.rs"]
+mod layouts;
 #[path = "cli/malformed.rs"]
 mod malformed;
 #[path = "cli/metrics.rs"]

@@ -2,7 +2,9 @@
 //!
 //! Layouts: the Kaggle competition files (`train.csv`, latin-1, optionally joined with
 //! `product_descriptions.csv`), and the `bstds/home_depot` records (`id, entity_id, name, query,
-//! relevance, description`) as JSON Lines, a JSON array or Parquet, local or `hf://datasets/…`.
+//! relevance, description`) as JSON Lines, a JSON array or Parquet, local or `hf://datasets/…`; and,
+//! for anyone's own data, the `pairs` and `grouped` layouts of [`layouts`], which map their labels
+//! onto the same [1, 3] relevance scale so that no later stage needs to know where the data came from.
 //! Inputs are validated here, once, so every later stage can trust the table: a bad row fails the
 //! run with file, line and what was expected rather than surfacing as a strange loss curve later.
 
@@ -22,6 +24,10 @@ use crate::engine::{
 };
 use crate::hub::HubSettings;
 
+#[path = "load_layouts.rs"]
+mod layouts;
+pub use layouts::{Columns, LabelKind, Layout};
+
 pub const KIND: &str = "load";
 /// Bump when the table `load` writes for the same inputs changes meaning.
 pub const VERSION: u32 = 1;
@@ -39,13 +45,19 @@ pub struct LoadParams {
     pub format: String,
     pub encoding: String,
     pub revision: String,
+    pub layout: String,
+    pub label_kind: String,
+    pub relevance_range: Vec<f64>,
+    pub columns: Columns,
 }
 
 /// The input layouts `load` understands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    /// Kaggle `train.csv` (+ `product_descriptions.csv`).
+    /// Kaggle `train.csv` (+ `product_descriptions.csv`), or a comma-separated pairs table.
     Csv,
+    /// A tab-separated pairs table (no quoting: TSV exports rarely escape quotes).
+    Tsv,
     /// A JSON array of records, or JSON Lines when the file starts with `{`.
     Json,
     /// One JSON record per line.
@@ -58,6 +70,7 @@ impl Format {
     pub fn name(self) -> &'static str {
         match self {
             Format::Csv => "csv",
+            Format::Tsv => "tsv",
             Format::Json => "json",
             Format::Jsonl => "jsonl",
             Format::Parquet => "parquet",
@@ -71,6 +84,7 @@ impl Format {
         let ext = Path::new(base).extension()?.to_str()?;
         Some(match ext {
             "csv" => Format::Csv,
+            "tsv" => Format::Tsv,
             "json" => Format::Json,
             "jsonl" | "ndjson" => Format::Jsonl,
             "parquet" | "pq" => Format::Parquet,
@@ -82,6 +96,7 @@ impl Format {
     pub fn resolve(format: &str, path: &str) -> Result<Format, ParamError> {
         match format {
             "csv" => Ok(Format::Csv),
+            "tsv" => Ok(Format::Tsv),
             "json" => Ok(Format::Json),
             "jsonl" => Ok(Format::Jsonl),
             "parquet" => Ok(Format::Parquet),
@@ -90,14 +105,16 @@ impl Format {
                     "format",
                     format!(
                         "cannot tell the format of `{path}` from its extension \
-                         (.csv, .json, .jsonl, .ndjson, .parquet, optionally + .gz); \
-                         set format = \"csv\" | \"json\" | \"jsonl\" | \"parquet\""
+                         (.csv, .tsv, .json, .jsonl, .ndjson, .parquet, optionally + .gz); \
+                         set format = \"csv\" | \"tsv\" | \"json\" | \"jsonl\" | \"parquet\""
                     ),
                 )
             }),
             other => Err(ParamError::new(
                 "format",
-                format!("unknown format `{other}`; expected \"\", \"csv\", \"json\", \"jsonl\" or \"parquet\""),
+                format!(
+                    "unknown format `{other}`; expected \"\", \"csv\", \"tsv\", \"json\", \"jsonl\" or \"parquet\""
+                ),
             )),
         }
     }
@@ -113,13 +130,16 @@ pub enum Encoding {
 }
 
 impl Encoding {
-    fn parse(s: &str) -> Result<Encoding, ParamError> {
+    /// `"auto"` is latin-1 for the Kaggle files (which are latin-1) and UTF-8 for anything else.
+    fn parse(s: &str, layout: Layout) -> Result<Encoding, ParamError> {
         match s {
             "latin-1" => Ok(Encoding::Latin1),
             "utf-8" => Ok(Encoding::Utf8),
+            "auto" if layout == Layout::Auto => Ok(Encoding::Latin1),
+            "auto" => Ok(Encoding::Utf8),
             other => Err(ParamError::new(
                 "encoding",
-                format!("unknown encoding `{other}`; expected \"latin-1\" or \"utf-8\""),
+                format!("unknown encoding `{other}`; expected \"auto\", \"latin-1\" or \"utf-8\""),
             )),
         }
     }
@@ -131,9 +151,18 @@ impl StageParams for LoadParams {
     }
 }
 
+/// What the parameters name, once checked.
+#[derive(Debug, Clone, Copy)]
+struct Resolved {
+    layout: Layout,
+    format: Format,
+    encoding: Encoding,
+    labels: LabelKind,
+}
+
 impl LoadParams {
-    /// The format and encoding the values name; validation is resolving them.
-    fn resolved(&self) -> Result<(Format, Encoding), ParamError> {
+    /// The layout, format, encoding and labels the values name; validation is resolving them.
+    fn resolved(&self) -> Result<Resolved, ParamError> {
         if self.path.trim().is_empty() {
             return Err(ParamError::new("path", "must name a file or an hf://datasets/… path"));
         }
@@ -145,13 +174,20 @@ impl LoadParams {
                 return Err(ParamError::new(key, message));
             }
         }
+        let layout = Layout::parse(&self.layout)?;
         let format = Format::resolve(&self.format, &self.path)?;
-        Ok((format, Encoding::parse(&self.encoding)?))
+        layout.check_format(format)?;
+        let labels = LabelKind::parse(&self.label_kind, &self.relevance_range)?;
+        if layout == Layout::Pairs {
+            self.columns.validate()?;
+        }
+        Ok(Resolved { layout, format, encoding: Encoding::parse(&self.encoding, layout)?, labels })
     }
 
-    /// Descriptions only apply to the Kaggle CSV layout; the record layouts carry their own.
-    fn descriptions_for(&self, format: Format) -> Option<&str> {
-        (format == Format::Csv && !self.descriptions.is_empty()).then_some(self.descriptions.as_str())
+    /// Descriptions only apply to the Kaggle CSV layout; the other layouts carry their own.
+    fn descriptions_for(&self, r: Resolved) -> Option<&str> {
+        (r.layout == Layout::Auto && r.format == Format::Csv && !self.descriptions.is_empty())
+            .then_some(self.descriptions.as_str())
     }
 
     fn input(&self, spec: &str) -> ExternalInput {
@@ -171,11 +207,11 @@ impl TypedStage for Load {
     const CONTRACT: Contract = CONTRACT;
 
     fn inputs(p: &LoadParams) -> Vec<ExternalInput> {
-        let Ok((format, _)) = p.resolved() else {
+        let Ok(resolved) = p.resolved() else {
             return Vec::new();
         };
         let mut inputs = vec![p.input(&p.path)];
-        if let Some(d) = p.descriptions_for(format) {
+        if let Some(d) = p.descriptions_for(resolved) {
             inputs.push(p.input(d));
         }
         inputs
@@ -194,6 +230,7 @@ impl TypedStage for Load {
 pub struct Loaded {
     pub records: Vec<Record>,
     pub format: Format,
+    pub layout: Layout,
 }
 
 impl Loaded {
@@ -204,6 +241,7 @@ impl Loaded {
         let mut s = crate::engine::JsonMap::new();
         s.insert("source".into(), p.path.clone().into());
         s.insert("format".into(), self.format.name().into());
+        s.insert("layout".into(), self.layout.name().into());
         s.insert("rows".into(), self.records.len().into());
         s.insert("distinct_queries".into(), queries.len().into());
         s.insert("distinct_products".into(), products.len().into());
@@ -214,17 +252,21 @@ impl Loaded {
 
 /// Read and validate the input `p` describes; relative paths resolve against `root`.
 pub fn load(p: &LoadParams, root: &Path, hub: &HubSettings, cancel: &AtomicBool) -> Result<Loaded, StageError> {
-    let (format, encoding) = p.resolved()?;
+    let resolved = p.resolved()?;
+    let Resolved { layout, format, encoding, labels } = resolved;
     let main = locate(&p.path, "path", &p.revision, root, hub)?;
-    let mut records = match format {
-        Format::Csv => parse_kaggle(&read_bytes(&main)?, &p.path, encoding, cancel)?,
-        Format::Json | Format::Jsonl => parse_json(&read_bytes(&main)?, &p.path, format, cancel)?,
-        Format::Parquet => parse_parquet(&main, &p.path, cancel)?,
+    let mut records = match (layout, format) {
+        (Layout::Pairs, _) => layouts::parse_pairs(&main, &p.path, format, encoding, &p.columns, labels, cancel)?,
+        (Layout::Grouped, _) => layouts::parse_grouped(&read_bytes(&main)?, &p.path, cancel)?,
+        (Layout::Auto, Format::Csv) => parse_kaggle(&read_bytes(&main)?, &p.path, encoding, cancel)?,
+        (Layout::Auto, Format::Json | Format::Jsonl) => parse_json(&read_bytes(&main)?, &p.path, format, cancel)?,
+        (Layout::Auto, Format::Parquet) => parse_parquet(&main, &p.path, cancel)?,
+        (Layout::Auto, Format::Tsv) => unreachable!("resolved() rejects TSV for the Home Depot layouts"),
     };
     if records.is_empty() {
         return Err(StageError::Data { file: p.path.clone(), line: 1, message: "no records".into() });
     }
-    if let Some(spec) = p.descriptions_for(format) {
+    if let Some(spec) = p.descriptions_for(resolved) {
         let file = locate(spec, "descriptions", &p.revision, root, hub)?;
         let wanted: HashSet<&str> = records.iter().map(|r| r.product_id.as_str()).collect();
         let descriptions = parse_descriptions(&read_bytes(&file)?, spec, encoding, &wanted)?;
@@ -234,7 +276,7 @@ pub fn load(p: &LoadParams, root: &Path, hub: &HubSettings, cancel: &AtomicBool)
             }
         }
     }
-    Ok(Loaded { records, format })
+    Ok(Loaded { records, format, layout })
 }
 
 /// A local file for a `path`-like parameter: the file itself, or the hub file it names.
@@ -292,16 +334,35 @@ struct CsvFile<'a> {
     rdr: csv::Reader<&'a [u8]>,
     rec: csv::ByteRecord,
     header: Vec<String>,
+    /// Whether `"` quotes fields (and so must balance).
+    quoted: bool,
 }
 
 impl<'a> CsvFile<'a> {
     fn open(bytes: &'a [u8], name: &'a str, encoding: Encoding, expected: &[&str]) -> Result<Self, StageError> {
+        Self::open_with(bytes, name, encoding, expected, false)
+    }
+
+    /// `tab`: tab-separated without quoting, where a `"` is just a character.
+    fn open_with(
+        bytes: &'a [u8],
+        name: &'a str,
+        encoding: Encoding,
+        expected: &[&str],
+        tab: bool,
+    ) -> Result<Self, StageError> {
         let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(data(name, 1, format!("empty file; expected a header line `{}`", expected.join(","))));
         }
-        let rdr = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(bytes);
-        let mut f = CsvFile { name, bytes, encoding, rdr, rec: csv::ByteRecord::new(), header: Vec::new() };
+        let rdr = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .delimiter(if tab { b'\t' } else { b',' })
+            .quoting(!tab)
+            .from_reader(bytes);
+        let mut f =
+            CsvFile { name, bytes, encoding, rdr, rec: csv::ByteRecord::new(), header: Vec::new(), quoted: !tab };
         if !f.next()? {
             return Err(data(name, 1, "empty file"));
         }
@@ -319,7 +380,7 @@ impl<'a> CsvFile<'a> {
                 let begin = self.rec.position().map_or(start.byte(), |p| p.byte()) as usize;
                 let end = self.rdr.position().byte() as usize;
                 let quotes = self.bytes[begin..end].iter().filter(|&&b| b == b'"').count();
-                if quotes % 2 == 1 {
+                if self.quoted && quotes % 2 == 1 {
                     return Err(data(
                         self.name,
                         line,
@@ -572,19 +633,9 @@ fn record_of(mut get: impl FnMut(&str) -> Cell) -> Result<Record, String> {
 
 /// JSON Lines, or a JSON array of records (a `.json` file that starts with `{` is read as lines).
 pub fn parse_json(bytes: &[u8], name: &str, format: Format, cancel: &AtomicBool) -> Result<Vec<Record>, StageError> {
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        let at = e.valid_up_to();
-        let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count() as u64;
-        data(name, line, format!("invalid UTF-8 ({e}); JSON input must be UTF-8"))
-    })?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let first = text.trim_start().chars().next();
-    let Some(first) = first else {
-        return Err(data(name, 1, "empty file; expected JSON records"));
-    };
     let mut records = Vec::new();
     let mut seen = HashMap::new();
-    let mut push = |line: u64, value: Value, records: &mut Vec<Record>| -> Result<(), StageError> {
+    for_each_json(bytes, name, format, |line, value| {
         poll(cancel, records.len())?;
         let Value::Object(map) = value else {
             return Err(data(
@@ -597,12 +648,32 @@ pub fn parse_json(bytes: &[u8], name: &str, format: Format, cancel: &AtomicBool)
         check_ids(&record, &mut seen, name, line)?;
         records.push(record);
         Ok(())
+    })?;
+    Ok(records)
+}
+
+/// Each value of a JSON array or of JSON Lines, with the line it starts on.
+fn for_each_json(
+    bytes: &[u8],
+    name: &str,
+    format: Format,
+    mut push: impl FnMut(u64, Value) -> Result<(), StageError>,
+) -> Result<(), StageError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        let at = e.valid_up_to();
+        let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count() as u64;
+        data(name, line, format!("invalid UTF-8 ({e}); JSON input must be UTF-8"))
+    })?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let first = text.trim_start().chars().next();
+    let Some(first) = first else {
+        return Err(data(name, 1, "empty file; expected JSON records"));
     };
     match (format, first) {
         (Format::Json, '[') => {
             for item in JsonArray::new(text, name)? {
                 let (line, value) = item?;
-                push(line, value, &mut records)?;
+                push(line, value)?;
             }
         }
         (Format::Jsonl | Format::Json, '{') => {
@@ -613,13 +684,13 @@ pub fn parse_json(bytes: &[u8], name: &str, format: Format, cancel: &AtomicBool)
                 let n = i as u64 + 1;
                 let value: Value =
                     serde_json::from_str(line).map_err(|e| data(name, n, format!("invalid JSON: {e}")))?;
-                push(n, value, &mut records)?;
+                push(n, value)?;
             }
         }
         (Format::Jsonl, _) => return Err(data(name, 1, "expected one JSON object per line (JSON Lines)")),
         _ => return Err(data(name, 1, "expected a JSON array of records or JSON Lines")),
     }
-    Ok(records)
+    Ok(())
 }
 
 /// The elements of a top-level JSON array, each with the line it starts on, parsed one at a time
@@ -723,22 +794,9 @@ impl Iterator for JsonArray<'_> {
 
 /// Records stored as Parquet. `line` in errors is the 1-based row number.
 pub fn parse_parquet(path: &Path, name: &str, cancel: &AtomicBool) -> Result<Vec<Record>, StageError> {
-    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::file::reader::FileReader;
 
-    let open = || File::open(path).map_err(|e| StageError::io(path, e));
-    let mut magic = [0u8; 2];
-    let gz = open()?.read_exact(&mut magic).is_ok() && magic == GZIP_MAGIC;
-    let file = if gz {
-        // The Parquet reader needs to seek, so a gzipped file goes through an anonymous temp file.
-        let mut tmp = tempfile::tempfile().map_err(|e| StageError::io(path, e))?;
-        std::io::copy(&mut flate2::read::MultiGzDecoder::new(open()?), &mut tmp)
-            .map_err(|e| StageError::io(path, e))?;
-        tmp
-    } else {
-        open()?
-    };
-    let reader =
-        SerializedFileReader::new(file).map_err(|e| data(name, 1, format!("not a readable Parquet file: {e}")))?;
+    let reader = open_parquet(path, name)?;
     let schema = reader.metadata().file_metadata().schema_descr_ptr();
     let names: Vec<String> = schema.root_schema().get_fields().iter().map(|f| f.name().to_string()).collect();
     // Where each of RECORD_FIELDS sits in a row; only `description` may be absent.
@@ -774,4 +832,22 @@ pub fn parse_parquet(path: &Path, name: &str, cancel: &AtomicBool) -> Result<Vec
         records.push(record);
     }
     Ok(records)
+}
+
+/// A Parquet file, gunzipped first when it is gzip.
+fn open_parquet(path: &Path, name: &str) -> Result<parquet::file::reader::SerializedFileReader<File>, StageError> {
+    let open = || File::open(path).map_err(|e| StageError::io(path, e));
+    let mut magic = [0u8; 2];
+    let gz = open()?.read_exact(&mut magic).is_ok() && magic == GZIP_MAGIC;
+    let file = if gz {
+        // The Parquet reader needs to seek, so a gzipped file goes through an anonymous temp file.
+        let mut tmp = tempfile::tempfile().map_err(|e| StageError::io(path, e))?;
+        std::io::copy(&mut flate2::read::MultiGzDecoder::new(open()?), &mut tmp)
+            .map_err(|e| StageError::io(path, e))?;
+        tmp
+    } else {
+        open()?
+    };
+    parquet::file::reader::SerializedFileReader::new(file)
+        .map_err(|e| data(name, 1, format!("not a readable Parquet file: {e}")))
 }

@@ -3,6 +3,7 @@
 mod analyze;
 mod data_stages;
 mod full_data;
+mod layouts;
 mod load_errors;
 
 use std::path::{Path, PathBuf};
