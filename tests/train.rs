@@ -140,7 +140,7 @@ fn lora_trains_only_adapters_and_export_merges_them() {
     assert!(names.iter().all(|n| n.contains(".lora_A.") || n.contains(".lora_B.")), "{names:?}");
     let data = store(6, 4, 4);
     for step in 0..4u64 {
-        let micro = MicroBatch { rows: (0..8).map(|r| (r + step as usize * 3) % data.len()).collect(), units: 8 };
+        let micro = MicroBatch::pointwise((0..8).map(|r| (r + step as usize * 3) % data.len()).collect(), 8);
         learner.accumulate(&data, &micro, 8, step, false).unwrap();
         learner.apply(1e-2).unwrap();
     }
@@ -182,14 +182,12 @@ fn accumulating_2x4_gives_the_gradient_of_one_batch_of_8() {
     for loss in [LossKind::Bce, LossKind::Mse] {
         let cfg = TrainConfig { loss, ..config() };
         let mut big = Learner::new(tiny(true, 5), YES, NO, &cfg, DType::F32).unwrap();
-        big.accumulate(&data, &MicroBatch { rows: rows.clone(), units: 8 }, 8, 0, false).unwrap();
+        big.accumulate(&data, &MicroBatch::pointwise(rows.clone(), 8), 8, 0, false).unwrap();
         let mut small = Learner::new(tiny(true, 5), YES, NO, &cfg, DType::F32).unwrap();
         let mut total = 0.0;
         for (k, pair) in rows.chunks(2).enumerate() {
-            total += small
-                .accumulate(&data, &MicroBatch { rows: pair.to_vec(), units: 2 }, 8, k as u64, false)
-                .unwrap()
-                .loss;
+            total +=
+                small.accumulate(&data, &MicroBatch::pointwise(pair.to_vec(), 2), 8, k as u64, false).unwrap().loss;
         }
         let (gb, gs) = (big.gradients().unwrap(), small.gradients().unwrap());
         let mut nonzero = 0;
@@ -201,7 +199,7 @@ fn accumulating_2x4_gives_the_gradient_of_one_batch_of_8() {
         assert_eq!(nonzero, gb.len(), "every parameter gets a gradient");
         // And the summed micro-batch losses are the mean over the 8 rows.
         let mut again = Learner::new(tiny(true, 5), YES, NO, &cfg, DType::F32).unwrap();
-        let one = again.accumulate(&data, &MicroBatch { rows: rows.clone(), units: 8 }, 8, 0, false).unwrap().loss;
+        let one = again.accumulate(&data, &MicroBatch::pointwise(rows.clone(), 8), 8, 0, false).unwrap().loss;
         assert!((one - total).abs() < 1e-6, "{one} vs {total}");
     }
 }
@@ -211,7 +209,7 @@ fn accumulating_2x4_gives_the_gradient_of_one_batch_of_8() {
 #[test]
 fn clipping_scales_the_global_norm_to_the_limit() {
     let data = store(4, 4, 11);
-    let micro = MicroBatch { rows: (0..8).collect(), units: 8 };
+    let micro = MicroBatch::pointwise((0..8).collect(), 8);
     let mut probe = Learner::new(tiny(false, 2), YES, NO, &config(), DType::F32).unwrap();
     probe.accumulate(&data, &micro, 8, 0, false).unwrap();
     let norm = probe.gradients().unwrap().values().flatten().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
@@ -245,7 +243,7 @@ fn loss_falls_when_overfitting_one_fixed_batch() {
         let mut l = Learner::new(tiny(true, 4), YES, NO, &cfg, DType::F32).unwrap();
         let rows: Vec<usize> = (0..8).collect();
         let units = if loss == LossKind::Pairwise { pipe::train::data::pairs(&data, &rows).len() } else { 8 };
-        let micro = MicroBatch { rows, units };
+        let micro = MicroBatch::pointwise(rows, units);
         let mut losses = Vec::new();
         // With LoRA the head rows stay frozen, and for a random model ‖w_yes − w_no‖ is tiny, so
         // |logit| ≤ ‖norm(h)‖·‖w_yes − w_no‖ ≈ 0.45 bounds how far BCE can fall (to ≈ 0.49); the
@@ -608,7 +606,7 @@ fn mixed_precision_trains_with_f32_masters() {
         let mut l = Learner::new(tiny(true, 4), YES, NO, &config(), dtype).unwrap();
         assert_eq!(l.model().dtype(), dtype);
         assert_eq!(l.loss_scaler().is_some(), dtype == DType::F16);
-        let micro = MicroBatch { rows: (0..8).collect(), units: 8 };
+        let micro = MicroBatch::pointwise((0..8).collect(), 8);
         let mut losses = Vec::new();
         for step in 0..30 {
             losses.push(l.accumulate(&data, &micro, 8, step, false).unwrap().loss);
@@ -689,7 +687,7 @@ fn recomputing_activations_gives_the_same_gradients_and_weights() {
             let mut l = Learner::new(tiny(tied, 21), YES, NO, &cfg, DType::F32).unwrap();
             let mut loss = 0.0;
             for (k, rows) in [vec![0, 3, 5, 6], vec![9, 10, 12, 15]].into_iter().enumerate() {
-                loss += l.accumulate(&data, &MicroBatch { rows, units: 4 }, 8, k as u64, false).unwrap().loss;
+                loss += l.accumulate(&data, &MicroBatch::pointwise(rows, 4), 8, k as u64, false).unwrap().loss;
             }
             grads.push((loss, l.gradients().unwrap()));
         }
@@ -752,7 +750,7 @@ fn marked_store(n: usize, seed: u64) -> (TokenStore, train::Matching) {
 fn the_match_loss_is_learned_and_kept_out_of_the_reported_loss() {
     let (data, matching) = marked_store(16, 3);
     let rows: Vec<usize> = (0..16).collect();
-    let micro = MicroBatch { rows: rows.clone(), units: 16 };
+    let micro = MicroBatch::pointwise(rows.clone(), 16);
     let plain_cfg = config();
     let cfg = TrainConfig { match_loss: 1.0, ..config() };
     let mut plain = Learner::new(tiny(true, 5), YES, NO, &plain_cfg, DType::F32).unwrap();
@@ -832,7 +830,7 @@ fn the_hand_written_layer_backward_gives_autograds_gradients() {
             }
             let mut loss = 0.0;
             for (k, rows) in [vec![0, 3, 5, 6], vec![1, 2, 4, 7]].into_iter().enumerate() {
-                loss += l.accumulate(&data, &MicroBatch { rows, units: 4 }, 8, k as u64, false).unwrap().loss;
+                loss += l.accumulate(&data, &MicroBatch::pointwise(rows, 4), 8, k as u64, false).unwrap().loss;
             }
             grads.push((loss, l.gradients().unwrap()));
         }

@@ -42,6 +42,7 @@ pub struct TrainParams {
     mode: String,
     freeze_embeddings: bool,
     loss: String,
+    group_size: i64,
     epochs: i64,
     batch_size: i64,
     grad_accum: i64,
@@ -131,6 +132,7 @@ impl TrainParams {
             mode,
             freeze_embeddings: self.freeze_embeddings,
             loss: self.loss.parse::<LossKind>().map_err(|e| ParamError::new("loss", e))?,
+            group_size: count("group_size", self.group_size, 0)?,
             epochs: count("epochs", self.epochs, 1)?,
             batch_size: count("batch_size", self.batch_size, 1)?,
             grad_accum: count("grad_accum", self.grad_accum, 1)?,
@@ -360,6 +362,11 @@ impl TypedStage for Train {
         stats.insert("tokens_per_sec".into(), json!((s.tokens_per_sec * 10.0).round() / 10.0));
         stats.insert("resumed_from_step".into(), json!(s.resumed_from));
         stats.insert("stopped_early".into(), json!(s.stopped_early));
+        stats.insert("train_items".into(), json!(s.items));
+        if cfg.loss == LossKind::GroupCe {
+            stats.insert("queries_skipped_no_positive".into(), json!(s.skipped_no_positive));
+            stats.insert("queries_skipped_no_negative".into(), json!(s.skipped_no_negative));
+        }
         stats.insert(
             "validations".into(),
             Value::Array(
