@@ -264,6 +264,74 @@ fn loss_falls_when_overfitting_one_fixed_batch() {
     }
 }
 
+#[test]
+fn group_losses_fall_when_overfitting_one_fixed_batch() {
+    // 4 queries of 6 candidates; group_ce on groups of 4 (short groups padded), lambda on whole queries.
+    let data = store(4, 6, 23);
+    for loss in [LossKind::GroupCe, LossKind::Lambda] {
+        let lists = pipe::train::data::eval_lists(&data, loss, 4);
+        assert!(lists.len() >= 3, "{loss:?}: the fixture needs several lists, got {}", lists.len());
+        if loss == LossKind::GroupCe {
+            assert!(lists.iter().any(|l| l.len() < 4), "the fixture must pad a group");
+        }
+        let micro = MicroBatch::listwise(&lists);
+        let cfg = TrainConfig { loss, group_size: 4, ..config() };
+        let mut l = Learner::new(tiny(true, 4), YES, NO, &cfg, DType::F32).unwrap();
+        let mut losses = Vec::new();
+        for step in 0..40 {
+            losses.push(l.accumulate(&data, &micro, micro.units, step, false).unwrap().loss);
+            l.apply(1e-2).unwrap();
+        }
+        let (first, last) = (losses[0], *losses.last().unwrap());
+        assert!(last < 0.3 * first, "{loss:?}: loss {first} → {last}");
+        if loss == LossKind::GroupCe {
+            // Learned means ranked: every group's positive now scores above its negatives.
+            let logits = l.logits(&data, &micro.rows, 8).unwrap();
+            for list in &micro.lists {
+                assert!(list[1..].iter().all(|&n| logits[list[0]] > logits[n]), "{list:?}: {logits:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn group_losses_resume_with_the_same_groups_and_order() {
+    let (train_data, val) = (store(8, 5, 33), store(3, 5, 34));
+    for loss in [LossKind::GroupCe, LossKind::Lambda] {
+        // batch_size counts groups or queries; at least 6 steps so that step 5 is mid-run.
+        let batch_size = if loss == LossKind::Lambda { 1 } else { 2 };
+        let cfg = TrainConfig { loss, group_size: 3, batch_size, eval_every: 2, ..config() };
+        let whole_dir = tempfile::tempdir().unwrap();
+        let whole = run(tiny(true, 6), &cfg, &train_data, &val, whole_dir.path()).unwrap();
+        assert!(whole.summary.steps >= 6, "{loss:?}: {} steps", whole.summary.steps);
+
+        let dir = tempfile::tempdir().unwrap();
+        let faulty = TrainConfig { fault: Some(Fault::StopAfter(5)), ..cfg.clone() };
+        let err = run(tiny(true, 6), &faulty, &train_data, &val, dir.path()).err().expect("the fault stops the run");
+        assert!(matches!(err, TrainError::Injected(5)), "{err}");
+        let resumed = run(tiny(true, 6), &cfg, &train_data, &val, dir.path()).unwrap();
+        assert_eq!(resumed.summary.resumed_from, Some(5), "{loss:?}");
+        assert_same_weights(&resumed.model, &whole.model, 1e-6);
+        let log = log_without_timing(&whole.log);
+        assert_eq!(log_without_timing(&resumed.log), log, "{loss:?}");
+        if loss == LossKind::GroupCe {
+            // The step-0 line counts the groups and the queries that had none.
+            let items = pipe::train::data::Items::new(&train_data, loss, 3);
+            assert_eq!(log[0]["step"], 0);
+            assert_eq!(log[0]["groups"], items.len());
+            assert_eq!(log[0]["queries_skipped_no_positive"], items.skipped_no_positive);
+            assert_eq!(whole.summary.skipped_no_positive, items.skipped_no_positive);
+            assert!(items.skipped_no_positive > 0, "the fixture must have a query without a positive");
+        }
+        // Another seed draws other groups and another order, so the weights differ.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other =
+            run(tiny(true, 6), &TrainConfig { seed: 7, ..cfg.clone() }, &train_data, &val, other_dir.path()).unwrap();
+        let (a, b) = (values(&other.model), values(&whole.model));
+        assert!(a.iter().any(|(k, v)| max_diff(v, &b[k]) > 1e-6), "{loss:?}: the seed must matter");
+    }
+}
+
 fn assert_same_weights(a: &Qwen3, b: &Qwen3, tol: f32) {
     let (va, vb) = (values(a), values(b));
     for (name, x) in &va {

@@ -390,6 +390,73 @@ mod tests {
     }
 
     #[test]
+    fn group_batches_hold_whole_groups_of_one_query_and_pad_short_ones() {
+        // Query 0: 2 positives, 5 negatives; query 1: 1 positive, 1 negative (a short group);
+        // query 2: no positive; query 3: only positives.
+        let rel = [3.0, 1.0, 2.5, 1.0, 1.0, 1.0, 1.0, 3.0, 1.0, 1.0, 2.0, 3.0, 3.0];
+        let q = [0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 3, 3];
+        let s = store(&[4; 13], &q, &rel);
+        let items = Items::new(&s, LossKind::GroupCe, 4);
+        assert_eq!(items.len(), 3, "one group per positive of queries 0 and 1");
+        assert_eq!((items.skipped_no_positive, items.skipped_no_negative), (1, 1));
+        let cfg = TrainConfig { group_size: 4, ..plan_cfg(LossKind::GroupCe, 2, 2, 0, 5) };
+        let plan = epoch_plan(&s, &items, &cfg, 0);
+        let mut positives = Vec::new();
+        for m in plan.iter().flat_map(|g| &g.micro) {
+            assert_eq!(m.units, m.lists.len());
+            let mut seen: Vec<usize> = m.rows.clone();
+            seen.sort();
+            seen.dedup();
+            assert_eq!(seen.len(), m.rows.len(), "a row is forwarded once per micro-batch");
+            for list in &m.lists {
+                let rows: Vec<usize> = list.iter().map(|&p| m.rows[p]).collect();
+                assert_eq!(s.labels[rows[0]], 1, "the positive comes first");
+                assert!(rows[1..].iter().all(|&r| s.labels[r] == 0 && s.query_ids[r] == s.query_ids[rows[0]]));
+                let mut negs = rows[1..].to_vec();
+                negs.sort();
+                negs.dedup();
+                assert_eq!(negs.len(), rows.len() - 1, "negatives are drawn without replacement");
+                // Query 0 has 5 negatives: a full group of 4; query 1 has one: kept short (padded by the loss).
+                assert_eq!(rows.len(), if s.query_ids[rows[0]] == 0 { 4 } else { 2 });
+                positives.push(rows[0]);
+            }
+        }
+        positives.sort();
+        assert_eq!(positives, vec![0, 2, 7]);
+        assert_eq!(plan.iter().map(|g| g.units).sum::<usize>(), 3);
+        // Same seed and epoch → the same groups; the next epoch draws other negatives for query 0.
+        assert_eq!(plan, epoch_plan(&s, &items, &cfg, 0));
+        let negatives_of = |plan: &[Group]| -> Vec<Vec<usize>> {
+            let mut out: Vec<Vec<usize>> = plan
+                .iter()
+                .flat_map(|g| &g.micro)
+                .flat_map(|m| m.lists.iter().map(|l| l.iter().map(|&p| m.rows[p]).collect::<Vec<_>>()))
+                .collect();
+            out.sort();
+            out
+        };
+        let draws: std::collections::BTreeSet<Vec<Vec<usize>>> =
+            (0..6).map(|e| negatives_of(&epoch_plan(&s, &items, &cfg, e))).collect();
+        assert!(draws.len() > 1, "negatives are redrawn each epoch");
+        // The deterministic validation groups: the first group_size − 1 negatives in row order.
+        assert_eq!(eval_lists(&s, LossKind::GroupCe, 4), vec![vec![0, 1, 3, 4], vec![2, 1, 3, 4], vec![7, 8]]);
+    }
+
+    #[test]
+    fn lambda_batches_hold_whole_queries_with_something_to_rank() {
+        let s = store(&[4, 5, 6, 3, 3, 7, 2], &[0, 0, 0, 1, 1, 2, 2], &[3.0, 1.0, 2.0, 2.0, 2.0, 2.0, 1.0]);
+        let items = Items::new(&s, LossKind::Lambda, 8);
+        assert_eq!(items.len(), 2);
+        let plan = epoch_plan(&s, &items, &plan_cfg(LossKind::Lambda, 2, 1, 0, 3), 0);
+        assert_eq!(plan.len(), 1);
+        let m = &plan[0].micro[0];
+        assert_eq!(m.units, 2);
+        let mut queries: Vec<Vec<usize>> = m.lists.iter().map(|l| l.iter().map(|&p| m.rows[p]).collect()).collect();
+        queries.sort();
+        assert_eq!(queries, vec![vec![0, 1, 2], vec![5, 6]]);
+    }
+
+    #[test]
     fn left_padding_puts_every_last_token_at_the_end() {
         let s = store(&[2, 4], &[0, 0], &[1.0, 3.0]);
         let p = pad_left(&s, &[0, 1], &Device::Cpu).unwrap();
