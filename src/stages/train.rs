@@ -19,8 +19,9 @@ use crate::text::TokenStore;
 use crate::train::{self, BestMetric, Fault, LoraConfig, LossKind, Mode, RunEnv, TrainConfig, TrainData, TrainError};
 
 pub const KIND: &str = "train";
-/// Bump when the artifact's meaning changes for the same parameters.
-pub const VERSION: u32 = 1;
+/// Bump when the artifact's meaning changes for the same parameters. 2: the group losses and
+/// their `group_size` parameter (the new parameter changes every train key anyway).
+pub const VERSION: u32 = 2;
 /// The trained weights, in Hugging Face layout (what `evaluate` with `model = "trained"` loads).
 pub const MODEL_DIR: &str = "model";
 /// One JSON object per optimizer step and per validation (what `analyze` draws the loss curve from).
