@@ -69,7 +69,7 @@ fn main() {
     let (mut elapsed, mut in_optimizer) = (0.0, 0.0);
     let mut last_loss = 0.0;
     for s in 0..steps + warmup {
-        let micro = MicroBatch { rows: (s * BATCH..(s + 1) * BATCH).collect(), units: BATCH };
+        let micro = MicroBatch::pointwise((s * BATCH..(s + 1) * BATCH).collect(), BATCH);
         let t = Instant::now();
         last_loss = learner.accumulate(&store, &micro, BATCH, s as u64, false).expect("forward/backward").loss;
         let t_opt = Instant::now();

@@ -140,7 +140,7 @@ fn lora_trains_only_adapters_and_export_merges_them() {
     assert!(names.iter().all(|n| n.contains(".lora_A.") || n.contains(".lora_B.")), "{names:?}");
     let data = store(6, 4, 4);
     for step in 0..4u64 {
-        let micro = MicroBatch { rows: (0..8).map(|r| (r + step as usize * 3) % data.len()).collect(), units: 8 };
+        let micro = MicroBatch::pointwise((0..8).map(|r| (r + step as usize * 3) % data.len()).collect(), 8);
         learner.accumulate(&data, &micro, 8, step, false).unwrap();
         learner.apply(1e-2).unwrap();
     }
@@ -182,14 +182,12 @@ fn accumulating_2x4_gives_the_gradient_of_one_batch_of_8() {
     for loss in [LossKind::Bce, LossKind::Mse] {
         let cfg = TrainConfig { loss, ..config() };
         let mut big = Learner::new(tiny(true, 5), YES, NO, &cfg, DType::F32).unwrap();
-        big.accumulate(&data, &MicroBatch { rows: rows.clone(), units: 8 }, 8, 0, false).unwrap();
+        big.accumulate(&data, &MicroBatch::pointwise(rows.clone(), 8), 8, 0, false).unwrap();
         let mut small = Learner::new(tiny(true, 5), YES, NO, &cfg, DType::F32).unwrap();
         let mut total = 0.0;
         for (k, pair) in rows.chunks(2).enumerate() {
-            total += small
-                .accumulate(&data, &MicroBatch { rows: pair.to_vec(), units: 2 }, 8, k as u64, false)
-                .unwrap()
-                .loss;
+            total +=
+                small.accumulate(&data, &MicroBatch::pointwise(pair.to_vec(), 2), 8, k as u64, false).unwrap().loss;
         }
         let (gb, gs) = (big.gradients().unwrap(), small.gradients().unwrap());
         let mut nonzero = 0;
@@ -201,7 +199,7 @@ fn accumulating_2x4_gives_the_gradient_of_one_batch_of_8() {
         assert_eq!(nonzero, gb.len(), "every parameter gets a gradient");
         // And the summed micro-batch losses are the mean over the 8 rows.
         let mut again = Learner::new(tiny(true, 5), YES, NO, &cfg, DType::F32).unwrap();
-        let one = again.accumulate(&data, &MicroBatch { rows: rows.clone(), units: 8 }, 8, 0, false).unwrap().loss;
+        let one = again.accumulate(&data, &MicroBatch::pointwise(rows.clone(), 8), 8, 0, false).unwrap().loss;
         assert!((one - total).abs() < 1e-6, "{one} vs {total}");
     }
 }
@@ -211,7 +209,7 @@ fn accumulating_2x4_gives_the_gradient_of_one_batch_of_8() {
 #[test]
 fn clipping_scales_the_global_norm_to_the_limit() {
     let data = store(4, 4, 11);
-    let micro = MicroBatch { rows: (0..8).collect(), units: 8 };
+    let micro = MicroBatch::pointwise((0..8).collect(), 8);
     let mut probe = Learner::new(tiny(false, 2), YES, NO, &config(), DType::F32).unwrap();
     probe.accumulate(&data, &micro, 8, 0, false).unwrap();
     let norm = probe.gradients().unwrap().values().flatten().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
@@ -245,7 +243,7 @@ fn loss_falls_when_overfitting_one_fixed_batch() {
         let mut l = Learner::new(tiny(true, 4), YES, NO, &cfg, DType::F32).unwrap();
         let rows: Vec<usize> = (0..8).collect();
         let units = if loss == LossKind::Pairwise { pipe::train::data::pairs(&data, &rows).len() } else { 8 };
-        let micro = MicroBatch { rows, units };
+        let micro = MicroBatch::pointwise(rows, units);
         let mut losses = Vec::new();
         // With LoRA the head rows stay frozen, and for a random model ‖w_yes − w_no‖ is tiny, so
         // |logit| ≤ ‖norm(h)‖·‖w_yes − w_no‖ ≈ 0.45 bounds how far BCE can fall (to ≈ 0.49); the
@@ -263,6 +261,74 @@ fn loss_falls_when_overfitting_one_fixed_batch() {
                 assert_eq!(*x > 0.0, data.labels[r] == 1, "{mode:?}: row {r} logit {x}");
             }
         }
+    }
+}
+
+#[test]
+fn group_losses_fall_when_overfitting_one_fixed_batch() {
+    // 4 queries of 6 candidates; group_ce on groups of 4 (short groups padded), lambda on whole queries.
+    let data = store(4, 6, 23);
+    for loss in [LossKind::GroupCe, LossKind::Lambda] {
+        let lists = pipe::train::data::eval_lists(&data, loss, 4);
+        assert!(lists.len() >= 3, "{loss:?}: the fixture needs several lists, got {}", lists.len());
+        if loss == LossKind::GroupCe {
+            assert!(lists.iter().any(|l| l.len() < 4), "the fixture must pad a group");
+        }
+        let micro = MicroBatch::listwise(&lists);
+        let cfg = TrainConfig { loss, group_size: 4, ..config() };
+        let mut l = Learner::new(tiny(true, 4), YES, NO, &cfg, DType::F32).unwrap();
+        let mut losses = Vec::new();
+        for step in 0..40 {
+            losses.push(l.accumulate(&data, &micro, micro.units, step, false).unwrap().loss);
+            l.apply(1e-2).unwrap();
+        }
+        let (first, last) = (losses[0], *losses.last().unwrap());
+        assert!(last < 0.3 * first, "{loss:?}: loss {first} → {last}");
+        if loss == LossKind::GroupCe {
+            // Learned means ranked: every group's positive now scores above its negatives.
+            let logits = l.logits(&data, &micro.rows, 8).unwrap();
+            for list in &micro.lists {
+                assert!(list[1..].iter().all(|&n| logits[list[0]] > logits[n]), "{list:?}: {logits:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn group_losses_resume_with_the_same_groups_and_order() {
+    let (train_data, val) = (store(8, 5, 33), store(3, 5, 34));
+    for loss in [LossKind::GroupCe, LossKind::Lambda] {
+        // batch_size counts groups or queries; at least 6 steps so that step 5 is mid-run.
+        let batch_size = if loss == LossKind::Lambda { 1 } else { 2 };
+        let cfg = TrainConfig { loss, group_size: 3, batch_size, eval_every: 2, ..config() };
+        let whole_dir = tempfile::tempdir().unwrap();
+        let whole = run(tiny(true, 6), &cfg, &train_data, &val, whole_dir.path()).unwrap();
+        assert!(whole.summary.steps >= 6, "{loss:?}: {} steps", whole.summary.steps);
+
+        let dir = tempfile::tempdir().unwrap();
+        let faulty = TrainConfig { fault: Some(Fault::StopAfter(5)), ..cfg.clone() };
+        let err = run(tiny(true, 6), &faulty, &train_data, &val, dir.path()).err().expect("the fault stops the run");
+        assert!(matches!(err, TrainError::Injected(5)), "{err}");
+        let resumed = run(tiny(true, 6), &cfg, &train_data, &val, dir.path()).unwrap();
+        assert_eq!(resumed.summary.resumed_from, Some(5), "{loss:?}");
+        assert_same_weights(&resumed.model, &whole.model, 1e-6);
+        let log = log_without_timing(&whole.log);
+        assert_eq!(log_without_timing(&resumed.log), log, "{loss:?}");
+        if loss == LossKind::GroupCe {
+            // The step-0 line counts the groups and the queries that had none.
+            let items = pipe::train::data::Items::new(&train_data, loss, 3);
+            assert_eq!(log[0]["step"], 0);
+            assert_eq!(log[0]["groups"], items.len());
+            assert_eq!(log[0]["queries_skipped_no_positive"], items.skipped_no_positive);
+            assert_eq!(whole.summary.skipped_no_positive, items.skipped_no_positive);
+            assert!(items.skipped_no_positive > 0, "the fixture must have a query without a positive");
+        }
+        // Another seed draws other groups and another order, so the weights differ.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other =
+            run(tiny(true, 6), &TrainConfig { seed: 7, ..cfg.clone() }, &train_data, &val, other_dir.path()).unwrap();
+        let (a, b) = (values(&other.model), values(&whole.model));
+        assert!(a.iter().any(|(k, v)| max_diff(v, &b[k]) > 1e-6), "{loss:?}: the seed must matter");
     }
 }
 
@@ -623,7 +689,7 @@ fn mixed_precision_trains_with_f32_masters() {
         let mut l = Learner::new(tiny(true, 4), YES, NO, &config(), dtype).unwrap();
         assert_eq!(l.model().dtype(), dtype);
         assert_eq!(l.loss_scaler().is_some(), dtype == DType::F16);
-        let micro = MicroBatch { rows: (0..8).collect(), units: 8 };
+        let micro = MicroBatch::pointwise((0..8).collect(), 8);
         let mut losses = Vec::new();
         for step in 0..30 {
             losses.push(l.accumulate(&data, &micro, 8, step, false).unwrap().loss);
@@ -704,7 +770,7 @@ fn recomputing_activations_gives_the_same_gradients_and_weights() {
             let mut l = Learner::new(tiny(tied, 21), YES, NO, &cfg, DType::F32).unwrap();
             let mut loss = 0.0;
             for (k, rows) in [vec![0, 3, 5, 6], vec![9, 10, 12, 15]].into_iter().enumerate() {
-                loss += l.accumulate(&data, &MicroBatch { rows, units: 4 }, 8, k as u64, false).unwrap().loss;
+                loss += l.accumulate(&data, &MicroBatch::pointwise(rows, 4), 8, k as u64, false).unwrap().loss;
             }
             grads.push((loss, l.gradients().unwrap()));
         }
@@ -767,7 +833,7 @@ fn marked_store(n: usize, seed: u64) -> (TokenStore, train::Matching) {
 fn the_match_loss_is_learned_and_kept_out_of_the_reported_loss() {
     let (data, matching) = marked_store(16, 3);
     let rows: Vec<usize> = (0..16).collect();
-    let micro = MicroBatch { rows: rows.clone(), units: 16 };
+    let micro = MicroBatch::pointwise(rows.clone(), 16);
     let plain_cfg = config();
     let cfg = TrainConfig { match_loss: 1.0, ..config() };
     let mut plain = Learner::new(tiny(true, 5), YES, NO, &plain_cfg, DType::F32).unwrap();
@@ -847,7 +913,7 @@ fn the_hand_written_layer_backward_gives_autograds_gradients() {
             }
             let mut loss = 0.0;
             for (k, rows) in [vec![0, 3, 5, 6], vec![1, 2, 4, 7]].into_iter().enumerate() {
-                loss += l.accumulate(&data, &MicroBatch { rows, units: 4 }, 8, k as u64, false).unwrap().loss;
+                loss += l.accumulate(&data, &MicroBatch::pointwise(rows, 4), 8, k as u64, false).unwrap().loss;
             }
             grads.push((loss, l.gradients().unwrap()));
         }

@@ -128,7 +128,7 @@ fn train_step(args: &TrainStepArgs) -> anyhow::Result<()> {
         store.pair_ids.push(i as i64);
     }
     store.queries.push("bench".into());
-    let micro = MicroBatch { rows: (0..batch).collect(), units: batch };
+    let micro = MicroBatch::pointwise((0..batch).collect(), batch);
     let sync = |d: &Device| -> anyhow::Result<()> {
         d.synchronize()?;
         Ok(())

@@ -22,7 +22,8 @@ use crate::train::{self, BestMetric, Fault, LoraConfig, LossKind, Mode, RunEnv, 
 
 pub const KIND: &str = "train";
 /// Bump when the artifact's meaning changes for the same parameters.
-/// 2: the TensorBoard event files (`tensorboard/`).
+/// 2: the TensorBoard event files (`tensorboard/`). (The group losses came with a new parameter,
+/// `group_size`, which changes every train key without a bump.)
 pub const VERSION: u32 = 2;
 /// The trained weights, in Hugging Face layout (what `evaluate` with `model = "trained"` loads).
 pub const MODEL_DIR: &str = "model";
@@ -47,6 +48,7 @@ pub struct TrainParams {
     mode: String,
     freeze_embeddings: bool,
     loss: String,
+    group_size: i64,
     epochs: i64,
     batch_size: i64,
     grad_accum: i64,
@@ -136,6 +138,7 @@ impl TrainParams {
             mode,
             freeze_embeddings: self.freeze_embeddings,
             loss: self.loss.parse::<LossKind>().map_err(|e| ParamError::new("loss", e))?,
+            group_size: count("group_size", self.group_size, 0)?,
             epochs: count("epochs", self.epochs, 1)?,
             batch_size: count("batch_size", self.batch_size, 1)?,
             grad_accum: count("grad_accum", self.grad_accum, 1)?,
@@ -379,6 +382,11 @@ impl TypedStage for Train {
         stats.insert("tokens_per_sec".into(), json!((s.tokens_per_sec * 10.0).round() / 10.0));
         stats.insert("resumed_from_step".into(), json!(s.resumed_from));
         stats.insert("stopped_early".into(), json!(s.stopped_early));
+        stats.insert("train_items".into(), json!(s.items));
+        if cfg.loss == LossKind::GroupCe {
+            stats.insert("queries_skipped_no_positive".into(), json!(s.skipped_no_positive));
+            stats.insert("queries_skipped_no_negative".into(), json!(s.skipped_no_negative));
+        }
         stats.insert(
             "validations".into(),
             Value::Array(

@@ -39,6 +39,20 @@ pub enum LossKind {
     /// RankNet: `log(1 + e^{−(s_i − s_j)})` over every pair of one query's candidates with
     /// relevance `r_i > r_j`.
     Pairwise,
+    /// Softmax cross-entropy over a group of one positive and up to `group_size − 1` negatives
+    /// of its query (FlagEmbedding's `train_group_size`): `logsumexp(s_group) − s_pos`.
+    GroupCe,
+    /// LambdaRank's NDCG-swap weighted logistic loss over the pairs of one query's candidates
+    /// (see [`super::loss`] for the formula).
+    Lambda,
+}
+
+impl LossKind {
+    /// Whether a training item is a list of rows scored together (a group or a query) rather
+    /// than one row.
+    pub fn is_listwise(self) -> bool {
+        matches!(self, Self::GroupCe | Self::Lambda)
+    }
 }
 
 impl std::str::FromStr for LossKind {
@@ -48,7 +62,11 @@ impl std::str::FromStr for LossKind {
             "bce" => Ok(Self::Bce),
             "mse" => Ok(Self::Mse),
             "pairwise" => Ok(Self::Pairwise),
-            other => Err(TrainError::Config(format!("loss `{other}` is not one of bce, mse, pairwise"))),
+            "group_ce" => Ok(Self::GroupCe),
+            "lambda" => Ok(Self::Lambda),
+            other => {
+                Err(TrainError::Config(format!("loss `{other}` is not one of bce, mse, pairwise, group_ce, lambda")))
+            }
         }
     }
 }
@@ -156,8 +174,11 @@ pub struct TrainConfig {
     pub mode: Mode,
     pub freeze_embeddings: bool,
     pub loss: LossKind,
+    /// Rows per group of the `group_ce` loss: one positive and `group_size − 1` negatives.
+    pub group_size: usize,
     pub epochs: usize,
-    /// Rows per micro-batch (queries per micro-batch for the pairwise loss).
+    /// Rows per micro-batch (queries per micro-batch for the pairwise and lambda losses, groups
+    /// for group_ce).
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
@@ -197,6 +218,7 @@ impl Default for TrainConfig {
             mode: Mode::Full,
             freeze_embeddings: false,
             loss: LossKind::Bce,
+            group_size: 8,
             epochs: 3,
             batch_size: 2,
             grad_accum: 8,
@@ -243,6 +265,12 @@ impl TrainConfig {
         let bad = |key: &'static str, message: String| Err(InvalidConfig { key, message });
         if self.epochs == 0 {
             return bad("epochs", "must be at least 1".into());
+        }
+        if self.group_size < 2 {
+            return bad(
+                "group_size",
+                format!("must be at least 2 (one positive and at least one negative), got {}", self.group_size),
+            );
         }
         for (key, v) in [
             ("batch_size", self.batch_size),
@@ -308,6 +336,9 @@ mod tests {
         assert_eq!(lora(1, 1.0).validate().unwrap_err().key, "lora.dropout");
         let e = TrainConfig { grad_accum: 0, ..TrainConfig::default() }.validate().unwrap_err();
         assert_eq!((e.key, e.to_string().as_str()), ("grad_accum", "grad_accum must be at least 1"));
+        let e = TrainConfig { group_size: 1, ..TrainConfig::default() }.validate().unwrap_err();
+        assert_eq!(e.key, "group_size");
+        assert!(e.to_string().contains("got 1"), "{e}");
         assert!(TrainConfig::default().validate().is_ok());
     }
 }

@@ -19,8 +19,23 @@
 //! order on every platform and every version of the `rand` crate. Nothing else is random, so a resumed run rebuilds the plan
 //! of its epoch and continues at the saved group index.
 //!
-//! With the pairwise loss an item is one query with all its candidates, `batch_size` counts
-//! queries, and queries whose candidates all share one relevance (no pair to rank) are left out.
+//! With the pairwise and lambda losses an item is one query with all its candidates, `batch_size`
+//! counts queries, and queries whose candidates all share one relevance (no pair to rank) are left
+//! out.
+//!
+//! # Groups (`group_ce`)
+//!
+//! An item is one positive row (label 1) of a query; each epoch it is completed into a group with
+//! `group_size − 1` of its query's negatives (label 0), drawn without replacement by a generator
+//! seeded by `(seed, epoch)` in item order before the shuffle, so the groups, like the order, are
+//! a function of the seed and the epoch and a resumed run rebuilds them. A query with fewer
+//! negatives than that keeps all of them and its group is **padded with masked slots**: the loss
+//! takes the softmax over the real members only (see [`super::loss`]). Sampling with replacement
+//! would instead repeat a negative and weigh it twice in the softmax, which is a different
+//! objective than the one the data supports. Queries with no positive, or no negative, have no
+//! group; they are counted ([`Items::skipped_no_positive`], [`Items::skipped_no_negative`]) and
+//! the trainer writes the counts in the log. `batch_size` counts groups; a micro-batch forwards
+//! each row once even where two groups of one query drew the same negative.
 
 use std::collections::BTreeMap;
 
@@ -31,11 +46,43 @@ use super::TrainError;
 use crate::text::TokenStore;
 use crate::util::rng::SplitMix64;
 
-/// The rows of one micro-batch, and how many loss terms they contribute (rows, or ranked pairs).
+/// The rows of one micro-batch, and how many loss terms they contribute (rows, ranked pairs,
+/// groups or queries).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MicroBatch {
     pub rows: Vec<usize>,
     pub units: usize,
+    /// For the listwise losses: each group (or query) as positions into `rows`, a group's
+    /// positive first. Empty for the pointwise and pairwise losses.
+    pub lists: Vec<Vec<usize>>,
+}
+
+impl MicroBatch {
+    /// A micro-batch of rows scored one by one (or in pairs found from the rows' queries).
+    pub fn pointwise(rows: Vec<usize>, units: usize) -> Self {
+        Self { rows, units, lists: Vec::new() }
+    }
+
+    /// A micro-batch of lists of rows (each a group or a query); rows shared by two lists are
+    /// forwarded once. `units` is the number of lists.
+    pub fn listwise(lists: &[Vec<usize>]) -> Self {
+        let mut rows = Vec::new();
+        let mut at: std::collections::HashMap<usize, usize> = Default::default();
+        let lists = lists
+            .iter()
+            .map(|list| {
+                list.iter()
+                    .map(|&r| {
+                        *at.entry(r).or_insert_with(|| {
+                            rows.push(r);
+                            rows.len() - 1
+                        })
+                    })
+                    .collect()
+            })
+            .collect::<Vec<Vec<usize>>>();
+        Self { rows, units: lists.len(), lists }
+    }
 }
 
 /// The micro-batches of one optimizer step. Each micro-batch's summed loss is divided by the
@@ -53,28 +100,96 @@ impl Group {
     }
 }
 
-/// The training items of a split: rows, or queries (row lists) for the pairwise loss.
+/// The training items of a split: rows; queries (row lists) for the pairwise and lambda losses;
+/// positives, each with its query's negatives to draw from, for group_ce.
 #[derive(Debug, Clone)]
 pub struct Items {
     items: Vec<Vec<usize>>,
     lengths: Vec<usize>,
+    /// group_ce: per item, the index of its query's negatives in `pools`.
+    pool_of: Vec<usize>,
+    pools: Vec<Vec<usize>>,
+    group_size: usize,
+    /// group_ce: queries left out because no candidate is labelled positive.
+    pub skipped_no_positive: usize,
+    /// group_ce: queries left out because every candidate is labelled positive.
+    pub skipped_no_negative: usize,
+}
+
+/// Each query's rows, in row order, queries by id.
+fn by_query(store: &TokenStore) -> BTreeMap<u32, Vec<usize>> {
+    let mut out: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for i in 0..store.len() {
+        out.entry(store.query_ids[i]).or_default().push(i);
+    }
+    out
 }
 
 impl Items {
-    pub fn new(store: &TokenStore, loss: LossKind) -> Self {
-        let items: Vec<Vec<usize>> = match loss {
-            LossKind::Pairwise => {
-                let mut by_query: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-                for i in 0..store.len() {
-                    by_query.entry(store.query_ids[i]).or_default().push(i);
-                }
-                by_query.into_values().filter(|rows| count_pairs(store, rows) > 0).collect()
-            }
-            _ => (0..store.len()).map(|i| vec![i]).collect(),
+    /// `group_size` matters only for group_ce.
+    pub fn new(store: &TokenStore, loss: LossKind, group_size: usize) -> Self {
+        let mut out = Self {
+            items: Vec::new(),
+            lengths: Vec::new(),
+            pool_of: Vec::new(),
+            pools: Vec::new(),
+            group_size,
+            skipped_no_positive: 0,
+            skipped_no_negative: 0,
         };
-        let lengths =
-            items.iter().map(|rows| rows.iter().map(|&r| store.sequence(r).len()).max().unwrap_or(0)).collect();
-        Self { items, lengths }
+        match loss {
+            LossKind::Pairwise | LossKind::Lambda => {
+                out.items = by_query(store).into_values().filter(|rows| count_pairs(store, rows) > 0).collect();
+            }
+            LossKind::GroupCe => {
+                for rows in by_query(store).into_values() {
+                    let (pos, neg): (Vec<usize>, Vec<usize>) = rows.iter().partition(|&&r| store.labels[r] == 1);
+                    if pos.is_empty() {
+                        out.skipped_no_positive += 1;
+                    } else if neg.is_empty() {
+                        out.skipped_no_negative += 1;
+                    } else {
+                        for p in pos {
+                            out.items.push(vec![p]);
+                            out.pool_of.push(out.pools.len());
+                        }
+                        out.pools.push(neg);
+                    }
+                }
+            }
+            LossKind::Bce | LossKind::Mse => out.items = (0..store.len()).map(|i| vec![i]).collect(),
+        }
+        out.lengths = out.items.iter().map(|rows| max_len(store, rows)).collect();
+        out
+    }
+
+    /// The items of `epoch`: for group_ce each positive followed by its drawn negatives (see the
+    /// module docs), otherwise the items themselves.
+    fn of_epoch(&self, store: &TokenStore, seed: u64, epoch: usize) -> (Vec<Vec<usize>>, Vec<usize>) {
+        if self.pools.is_empty() {
+            return (self.items.clone(), self.lengths.clone());
+        }
+        let mut rng = SplitMix64::stream(seed, "group negatives", epoch as u64);
+        let k = self.group_size - 1;
+        let groups: Vec<Vec<usize>> = self
+            .items
+            .iter()
+            .zip(&self.pool_of)
+            .map(|(pos, &p)| {
+                let mut pool = self.pools[p].clone();
+                if pool.len() > k {
+                    // A partial Fisher–Yates: the first k slots end up a uniform sample.
+                    for j in 0..k {
+                        let pick = j + rng.below((pool.len() - j) as u64) as usize;
+                        pool.swap(j, pick);
+                    }
+                    pool.truncate(k);
+                }
+                pos.iter().copied().chain(pool).collect()
+            })
+            .collect();
+        let lengths = groups.iter().map(|g| max_len(store, g)).collect();
+        (groups, lengths)
     }
 
     pub fn len(&self) -> usize {
@@ -108,27 +223,58 @@ fn count_pairs(store: &TokenStore, rows: &[usize]) -> usize {
     pairs(store, rows).len()
 }
 
+fn max_len(store: &TokenStore, rows: &[usize]) -> usize {
+    rows.iter().map(|&r| store.sequence(r).len()).max().unwrap_or(0)
+}
+
+/// The lists a listwise loss is evaluated on outside training (the validation loss), as row
+/// indices: for lambda every query with a pair to rank; for group_ce every positive with the
+/// first `group_size − 1` negatives of its query in row order (no randomness, so validations
+/// compare), skipping queries without a positive or a negative. Empty for other losses.
+pub fn eval_lists(store: &TokenStore, loss: LossKind, group_size: usize) -> Vec<Vec<usize>> {
+    match loss {
+        LossKind::Lambda => by_query(store).into_values().filter(|rows| count_pairs(store, rows) > 0).collect(),
+        LossKind::GroupCe => {
+            let mut out = Vec::new();
+            for rows in by_query(store).into_values() {
+                let (pos, neg): (Vec<usize>, Vec<usize>) = rows.iter().partition(|&&r| store.labels[r] == 1);
+                let neg = &neg[..neg.len().min(group_size - 1)];
+                if !neg.is_empty() {
+                    out.extend(pos.iter().map(|&p| std::iter::once(p).chain(neg.iter().copied()).collect()));
+                }
+            }
+            out
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// The epoch's accumulation groups (see the module docs).
 /// Reads `loss`, `batch_size`, `grad_accum`, `bucket_batches` and `seed` from `cfg`.
 pub fn epoch_plan(store: &TokenStore, items: &Items, cfg: &TrainConfig, epoch: usize) -> Vec<Group> {
     let (loss, batch_size, bucket_batches) = (cfg.loss, cfg.batch_size, cfg.bucket_batches);
+    let (lists, lengths) = items.of_epoch(store, cfg.seed, epoch);
     let mut rng = SplitMix64::stream(cfg.seed, "epoch order", epoch as u64);
     let mut order: Vec<usize> = (0..items.len()).collect();
     rng.shuffle(&mut order);
     if bucket_batches > 0 {
         for window in order.chunks_mut(bucket_batches * batch_size) {
-            window.sort_by_key(|&i| items.lengths[i]);
+            window.sort_by_key(|&i| lengths[i]);
         }
     }
     let mut batches: Vec<MicroBatch> = order
         .chunks(batch_size)
         .map(|chunk| {
-            let rows: Vec<usize> = chunk.iter().flat_map(|&i| items.items[i].iter().copied()).collect();
+            if loss.is_listwise() {
+                let chosen: Vec<Vec<usize>> = chunk.iter().map(|&i| lists[i].clone()).collect();
+                return MicroBatch::listwise(&chosen);
+            }
+            let rows: Vec<usize> = chunk.iter().flat_map(|&i| lists[i].iter().copied()).collect();
             let units = match loss {
                 LossKind::Pairwise => count_pairs(store, &rows),
                 _ => rows.len(),
             };
-            MicroBatch { rows, units }
+            MicroBatch::pointwise(rows, units)
         })
         .collect();
     if bucket_batches > 0 {
@@ -205,7 +351,7 @@ mod tests {
         let n = 200;
         let lengths: Vec<usize> = (0..n).map(|i| 5 + (i * 7919) % 90).collect();
         let s = store(&lengths, &(0..n as u32).collect::<Vec<_>>(), &vec![2.0; n]);
-        let items = Items::new(&s, LossKind::Bce);
+        let items = Items::new(&s, LossKind::Bce, 8);
         let padded = |plan: &[Group]| -> usize {
             plan.iter()
                 .flat_map(|g| &g.micro)
@@ -231,7 +377,7 @@ mod tests {
     fn pairwise_batches_hold_whole_queries_and_count_pairs() {
         // Query 0: relevances 3, 1, 2 → 3 pairs; query 1: all equal → dropped; query 2: 2 > 1 → 1 pair.
         let s = store(&[4, 5, 6, 3, 3, 7, 2], &[0, 0, 0, 1, 1, 2, 2], &[3.0, 1.0, 2.0, 2.0, 2.0, 2.0, 1.0]);
-        let items = Items::new(&s, LossKind::Pairwise);
+        let items = Items::new(&s, LossKind::Pairwise, 8);
         assert_eq!(items.len(), 2);
         let plan = epoch_plan(&s, &items, &plan_cfg(LossKind::Pairwise, 1, 2, 0, 3), 0);
         assert_eq!(plan.len(), 1);
@@ -241,6 +387,73 @@ mod tests {
             assert!(q.windows(2).all(|w| w[0] == w[1]));
             assert_eq!(m.units, if q[0] == 0 { 3 } else { 1 });
         }
+    }
+
+    #[test]
+    fn group_batches_hold_whole_groups_of_one_query_and_pad_short_ones() {
+        // Query 0: 2 positives, 5 negatives; query 1: 1 positive, 1 negative (a short group);
+        // query 2: no positive; query 3: only positives.
+        let rel = [3.0, 1.0, 2.5, 1.0, 1.0, 1.0, 1.0, 3.0, 1.0, 1.0, 2.0, 3.0, 3.0];
+        let q = [0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 3, 3];
+        let s = store(&[4; 13], &q, &rel);
+        let items = Items::new(&s, LossKind::GroupCe, 4);
+        assert_eq!(items.len(), 3, "one group per positive of queries 0 and 1");
+        assert_eq!((items.skipped_no_positive, items.skipped_no_negative), (1, 1));
+        let cfg = TrainConfig { group_size: 4, ..plan_cfg(LossKind::GroupCe, 2, 2, 0, 5) };
+        let plan = epoch_plan(&s, &items, &cfg, 0);
+        let mut positives = Vec::new();
+        for m in plan.iter().flat_map(|g| &g.micro) {
+            assert_eq!(m.units, m.lists.len());
+            let mut seen: Vec<usize> = m.rows.clone();
+            seen.sort();
+            seen.dedup();
+            assert_eq!(seen.len(), m.rows.len(), "a row is forwarded once per micro-batch");
+            for list in &m.lists {
+                let rows: Vec<usize> = list.iter().map(|&p| m.rows[p]).collect();
+                assert_eq!(s.labels[rows[0]], 1, "the positive comes first");
+                assert!(rows[1..].iter().all(|&r| s.labels[r] == 0 && s.query_ids[r] == s.query_ids[rows[0]]));
+                let mut negs = rows[1..].to_vec();
+                negs.sort();
+                negs.dedup();
+                assert_eq!(negs.len(), rows.len() - 1, "negatives are drawn without replacement");
+                // Query 0 has 5 negatives: a full group of 4; query 1 has one: kept short (padded by the loss).
+                assert_eq!(rows.len(), if s.query_ids[rows[0]] == 0 { 4 } else { 2 });
+                positives.push(rows[0]);
+            }
+        }
+        positives.sort();
+        assert_eq!(positives, vec![0, 2, 7]);
+        assert_eq!(plan.iter().map(|g| g.units).sum::<usize>(), 3);
+        // Same seed and epoch → the same groups; the next epoch draws other negatives for query 0.
+        assert_eq!(plan, epoch_plan(&s, &items, &cfg, 0));
+        let negatives_of = |plan: &[Group]| -> Vec<Vec<usize>> {
+            let mut out: Vec<Vec<usize>> = plan
+                .iter()
+                .flat_map(|g| &g.micro)
+                .flat_map(|m| m.lists.iter().map(|l| l.iter().map(|&p| m.rows[p]).collect::<Vec<_>>()))
+                .collect();
+            out.sort();
+            out
+        };
+        let draws: std::collections::BTreeSet<Vec<Vec<usize>>> =
+            (0..6).map(|e| negatives_of(&epoch_plan(&s, &items, &cfg, e))).collect();
+        assert!(draws.len() > 1, "negatives are redrawn each epoch");
+        // The deterministic validation groups: the first group_size − 1 negatives in row order.
+        assert_eq!(eval_lists(&s, LossKind::GroupCe, 4), vec![vec![0, 1, 3, 4], vec![2, 1, 3, 4], vec![7, 8]]);
+    }
+
+    #[test]
+    fn lambda_batches_hold_whole_queries_with_something_to_rank() {
+        let s = store(&[4, 5, 6, 3, 3, 7, 2], &[0, 0, 0, 1, 1, 2, 2], &[3.0, 1.0, 2.0, 2.0, 2.0, 2.0, 1.0]);
+        let items = Items::new(&s, LossKind::Lambda, 8);
+        assert_eq!(items.len(), 2);
+        let plan = epoch_plan(&s, &items, &plan_cfg(LossKind::Lambda, 2, 1, 0, 3), 0);
+        assert_eq!(plan.len(), 1);
+        let m = &plan[0].micro[0];
+        assert_eq!(m.units, 2);
+        let mut queries: Vec<Vec<usize>> = m.lists.iter().map(|l| l.iter().map(|&p| m.rows[p]).collect()).collect();
+        queries.sort();
+        assert_eq!(queries, vec![vec![0, 1, 2], vec![5, 6]]);
     }
 
     #[test]

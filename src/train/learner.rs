@@ -292,11 +292,11 @@ impl Learner {
                 let aux = super::matching::weighted_bce_sum(&z, y, w)?;
                 match_value.set(aux.to_scalar::<f32>()? as f64 / denom.max(1) as f64);
                 let logit = z.narrow(1, t - 1, 1)?.squeeze(1)?;
-                let main = super::loss::micro_loss(self.cfg.loss, &logit, store, &micro.rows)?;
+                let main = super::loss::micro_loss(self.cfg.loss, &logit, store, micro)?;
                 (main + aux.affine(self.cfg.match_loss, 0.0)?)?
             } else {
                 let logit = score_last(model, h, &head)?.logit;
-                super::loss::micro_loss(self.cfg.loss, &logit, store, &micro.rows)?
+                super::loss::micro_loss(self.cfg.loss, &logit, store, micro)?
             };
             if inject_nan {
                 sum = sum.affine(f64::NAN, 0.0)?;

@@ -109,6 +109,11 @@ pub struct Summary {
     pub trainable_params: usize,
     pub total_steps: u64,
     pub steps_per_epoch: u64,
+    /// Training items: rows, queries (pairwise, lambda) or groups (group_ce).
+    pub items: usize,
+    /// group_ce: queries left out for having no positive, or no negative.
+    pub skipped_no_positive: usize,
+    pub skipped_no_negative: usize,
 }
 
 /// The exported model (best weights, adapters merged, CPU, compute dtype) and the run's record.
@@ -239,12 +244,18 @@ pub fn train(
         let m = data.matching.ok_or_else(|| TrainError::Config("match_loss > 0 needs the prompts' markers".into()))?;
         learner.set_matching(m.clone());
     }
-    let items = Items::new(data.train, cfg.loss);
+    let items = Items::new(data.train, cfg.loss, cfg.group_size);
     if items.is_empty() {
         return Err(TrainError::Config(match cfg.loss {
-            super::LossKind::Pairwise => {
+            super::LossKind::Pairwise | super::LossKind::Lambda => {
                 "the training split has no query with two candidates of different relevance".into()
             }
+            super::LossKind::GroupCe => format!(
+                "loss = \"group_ce\" found no query with both a positive and a negative candidate in the training \
+                 split ({} without a positive, {} without a negative); use loss = \"bce\", or lower the split's \
+                 relevance_threshold",
+                items.skipped_no_positive, items.skipped_no_negative
+            ),
             _ => "the training split is empty".into(),
         }));
     }
@@ -317,6 +328,15 @@ pub fn train(
         writeln!(log, "{v}").map_err(|e| TrainError::io(files.log(), e))
     };
     let mut events = EventWriter::open(&files.events(), resumed_from)?;
+    if resumed_from.is_none() && cfg.loss == super::LossKind::GroupCe {
+        // Step 0, so that a resumed run's truncation keeps it and analyze skips it (no loss).
+        write_log(json!({
+            "step": 0,
+            "groups": items.len(),
+            "queries_skipped_no_positive": items.skipped_no_positive,
+            "queries_skipped_no_negative": items.skipped_no_negative,
+        }))?;
+    }
 
     env.progress.set_length(total);
     env.progress.set_position(st.step);
@@ -499,6 +519,9 @@ pub fn train(
         trainable_params: learner.trainable_count(),
         total_steps: total,
         steps_per_epoch,
+        items: items.len(),
+        skipped_no_positive: items.skipped_no_positive,
+        skipped_no_negative: items.skipped_no_negative,
     };
     Ok(Outcome { model, summary, log: files.log(), events: files.events() })
 }
@@ -512,7 +535,7 @@ pub fn validate(
 ) -> Result<ValResult, TrainError> {
     let rows: Vec<usize> = (0..val.len()).collect();
     let logits = learner.logits(val, &rows, cfg.eval_batch_size)?;
-    let (loss, _) = mean_loss(cfg.loss, &logits, val);
+    let (loss, _) = mean_loss(cfg.loss, &logits, val, cfg.group_size);
     let preds: Vec<Prediction> = rows
         .iter()
         .map(|&i| Prediction {

@@ -42,6 +42,8 @@ fn bad_values_name_their_parameter() {
         ("model = \"hf:nope\"", "model"),
         ("checkpoint_every = 0", "checkpoint_every"),
         ("match_loss = -1.0", "match_loss"),
+        ("group_size = 1", "group_size"),
+        ("group_size = -3", "group_size"),
         ("mode = \"lora\"\n[lora]\ntarget_modules = [\"qkv\"]", "lora.target_modules"),
         ("mode = \"lora\"\n[lora]\ndropout = 1.0", "lora.dropout"),
         ("[init]\nnum_key_value_heads = 3", "init.num_key_value_heads"),
