@@ -1156,6 +1156,9 @@ fn export_writes_a_card_from_the_store_and_both_forms_rerank_alike() {
     assert!(body.contains(&format!("pipe version: {}", manifest["tool_version"].as_str().unwrap())));
     assert!(body.contains(&format!("training time: {} s", manifest["metrics"]["train_seconds"])));
     assert!(body.contains(&format!("device `{}`", manifest["stats"]["device"].as_str().unwrap())));
+    let hardware = manifest["stats"]["hardware"].as_str().unwrap();
+    assert!(hardware.contains("threads"), "the CPU and its threads: {hardware}");
+    assert!(body.contains(&format!("- hardware: {hardware}, device")), "{body}");
 
     let runs = std::fs::read_dir(p.path("artifacts/runs/p")).unwrap().flatten().collect::<Vec<_>>();
     let run: serde_json::Value =

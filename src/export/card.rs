@@ -362,7 +362,8 @@ impl Card {
             writeln!(s, "- training time: {} s (`train_seconds`), {} optimizer steps", m("train_seconds"), m("steps"));
         let _ = writeln!(
             s,
-            "- hardware: device `{}`, compute dtype `{}`",
+            "- hardware: {}, device `{}`, compute dtype `{}`",
+            st("hardware").as_str().unwrap_or("not recorded"),
             st("device").as_str().unwrap_or("?"),
             st("dtype").as_str().unwrap_or("?")
         );

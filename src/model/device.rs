@@ -152,6 +152,40 @@ pub fn device_name(device: &Device) -> String {
     }
 }
 
+/// What the model card and manifest call the hardware: the device alone does not say how fast a
+/// run should have been (`cuda:0` on an H100 or a T4, `cpu` on 2 cores or 64). Best effort: the GPU's
+/// name from `nvidia-smi` where it answers, the CPU's model from `/proc/cpuinfo` and the threads used.
+pub fn hardware(device: &Device) -> String {
+    let cpu = cpu_model().unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    match device {
+        Device::Cuda(_) => {
+            let id = match device.location() {
+                candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
+                _ => 0,
+            };
+            let gpu = std::process::Command::new("nvidia-smi")
+                .args(["--query-gpu=name", "--format=csv,noheader", "-i", &id.to_string()])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "an NVIDIA GPU".into());
+            format!("{gpu} (cuda:{id}), host CPU {cpu}")
+        }
+        _ => format!("{cpu}, {threads} threads"),
+    }
+}
+
+fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+}
+
 /// Parses a `dtype` parameter (floating point only).
 pub fn parse_dtype(spec: &str) -> Result<DType, ModelError> {
     match spec.trim() {

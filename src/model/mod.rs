@@ -36,7 +36,7 @@ pub mod seqcls;
 
 pub use checkpoint::{load, load_files, random, resolve, save, LoadOptions, ModelFiles, ModelSource, SaveOptions};
 pub use config::Qwen3Config;
-pub use device::{device_name, dtype_name, parse_device, parse_dtype, DeviceSpec};
+pub use device::{device_name, dtype_name, hardware, parse_device, parse_dtype, DeviceSpec};
 pub use ops::{Linear, LoraAdapter, LoraDropout};
 pub use qwen3::{LayerInputs, ParamMap, Qwen3};
 pub use reranker::{bce_with_logits, mse_on_probability, RerankOutput, RerankScore, Reranker};

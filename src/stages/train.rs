@@ -372,6 +372,7 @@ impl TypedStage for Train {
 
         let mut stats = JsonMap::new();
         stats.insert("device".into(), json!(model::device_name(&device)));
+        stats.insert("hardware".into(), json!(model::hardware(&device)));
         stats.insert("dtype".into(), json!(model::dtype_name(dtype)));
         stats.insert("trainable_params".into(), json!(s.trainable_params));
         stats.insert("train_pairs".into(), json!(train_store.len()));
