@@ -261,6 +261,8 @@ mod layouts;
 mod malformed;
 #[path = "cli/metrics.rs"]
 mod metrics;
+#[path = "cli/mine.rs"]
+mod mine;
 #[path = "cli/quickstart.rs"]
 mod quickstart;
 #[path = "cli/remote.rs"]

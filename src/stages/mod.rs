@@ -1,7 +1,8 @@
 //! Stage kinds. Each is one module behind [`crate::engine::Stage`]; `registry` lists them.
 //!
 //! The data stages hand each other CSV tables in the format of [`table`]:
-//! `load` (raw files → table) → `normalize` (canonical text) → `split` (train/val/test + labels).
+//! `load` (raw files → table) → `normalize` (canonical text) → `split` (train/val/test + labels)
+//! → optionally `mine` (hard negatives appended to train).
 
 use crate::engine::{GpuDemand, ParamError, Stage};
 use crate::model::device::DeviceSpec;
@@ -12,6 +13,7 @@ pub mod evaluate;
 pub mod export;
 pub mod hub;
 pub mod load;
+pub mod mine;
 pub mod normalize;
 pub mod split;
 pub mod table;
@@ -76,6 +78,7 @@ pub fn registry() -> Vec<Box<dyn Stage>> {
         Box::new(load::Load),
         Box::new(normalize::Normalize),
         Box::new(split::Split),
+        Box::new(mine::Mine),
         Box::new(tokenize::Tokenize),
         Box::new(evaluate::Evaluate),
         Box::new(analyze::Analyze),

@@ -1,6 +1,7 @@
 //! `tokenize`: each split's rows → Qwen3-Reranker prompt ids in a compact token store.
 //!
-//! Reads `train.csv`, `val.csv` and `test.csv` from the upstream `split` stage, builds every prompt
+//! Reads `train.csv`, `val.csv` and `test.csv` from the upstream `split` stage (or a `mine` stage,
+//! which writes the same three tables, train with mined negatives and a `mined` column it ignores), builds every prompt
 //! with [`crate::text::PromptEncoder`] (so training, evaluation and `pipe rerank` agree on the ids),
 //! and writes one [`TokenStore`] per split — the file format is documented in
 //! [`crate::text::store`] and in `stages/tokenize.toml` — plus the `tokenizer.json` it used.
@@ -26,10 +27,10 @@ pub const SPLITS: [&str; 3] = super::split::SPLITS;
 /// The tokenizer the ids were made with, so that training, evaluation and the saved model use it.
 pub const TOKENIZER: &str = "tokenizer.json";
 
-/// The split tables in; one token store per split (the layout of [`TokenStore`]; `<s>.pair_ids.json`
+/// The split tables (from `split`, or `mine` with the same files) in; one token store per split (the layout of [`TokenStore`]; `<s>.pair_ids.json`
 /// only when ids are not integers) and the tokenizer out.
 pub const CONTRACT: Contract = Contract {
-    needs: &[Need::always(&[super::split::KIND])],
+    needs: &[Need::always(&[super::split::KIND, super::mine::KIND])],
     writes: &[
         "train.safetensors",
         "train.queries.json",
@@ -124,7 +125,7 @@ impl TypedStage for Tokenize {
             _ => param("tokenizer", e),
         })?;
 
-        let split_dir = ctx.upstream_of(&[super::split::KIND])?.dir.clone();
+        let split_dir = ctx.upstream_of(&[super::split::KIND, super::mine::KIND])?.dir.clone();
         let mut tables = Vec::new();
         for (split, file) in SPLITS.into_iter().zip(super::split::FILES) {
             tables.push((split, read_rows(&split_dir.join(file))?));

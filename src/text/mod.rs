@@ -6,12 +6,14 @@
 //! - [`tokenizer`]: where a tokenizer comes from: a local `tokenizer.json` (or `.json.gz`), a Hugging
 //!   Face Hub id `hf:owner/name[@revision]` (cache first, so it works offline once cached), or the
 //!   built-in `qwen3`, embedded in the binary so that a fresh machine without network can run.
+//! - [`bm25`]: Okapi BM25 and its word tokenizer, shared by `analyze`'s baselines and `mine`'s miner.
 //! - [`store`]: the compact per-split token store the tokenize stage writes and training and
 //!   evaluation read.
 //!
 //! The tokenize stage, the evaluate stage and `pipe rerank` all go through this module so that a pair
 //! is tokenized the same way everywhere.
 
+pub mod bm25;
 pub mod prompt;
 pub mod store;
 pub mod tokenizer;
