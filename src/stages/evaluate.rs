@@ -16,7 +16,7 @@ use crate::engine::{
 };
 use crate::hub::HubSettings;
 use crate::metrics::{self, Prediction};
-use crate::model::device::{compute_identity, parse_dtype, DeviceSpec};
+use crate::model::device::{compute_identity, parse_dtype};
 use crate::model::score::score_all;
 use crate::model::{LoadOptions, ModelError, ModelSource, Reranker};
 use crate::text::TokenStore;
@@ -68,15 +68,7 @@ impl StageParams for EvaluateParams {
         if self.batch_size < 1 {
             return Err(ParamError::new("batch_size", format!("must be at least 1, found {}", self.batch_size)));
         }
-        if self.device.parse::<DeviceSpec>().is_err() {
-            return Err(ParamError::new(
-                "device",
-                format!("expected auto, cpu, cuda or cuda:N, found {:?}", self.device),
-            ));
-        }
-        if parse_dtype(&self.dtype).is_err() {
-            return Err(ParamError::new("dtype", format!("expected f32, bf16 or f16, found {:?}", self.dtype)));
-        }
+        super::check_device_and_dtype(&self.device, &self.dtype)?;
         if !(0.0..=1.0).contains(&self.threshold) {
             return Err(ParamError::new("threshold", format!("must be in [0, 1], found {}", self.threshold)));
         }

@@ -25,7 +25,7 @@ use crate::engine::{
     TypedStage,
 };
 use crate::hub::HubSettings;
-use crate::model::device::{compute_identity, parse_dtype, DeviceSpec};
+use crate::model::device::{compute_identity, parse_dtype};
 use crate::model::{LoadOptions, ModelSource};
 use crate::text::bm25::{tokenize, Bm25};
 use crate::text::{PromptConfig, PromptEncoder, TokenizerSource};
@@ -136,15 +136,7 @@ impl StageParams for MineParams {
         if self.batch_size < 1 {
             return Err(ParamError::new("batch_size", format!("must be at least 1, found {}", self.batch_size)));
         }
-        if self.device.parse::<DeviceSpec>().is_err() {
-            return Err(ParamError::new(
-                "device",
-                format!("expected auto, cpu, cuda or cuda:N, found {:?}", self.device),
-            ));
-        }
-        if parse_dtype(&self.dtype).is_err() {
-            return Err(ParamError::new("dtype", format!("expected f32, bf16 or f16, found {:?}", self.dtype)));
-        }
+        super::check_device_and_dtype(&self.device, &self.dtype)?;
         TokenizerSource::parse(&self.tokenizer).map_err(|e| ParamError::new("tokenizer", e))?;
         if self.max_length < 1 {
             return Err(ParamError::new(

@@ -23,6 +23,18 @@ pub mod train;
 #[cfg(test)]
 mod tests;
 
+/// The `device` and `dtype` parameters of every stage that runs the model, checked alike so that one
+/// mistake reads the same in each.
+pub(crate) fn check_device_and_dtype(device: &str, dtype: &str) -> Result<(), ParamError> {
+    if device.parse::<DeviceSpec>().is_err() {
+        return Err(ParamError::new("device", format!("expected auto, cpu, cuda or cuda:N, found {device:?}")));
+    }
+    if crate::model::device::parse_dtype(dtype).is_err() {
+        return Err(ParamError::new("dtype", format!("expected f32, bf16 or f16, found {dtype:?}")));
+    }
+    Ok(())
+}
+
 /// The `device` parameter of a stage that computes, against what this build can compute on (the
 /// shared half of `train`'s and `evaluate`'s [`crate::engine::TypedStage::available`]).
 fn device_available(spec: &str) -> Result<(), ParamError> {
