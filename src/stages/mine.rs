@@ -27,7 +27,7 @@ use crate::engine::{
 use crate::hub::HubSettings;
 use crate::model::device::{compute_identity, parse_dtype};
 use crate::model::{LoadOptions, ModelSource};
-use crate::text::bm25::{tokenize, Bm25};
+use crate::text::bm25::{tokenize, Bm25Index};
 use crate::text::{PromptConfig, PromptEncoder, TokenizerSource};
 
 pub const KIND: &str = "mine";
@@ -212,8 +212,15 @@ pub fn select(
     range_max: usize,
     margin: f64,
 ) -> Selection {
+    let by_rank = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]).then(a.cmp(b));
     let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    // Only the window's ranks matter: partition out the top range_max (the order is total, so the
+    // same set as a full sort) and sort those; 40k candidates per query add up over 8k queries.
+    if range_max < order.len() {
+        order.select_nth_unstable_by(range_max, by_rank);
+        order.truncate(range_max);
+    }
+    order.sort_by(by_rank);
     let ceiling = lowest_positive - margin;
     let mut out = Selection::default();
     for &i in order.iter().take(range_max).skip(range_min) {
@@ -239,11 +246,17 @@ struct Row {
 /// Scores (query, document) pairs: BM25 or a reranker.
 trait Scorer {
     fn score(&self, pairs: &[(&str, &Doc)], ctx: &StageContext) -> Result<Vec<f64>, StageError>;
+
+    /// The query against every corpus document (corpus order) when the scorer has a cheap way to do
+    /// that, as BM25's inverted index; `None` sends the candidates through [`Scorer::score`].
+    fn score_corpus(&self, _query: &str) -> Option<Vec<f64>> {
+        None
+    }
 }
 
 /// BM25 over title + description, statistics from the corpus.
 struct Bm25Scorer {
-    bm: Bm25,
+    index: Bm25Index,
 }
 
 fn doc_tokens(d: &Doc) -> Vec<String> {
@@ -253,13 +266,17 @@ fn doc_tokens(d: &Doc) -> Vec<String> {
 impl Bm25Scorer {
     fn fit(corpus: &[Doc], k1: f64, b: f64) -> Self {
         let docs: Vec<Vec<String>> = corpus.iter().map(doc_tokens).collect();
-        Bm25Scorer { bm: Bm25::fit(docs.iter().map(Vec::as_slice), k1, b) }
+        Bm25Scorer { index: Bm25Index::fit(&docs, k1, b) }
     }
 }
 
 impl Scorer for Bm25Scorer {
     fn score(&self, pairs: &[(&str, &Doc)], _ctx: &StageContext) -> Result<Vec<f64>, StageError> {
-        Ok(pairs.iter().map(|(q, d)| self.bm.score(&tokenize(q), &doc_tokens(d))).collect())
+        Ok(pairs.iter().map(|(q, d)| self.index.bm25().score(&tokenize(q), &doc_tokens(d))).collect())
+    }
+
+    fn score_corpus(&self, query: &str) -> Option<Vec<f64>> {
+        Some(self.index.score_all(&tokenize(query)))
     }
 }
 
@@ -428,9 +445,34 @@ fn mine(
     }
     let mut out = Mined { queries: order.len(), ..Default::default() };
     let prefilter_k = p.prefilter as usize;
-    // Per query: (query, positives, candidate indices into corpus).
+    let n = p.negatives_per_query as usize;
+    let bar = ctx.bar(order.len() as u64, "ranking candidates per query");
+    // Applies the window and margin to one query's scored candidates and keeps the picks.
+    let take = |out: &mut Mined, q: &str, pos: &[f64], cands: &[usize], cand_scores: &[f64]| {
+        let lowest = pos.iter().copied().fold(f64::INFINITY, f64::min);
+        let sel = select(cand_scores, lowest, n, p.range_min as usize, p.range_max as usize, p.margin);
+        out.dropped_margin += sel.dropped_margin;
+        out.queries_mined += usize::from(!sel.picked.is_empty());
+        out.queries_short += usize::from(sel.picked.len() < n);
+        for j in sel.picked {
+            let d = &corpus[cands[j]];
+            out.rows.push(Record {
+                id: String::new(),
+                product_id: d.product_id.clone(),
+                query: q.to_string(),
+                title: d.title.clone(),
+                description: d.description.clone(),
+                relevance: 1.0,
+            });
+        }
+    };
+    // Per query: (query, positives, candidate indices into corpus), for scorers that score pairs.
     let mut plans: Vec<(&str, &[Doc], Vec<usize>)> = Vec::new();
-    for q in &order {
+    for (k, q) in order.iter().enumerate() {
+        if k % 256 == 0 {
+            ctx.check_cancel()?;
+            bar.set_position(k as u64);
+        }
         let (ids, positives) = &labelled[q];
         if positives.is_empty() {
             out.queries_without_positive += 1;
@@ -447,9 +489,17 @@ fn mine(
                 cands.push(i);
             }
         }
+        if let Some(all) = scorer.score_corpus(q) {
+            // Scored now, one query at a time: the candidates of every query together would not fit.
+            let pairs: Vec<(&str, &Doc)> = positives.iter().map(|d| (*q, d)).collect();
+            let pos = scorer.score(&pairs, ctx)?;
+            let cand_scores: Vec<f64> = cands.iter().map(|&i| all[i]).collect();
+            take(&mut out, q, &pos, &cands, &cand_scores);
+            continue;
+        }
         if let (Some(bm), true) = (prefilter, prefilter_k > 0 && cands.len() > prefilter_k) {
-            let pairs: Vec<(&str, &Doc)> = cands.iter().map(|&i| (*q, &corpus[i])).collect();
-            let s = bm.score(&pairs, ctx)?;
+            let all = bm.index.score_all(&tokenize(q));
+            let s: Vec<f64> = cands.iter().map(|&i| all[i]).collect();
             let mut idx: Vec<usize> = (0..cands.len()).collect();
             idx.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
             idx.truncate(prefilter_k);
@@ -458,6 +508,7 @@ fn mine(
         }
         plans.push((q, positives, cands));
     }
+    bar.finish_and_clear();
     ctx.check_cancel()?;
     // Every pair of every query in one call, so the model scorer fills its batches.
     let mut pairs: Vec<(&str, &Doc)> = Vec::new();
@@ -465,29 +516,15 @@ fn mine(
         pairs.extend(positives.iter().map(|d| (*q, d)));
         pairs.extend(cands.iter().map(|&i| (*q, &corpus[i])));
     }
-    let scores = scorer.score(&pairs, ctx)?;
-    let mut at = 0;
-    let n = p.negatives_per_query as usize;
-    for (q, positives, cands) in &plans {
-        let pos = &scores[at..at + positives.len()];
-        at += positives.len();
-        let cand_scores = &scores[at..at + cands.len()];
-        at += cands.len();
-        let lowest = pos.iter().copied().fold(f64::INFINITY, f64::min);
-        let sel = select(cand_scores, lowest, n, p.range_min as usize, p.range_max as usize, p.margin);
-        out.dropped_margin += sel.dropped_margin;
-        out.queries_mined += usize::from(!sel.picked.is_empty());
-        out.queries_short += usize::from(sel.picked.len() < n);
-        for j in sel.picked {
-            let d = &corpus[cands[j]];
-            out.rows.push(Record {
-                id: String::new(),
-                product_id: d.product_id.clone(),
-                query: q.to_string(),
-                title: d.title.clone(),
-                description: d.description.clone(),
-                relevance: 1.0,
-            });
+    if !pairs.is_empty() {
+        let scores = scorer.score(&pairs, ctx)?;
+        let mut at = 0;
+        for (q, positives, cands) in &plans {
+            let pos = &scores[at..at + positives.len()];
+            at += positives.len();
+            let cand_scores = &scores[at..at + cands.len()];
+            at += cands.len();
+            take(&mut out, q, pos, cands, cand_scores);
         }
     }
     // Fresh ids: after the largest integer id, or `mined-<n>` when ids are not all integers.

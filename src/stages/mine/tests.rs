@@ -185,7 +185,7 @@ fn bm25_mining_respects_the_rank_window() {
     for q in ["angle bracket", "copper pipe", "deck screws"] {
         let cands: Vec<&Doc> =
             corpus.iter().filter(|d| !known.contains(&(q.to_string(), d.product_id.clone()))).collect();
-        let scores: Vec<f64> = cands.iter().map(|d| bm.bm.score(&tokenize(q), &doc_tokens(d))).collect();
+        let scores: Vec<f64> = cands.iter().map(|d| bm.index.bm25().score(&tokenize(q), &doc_tokens(d))).collect();
         let mut order: Vec<usize> = (0..cands.len()).collect();
         order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
         let want: Vec<&str> = order[1..3].iter().map(|&i| cands[i].product_id.as_str()).collect();
@@ -224,9 +224,9 @@ fn bm25_mining_drops_candidates_within_the_margin_of_the_weakest_positive() {
         let weakest = lrows
             .iter()
             .filter(|r| r.label && r.record.query == m.query)
-            .map(|r| bm.bm.score(&tokenize(&m.query), &doc_tokens(doc(&r.record.product_id))))
+            .map(|r| bm.index.bm25().score(&tokenize(&m.query), &doc_tokens(doc(&r.record.product_id))))
             .fold(f64::INFINITY, f64::min);
-        let s = bm.bm.score(&tokenize(&m.query), &doc_tokens(doc(&m.product_id)));
+        let s = bm.index.bm25().score(&tokenize(&m.query), &doc_tokens(doc(&m.product_id)));
         assert!(s <= weakest - 0.5, "{m:?}: {s} > {weakest} - 0.5");
     }
 }
