@@ -863,6 +863,38 @@ fn the_match_loss_is_learned_and_kept_out_of_the_reported_loss() {
 }
 
 #[test]
+fn the_match_loss_works_with_every_loss() {
+    // The match loss reads the yes/no logit as a column of a [rows, tokens] view; every loss must
+    // accept it (group_ce's gather once refused the non-contiguous view on the full data).
+    let (mut data, matching) = marked_store(16, 11);
+    for (i, q) in data.query_ids.iter_mut().enumerate() {
+        *q = (i / 4) as u32; // 4 queries of 4 candidates, so lists and pairs exist
+    }
+    data.queries = (0..4).map(|q| format!("query {q}")).collect();
+    for (i, l) in data.labels.iter_mut().enumerate() {
+        *l = u8::from(i % 4 == 0); // one positive per query
+    }
+    data.validate().unwrap();
+    for loss in [LossKind::Bce, LossKind::Mse, LossKind::Pairwise, LossKind::GroupCe, LossKind::Lambda] {
+        let micro = match loss {
+            LossKind::GroupCe | LossKind::Lambda => {
+                MicroBatch::listwise(&pipe::train::data::eval_lists(&data, loss, 3))
+            }
+            _ => MicroBatch::pointwise((0..16).collect(), 16),
+        };
+        let plain_cfg = TrainConfig { loss, group_size: 3, ..config() };
+        let cfg = TrainConfig { match_loss: 1.0, ..plain_cfg.clone() };
+        let mut plain = Learner::new(tiny(true, 5), YES, NO, &plain_cfg, DType::F32).unwrap();
+        let mut l = Learner::new(tiny(true, 5), YES, NO, &cfg, DType::F32).unwrap();
+        l.set_matching(matching.clone());
+        let a = plain.accumulate(&data, &micro, micro.units, 0, false).unwrap();
+        let b = l.accumulate(&data, &micro, micro.units, 0, false).unwrap_or_else(|e| panic!("{loss:?}: {e}"));
+        assert!((a.loss - b.loss).abs() < 1e-5, "{loss:?}: {} vs {}", a.loss, b.loss);
+        assert!(a.loss > 0.0 && b.match_loss > 0.1, "{loss:?}: {} {}", a.loss, b.match_loss);
+    }
+}
+
+#[test]
 fn the_log_has_the_match_loss_only_when_it_is_on() {
     let (train_data, matching) = marked_store(16, 7);
     let (val, _) = marked_store(8, 8);

@@ -132,7 +132,7 @@ pub fn micro_loss(
     micro: &MicroBatch,
 ) -> Result<Tensor, TrainError> {
     let rows = &micro.rows;
-    let x = logit.to_dtype(DType::F32)?;
+    let x = logit.to_dtype(DType::F32)?.contiguous()?; // the match_loss path hands over a column view
     let device = x.device();
     let loss = match kind {
         LossKind::Bce => {
