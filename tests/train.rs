@@ -891,6 +891,16 @@ fn the_match_loss_works_with_every_loss() {
         let b = l.accumulate(&data, &micro, micro.units, 0, false).unwrap_or_else(|e| panic!("{loss:?}: {e}"));
         assert!((a.loss - b.loss).abs() < 1e-5, "{loss:?}: {} vs {}", a.loss, b.loss);
         assert!(a.loss > 0.0 && b.match_loss > 0.1, "{loss:?}: {} {}", a.loss, b.match_loss);
+        // ...and it is learned alongside every objective.
+        let mut losses = vec![b.match_loss];
+        l.apply(1e-2).unwrap();
+        for step in 1..40 {
+            losses.push(l.accumulate(&data, &micro, micro.units, step, false).unwrap().match_loss);
+            l.apply(1e-2).unwrap();
+        }
+        let last = *losses.last().unwrap();
+        eprintln!("{loss:?}: match loss {} → {last}", losses[0]);
+        assert!(last < 0.5 * losses[0], "{loss:?}: match loss {} → {last}", losses[0]);
     }
 }
 
