@@ -22,6 +22,9 @@ pub enum BenchCommand {
         device: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Sequence lengths of the Qwen3-0.6B-shaped layer check (comma-separated; empty: skip it).
+        #[arg(long = "real-seqs", value_delimiter = ',', default_value = "512,2048")]
+        real_seqs: Vec<usize>,
     },
     /// Time full fine-tuning steps (forward, backward, clipping, AdamW with f32 masters) of a Qwen3
     /// architecture with random weights on left-padded random batches; the PyTorch counterpart is
@@ -74,9 +77,38 @@ pub struct TrainStepArgs {
     /// the hand-written backward is measured against).
     #[arg(long)]
     autograd_layers: bool,
-    /// Peak dense TFLOPS of the device for MFU (H100 SXM bf16: 989).
-    #[arg(long, default_value_t = 989.0)]
-    peak_tflops: f64,
+    /// Peak dense bf16 TFLOP/s of the device for MFU; default: looked up from the GPU's name
+    /// (`peak_bf16_tflops`), no MFU for a GPU the table lacks.
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+}
+
+/// Training FLOPs per token, counted as benches/gpu/torch_step.py counts them so that both sides'
+/// MFU use one formula: 6 × (every non-embedding parameter + the two head rows the reranker
+/// computes; the embedding is a lookup and the rest of the vocabulary is never projected) plus
+/// attention's 12 × layers × heads × head_dim × T (QKᵀ and PV, forward and backward). Every T × T
+/// tile is counted, masked half included: no kernel on either side skips the causal half today, so
+/// halving it would flatter both.
+pub fn train_flops_per_token(cfg: &Qwen3Config, seq: usize) -> f64 {
+    let non_embedding: usize = cfg
+        .param_shapes()
+        .iter()
+        .filter(|(name, _)| name != "model.embed_tokens.weight" && name != "lm_head.weight")
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    let head_rows = 2 * cfg.hidden_size;
+    let attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq;
+    (6 * (non_embedding + head_rows) + attention) as f64
+}
+
+/// Dense bf16 peak TFLOP/s from the GPU's name (the vendor's figures without sparsity; the H200
+/// has the H100's SMs and clocks, only more and faster memory). None for a GPU not listed here:
+/// pass `--peak-tflops` rather than report an MFU against a guessed peak.
+pub fn peak_bf16_tflops(gpu_name: &str) -> Option<f64> {
+    [("H200", 989.0), ("H100", 989.0), ("A100", 312.0)]
+        .iter()
+        .find(|(key, _)| gpu_name.contains(key))
+        .map(|&(_, peak)| peak)
 }
 
 /// The process's peak resident memory (Linux `VmHWM`), the CPU's counterpart of peak GPU memory.
@@ -161,9 +193,11 @@ fn train_step(args: &TrainStepArgs) -> anyhow::Result<()> {
     sync(&dev)?;
     let t_forward = t0.elapsed().as_secs_f64();
     let n = steps.max(1) as f64;
-    let flops = 6.0 * params as f64 * tokens as f64
-        + 12.0 * cfg.num_hidden_layers as f64 * cfg.hidden_size as f64 * seq as f64 * tokens as f64;
+    let flops_per_token = train_flops_per_token(&cfg, seq);
+    let flops = flops_per_token * tokens as f64;
     let gpu = !dev.is_cpu();
+    let hardware = crate::model::device::hardware(&dev);
+    let peak_tflops = peak_tflops.or_else(|| if gpu { peak_bf16_tflops(&hardware) } else { None });
     println!(
         "{}",
         serde_json::json!({
@@ -172,7 +206,8 @@ fn train_step(args: &TrainStepArgs) -> anyhow::Result<()> {
             "tokens_per_sec": tokens as f64 / secs, "loss": last_loss, "recompute": recompute,
             "layers_differentiated": if autograd_layers { "autograd" } else { "by hand" },
             "phase_seconds": {"forward_backward": t_acc / n, "optimizer": t_apply / n, "forward_only": t_forward},
-            "mfu": if gpu { Some(flops / secs / (peak_tflops * 1e12)) } else { None },
+            "hardware": hardware, "flops_per_token": flops_per_token, "peak_tflops": peak_tflops,
+            "mfu": peak_tflops.filter(|_| gpu).map(|p| flops / secs / (p * 1e12)),
             "peak_rss_bytes": if gpu { None } else { peak_rss_bytes() },
         })
     );
@@ -354,6 +389,81 @@ fn attention_rel_diff(dtype: DType, dev: &Device) -> anyhow::Result<f64> {
         worst = want.iter().zip(&got).map(|(a, b)| max_rel(a, b)).fold(worst, f64::max);
     }
     Ok(worst)
+}
+
+/// Deterministic values in [-scale, scale] (no RNG, so every device gets the same inputs).
+fn pattern(n: usize, salt: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|i| (((i * 7919 + salt * 104_729) % 2003) as f32 - 1001.0) / 1001.0 * scale).collect()
+}
+
+/// What [`real_shape_diff`] measured at one sequence length: each figure is the largest difference
+/// relative to the reference tensor's largest value.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct RealShapeDiff {
+    seq: usize,
+    /// The layer's output in the compute dtype against the CPU in f32.
+    layer_output: f64,
+    /// The input's and all 11 parameters' gradients (hand-written backward, as training runs).
+    layer_grads: f64,
+    /// Attention alone in f32 on the device against the CPU: output, kept probabilities and the
+    /// gradients of both backward variants.
+    attention_f32: f64,
+}
+
+/// One Qwen3-0.6B-shaped decoder layer (hidden 1024, 16 heads × 128, 8 KV heads, intermediate
+/// 3072) on a left-padded batch of two sequences of SEQ tokens, on DEVICE in DTYPE against the CPU
+/// in f32. The model parity uses head_dim 16 and rows of 64, where a kernel that breaks at
+/// head_dim 128, at a long row or in bf16 accumulation over 2,048 keys cannot show; and it compares
+/// every gradient, not a loss, since a saturated loss hides a gradient bug.
+fn real_shape_diff(seq: usize, dtype: DType, dev: &Device) -> anyhow::Result<RealShapeDiff> {
+    let mut cfg = arch("qwen3-0.6b")?;
+    cfg.num_hidden_layers = 1;
+    cfg.vocab_size = 16; // the layer never reads the embedding
+    let (b, t, h) = (2usize, seq, cfg.hidden_size);
+    let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    // The second sequence is left-padded by a quarter of its length.
+    let mask: Vec<u32> = (0..b * t).map(|i| u32::from(i % t >= (i / t) * (t / 4))).collect();
+    let layer = |dv: &Device, dt: DType| -> anyhow::Result<Vec<Vec<f32>>> {
+        let model = crate::model::random(&cfg, 7, dt, dv, false)?;
+        let shared = model.layer_inputs(t, &Tensor::from_vec(mask.clone(), (b, t), dv)?)?;
+        let x = Tensor::from_vec(pattern(b * t * h, 1, 1.0), (b, t, h), dv)?.to_dtype(dt)?;
+        let g = Tensor::from_vec(pattern(b * t * h, 2, 1e-2), (b, t, h), dv)?.to_dtype(dt)?;
+        let (y, tape) = model.layer_taped(0, &x, &shared)?;
+        let (dx, mut grads) = model.layer_backward(tape, &g)?;
+        grads.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out = vec![y, dx];
+        out.extend(grads.into_iter().map(|(_, g)| g));
+        out.iter().map(|x| Ok(x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?)).collect()
+    };
+    let (want, got) = (layer(&Device::Cpu, DType::F32)?, layer(dev, dtype)?);
+    if want.len() != 13 || got.len() != 13 {
+        anyhow::bail!(
+            "the layer backward returned {} and {} gradients, expected 11 each",
+            want.len() - 2,
+            got.len() - 2
+        );
+    }
+    let layer_output = max_rel(&want[0], &got[0]);
+    let layer_grads = want[1..].iter().zip(&got[1..]).map(|(a, b)| max_rel(a, b)).fold(0.0, f64::max);
+    let attention = |dv: &Device| -> anyhow::Result<Vec<Vec<f32>>> {
+        use crate::model::fused;
+        let scale = 1.0 / (d as f64).sqrt();
+        let q = Tensor::from_vec(pattern(b * nh * t * d, 3, 1.0), (b, nh, t, d), dv)?;
+        let k = Tensor::from_vec(pattern(b * nkv * t * d, 4, 1.0), (b, nkv, t, d), dv)?;
+        let v = Tensor::from_vec(pattern(b * nkv * t * d, 5, 1.0), (b, nkv, t, d), dv)?;
+        let g = Tensor::from_vec(pattern(b * nh * t * d, 6, 1.0), (b, nh, t, d), dv)?;
+        let bias = crate::model::ops::attention_bias(&Tensor::from_vec(mask.clone(), (b, t), dv)?)?;
+        let (out, p) = fused::attention_forward_keeping_probs(&q, &k, &v, &bias, scale)?;
+        let (dq, dk, dv_) = fused::attention_backward_from_probs(&q, &k, &v, &p, scale, &g)?;
+        let (dq2, dk2, dv2) = fused::attention_backward(&q, &k, &v, &bias, scale, &g)?;
+        [out, p, dq, dk, dv_, dq2, dk2, dv2]
+            .iter()
+            .map(|x| Ok(x.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?))
+            .collect()
+    };
+    let (want, got) = (attention(&Device::Cpu)?, attention(dev)?);
+    let attention_f32 = want.iter().zip(&got).map(|(a, b)| max_rel(a, b)).fold(0.0, f64::max);
+    Ok(RealShapeDiff { seq, layer_output, layer_grads, attention_f32 })
 }
 
 fn max_rel(a: &[f32], b: &[f32]) -> f64 {
@@ -613,7 +723,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Kernels => kernels(),
         BenchCommand::TrainStep(args) => train_step(&args),
         BenchCommand::Layer(args) => layer(&args),
-        BenchCommand::Parity { device, seed } => {
+        BenchCommand::Parity { device, seed, real_seqs } => {
             let dev = parse_device(&device)?;
             // Small enough to run anywhere, large enough for GQA, several layers and the real vocabulary.
             let cfg = Qwen3Config::tiny(151_669, 64, 128, 3, 4, 2, 16, false);
@@ -643,6 +753,21 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                         && attention_err <= tol_grad,
                 });
             }
+            // Qwen3-0.6B's shapes: the layer in bf16 within bf16 tolerance, attention in f32 within 1e-4.
+            let (tol_out, tol_grads, tol_attention) = (5e-2, 1e-1, 1e-4);
+            let mut real = Vec::new();
+            for seq in real_seqs {
+                let r = real_shape_diff(seq, DType::BF16, &dev)?;
+                let pass = r.layer_output <= tol_out && r.layer_grads <= tol_grads && r.attention_f32 <= tol_attention;
+                real.push(serde_json::json!({"diff": r, "pass": pass}));
+            }
+            let real_pass = real.iter().all(|r| r["pass"] == true);
+            report["real_shapes"] = serde_json::json!({
+                "layer": "hidden 1024, 16 heads x 128, 8 KV heads, intermediate 3072; batch 2, second left-padded by T/4",
+                "layer_dtype": "bf16", "reference": "CPU f32",
+                "tolerance": {"layer_output": tol_out, "layer_grads": tol_grads, "attention_f32": tol_attention},
+                "runs": real, "pass": real_pass,
+            });
             let adamw_err = fused_adamw_diff(&dev)?;
             report["fused_adamw"] = serde_json::json!({
                 "max_abs_diff": adamw_err, "tolerance": 1e-6, "pass": adamw_err <= 1e-6,
@@ -659,7 +784,8 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 && report["f32"]["pass"] == true
                 && report["bf16"]["pass"] == true
                 && report["fused_adamw"]["pass"] == true
-                && report["scatter_and_write_back"]["pass"] == true;
+                && report["scatter_and_write_back"]["pass"] == true
+                && real_pass;
             report["pass"] = pass.into();
             println!("{report}");
             if !pass {
@@ -667,5 +793,47 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn train_flops_count_non_embedding_parameters_the_head_rows_and_full_attention() {
+        // Qwen3-0.6B: 440,467,456 non-embedding parameters (its model card says 0.44B), tied head.
+        let cfg = arch("qwen3-0.6b").unwrap();
+        let attention = 12.0 * 28.0 * 16.0 * 128.0 * 512.0;
+        assert_eq!(train_flops_per_token(&cfg, 512), 6.0 * (440_467_456.0 + 2048.0) + attention);
+        // The same figure benches/gpu/torch_step.py's flops_per_token("qwen3-0.6b", 512) prints.
+        assert_eq!(train_flops_per_token(&cfg, 512), 2_995_138_560.0);
+        // An untied head is not counted either: only the yes/no rows are projected.
+        let mut untied = cfg.clone();
+        untied.tie_word_embeddings = false;
+        assert_eq!(train_flops_per_token(&untied, 512), train_flops_per_token(&cfg, 512));
+        // Attention grows with T, the rest does not.
+        let d = train_flops_per_token(&cfg, 2048) - train_flops_per_token(&cfg, 512);
+        assert_eq!(d, 12.0 * 28.0 * 16.0 * 128.0 * 1536.0);
+    }
+
+    #[test]
+    fn the_peak_is_looked_up_from_the_gpu_name_and_unknown_gpus_get_none() {
+        assert_eq!(peak_bf16_tflops("NVIDIA H200 (cuda:0), host CPU x"), Some(989.0));
+        assert_eq!(peak_bf16_tflops("NVIDIA H100 80GB HBM3"), Some(989.0));
+        assert_eq!(peak_bf16_tflops("NVIDIA A100-SXM4-80GB"), Some(312.0));
+        assert_eq!(peak_bf16_tflops("Tesla T4"), None);
+    }
+
+    #[test]
+    fn the_real_shape_check_measures_bf16_against_f32_within_its_tolerance() {
+        // On the CPU the device side is the CPU itself: in f32 the figures must be exactly 0, in bf16
+        // they must be non-zero (something was compared) and within the tolerance the GPU is held to.
+        let f32 = real_shape_diff(16, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!((f32.layer_output, f32.layer_grads, f32.attention_f32), (0.0, 0.0, 0.0));
+        let bf16 = real_shape_diff(16, DType::BF16, &Device::Cpu).unwrap();
+        assert!(bf16.layer_output > 1e-4 && bf16.layer_output <= 5e-2, "{bf16:?}");
+        assert!(bf16.layer_grads > 1e-4 && bf16.layer_grads <= 1e-1, "{bf16:?}");
+        assert_eq!(bf16.attention_f32, 0.0);
     }
 }
