@@ -10,6 +10,7 @@
 //! AdamW op's CPU twin is the optimizer's own loop ([`crate::train::optim::adamw_dense`]).
 //!
 //! - [`softmax`]: the attention softmax with its mask, and its two backward passes.
+//! - [`flash`]: attention tiled with an online softmax, forward and backward, never holding `T × T`.
 //! - [`norm`]: RMSNorm's backward (input gradient; the weight gradient's partial sums).
 //! - [`norm_rope`]: per-head RMSNorm, RoPE and the move to attention's layout, both ways.
 //! - [`swiglu`]: the MLP's gate `silu(gate) · up`, both ways.
@@ -24,6 +25,7 @@
 use candle_core::{CpuStorage, Layout, Result};
 
 pub mod adamw;
+pub mod flash;
 #[cfg(feature = "cuda")]
 pub mod launch;
 pub mod norm;
