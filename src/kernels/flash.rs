@@ -31,6 +31,7 @@
 //! queries that sums `dQ` over the key tiles; no atomic adds, at the cost of computing the scores
 //! and `dP` twice. `D_i = Σ_d dO_id · O_id` is computed once before both.
 
+use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 /// Query rows per tile (the CUDA kernel: 4 warps of 16 rows).
@@ -50,7 +51,7 @@ pub struct Dims {
 }
 
 impl Dims {
-    pub fn check(&self, q: usize, k: usize, v: usize, mask: usize) -> Result<(), String> {
+    pub fn check(&self, q: usize, k: usize, v: usize, mask: usize) -> std::result::Result<(), String> {
         let Dims { b, heads, kv_heads, t, d } = *self;
         if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
             return Err(format!("flash attention: {heads} query heads is not a multiple of {kv_heads} KV heads"));
@@ -273,6 +274,624 @@ pub fn backward(
     (dq, dk, dv)
 }
 
+/// The shapes of `q`, `k`, `v` and `mask` as [`Dims`], checked.
+fn tensor_dims(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Dims> {
+    let (b, heads, t, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let dims = Dims { b, heads, kv_heads, t, d };
+    if k.dims() != [b, kv_heads, t, d] || v.dims() != k.dims() || mask.dims() != [b, t] {
+        candle_core::bail!(
+            "flash attention: q {:?}, k {:?}, v {:?}, mask {:?}; expected [B, H, T, D], [B, KV, T, D] twice and [B, T]",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            mask.dims()
+        );
+    }
+    dims.check(q.elem_count(), k.elem_count(), v.elem_count(), mask.elem_count()).map_err(candle_core::Error::Msg)?;
+    Ok(dims)
+}
+
+fn host(x: &Tensor) -> Result<Vec<f32>> {
+    x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()
+}
+
+/// `(out [b, heads, t, d] in q's dtype, lse [b, heads, t] in f32)` of masked causal attention,
+/// `mask: [b, t]` with 1 for real tokens (any dtype). No graph: the caller keeps `out` and `lse` for
+/// [`attention_backward`]. On a CUDA device the tensor-core kernels run (bf16 or f16, head_dim 64
+/// or 128; see [`cuda::supports`]); elsewhere the CPU loops above, in f32.
+pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    let dims = tensor_dims(q, k, v, mask)?;
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return cuda::forward(q, k, v, mask, dims, scale as f32);
+    }
+    let (o, l) = forward(&host(q)?, &host(k)?, &host(v)?, &host(mask)?, dims, scale as f32);
+    let Dims { b, heads, t, d, .. } = dims;
+    let out = Tensor::from_vec(o, (b, heads, t, d), q.device())?.to_dtype(q.dtype())?;
+    Ok((out, Tensor::from_vec(l, (b, heads, t), q.device())?))
+}
+
+/// `(dq, dk, dv)` of [`attention_forward`] for the output gradient `dout`, in q's dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dims = tensor_dims(q, k, v, mask)?;
+    if out.dims() != q.dims() || dout.dims() != q.dims() || lse.dims() != &q.dims()[..3] {
+        candle_core::bail!(
+            "flash attention backward: out {:?}, dout {:?} and lse {:?} must be q's shape {:?} (lse without D)",
+            out.dims(),
+            dout.dims(),
+            lse.dims(),
+            q.dims()
+        );
+    }
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        // D_i = Σ dO ⊙ O, once, in f32.
+        let delta = (dout.to_dtype(DType::F32)? * out.to_dtype(DType::F32)?)?.sum(3)?;
+        return cuda::backward(q, k, v, mask, lse, &delta, dout, dims, scale as f32);
+    }
+    let (dq, dk, dv) = backward(
+        &host(q)?,
+        &host(k)?,
+        &host(v)?,
+        &host(mask)?,
+        &host(out)?,
+        &host(lse)?,
+        &host(dout)?,
+        dims,
+        scale as f32,
+    );
+    let back = |x: Vec<f32>, like: &Tensor| Tensor::from_vec(x, like.shape(), like.device())?.to_dtype(like.dtype());
+    Ok((back(dq, q)?, back(dk, k)?, back(dv, v)?))
+}
+
+/// Whether the CUDA kernels take `dtype` at `head_dim` (false in a build without CUDA).
+pub fn cuda_supports(dtype: DType, head_dim: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    return cuda::supports(dtype, head_dim);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (dtype, head_dim);
+        false
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub mod cuda {
+    //! FlashAttention-2 on tensor cores: `mma.sync.m16n8k16` with bf16 or f16 operands and f32
+    //! accumulators (sm_80 and later: A100, H100, H200).
+    //!
+    //! Why mma.sync and not Hopper's wgmma: wgmma needs sm_90a, shared-memory matrix descriptors,
+    //! asynchronous warpgroup pipelines and (to pay off) TMA loads — a kernel several times this
+    //! size that only a Hopper can run, where this one runs on every GPU since Ampere and is what
+    //! FlashAttention-2 itself uses. A block is 4 warps; each warp owns 16 query rows (forward, dQ)
+    //! or 16 keys (dK, dV). The fragment layouts are the PTX ISA's for m16n8k16: lane `g = lane / 4`,
+    //! `c = lane % 4`; A holds rows g and g + 8, columns 2c, 2c + 1, 2c + 8, 2c + 9; B holds
+    //! column g, rows 2c, 2c + 1, 2c + 8, 2c + 9; C holds rows g and g + 8, columns 2c and 2c + 1.
+    //! A C tile of scores becomes the A operand of the next product without leaving registers.
+
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::op::BackpropOp;
+    use candle_core::{CudaStorage, DType, Result, Storage, StorageRef, Tensor};
+
+    use super::{Dims, BLOCK_K, BLOCK_Q};
+    use crate::kernels::launch::{for_float_dtype, launch, Module, FLOAT_TYPES};
+
+    const SOURCE: &str = r#"
+#define BQ 64
+#define BK 64
+#define QC 32
+#define PAD 8
+#define FULL 0xffffffffu
+#define NEG_MAX (-3.402823466e38f)
+template <typename D> struct Mma;
+template <> struct Mma<BF16> {
+  static __device__ __forceinline__ void run(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } };
+template <> struct Mma<F16> {
+  static __device__ __forceinline__ void run(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } };
+__device__ __forceinline__ unsigned pack(u16 lo, u16 hi) { return (unsigned)lo | ((unsigned)hi << 16); }
+/* Two adjacent elements of row `r` (0 past the end) as one operand register. */
+__device__ __forceinline__ unsigned load2(const u16* base, int r, int col, int t, int hd) {
+  return r < t ? *(const unsigned*)(base + (long long)r * hd + col) : 0u;
+}
+/* The sequence's first real token (t when none), for the whole block. */
+__device__ int first_real(const float* m, int t, int* slot) {
+  if (threadIdx.x == 0) *slot = t;
+  __syncthreads();
+  for (int j = threadIdx.x; j < t; j += blockDim.x) if (m[j] != 0.0f) { atomicMin(slot, j); break; }
+  __syncthreads();
+  return *slot;
+}
+/* The module doc's rule, block-uniform (every thread must call it). */
+__device__ bool skip_tile(int i0, int j0, int t, int first, const float* m) {
+  int i_last = min(i0 + BQ, t) - 1;
+  int j = j0 + (int)threadIdx.x;
+  bool real = threadIdx.x < BK && j < t && m[j] != 0.0f;
+  bool any_real = __syncthreads_or(real) != 0;
+  return i0 >= first && (j0 > i_last || !any_real);
+}
+/* Score of row i and key j; `live` is false past the sequence's end. */
+__device__ __forceinline__ float score(float dot, float scale, int i, int j, int t, int first, const float* m, bool* live) {
+  *live = j < t;
+  if (j >= t) return NEG_MAX;
+  if (i < first) return 0.0f;
+  return (j <= i && m[j] != 0.0f) ? dot * scale : NEG_MAX;
+}
+/* rows x HD elements from global rows [r0, r0 + rows) to shared memory, zeros past t. */
+template <int HD>
+__device__ void tile_load(u16 (*dst)[HD + PAD], const u16* src, int r0, int rows, int t) {
+  for (int e = threadIdx.x; e < rows * HD / 8; e += blockDim.x) {
+    int r = e / (HD / 8), c = (e % (HD / 8)) * 8;
+    uint4 x = make_uint4(0u, 0u, 0u, 0u);
+    if (r0 + r < t) x = *(const uint4*)(src + (long long)(r0 + r) * HD + c);
+    *(uint4*)&dst[r][c] = x;
+  }
+}
+/* A fragments of 16 rows [r0, r0 + 16) x HD from global memory. */
+template <int HD>
+__device__ void frag_rows(unsigned (*a)[4], const u16* base, int r0, int t) {
+  int g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
+  for (int kk = 0; kk < HD / 16; ++kk) {
+    int col = kk * 16 + c * 2;
+    a[kk][0] = load2(base, r0 + g, col, t, HD);
+    a[kk][1] = load2(base, r0 + g + 8, col, t, HD);
+    a[kk][2] = load2(base, r0 + g, col + 8, t, HD);
+    a[kk][3] = load2(base, r0 + g + 8, col + 8, t, HD);
+  }
+}
+/* The A operand of keys (or queries) [16 kk, 16 kk + 16) from a C tile pair, rounded to D. */
+template <typename D>
+__device__ __forceinline__ void c_to_a(unsigned* a, const float* c0, const float* c1) {
+  a[0] = pack(D::from(c0[0]), D::from(c0[1]));
+  a[1] = pack(D::from(c0[2]), D::from(c0[3]));
+  a[2] = pack(D::from(c1[0]), D::from(c1[1]));
+  a[3] = pack(D::from(c1[2]), D::from(c1[3]));
+}
+/* B operand from a row-major shared tile read down its rows: rows k0 + 2c, +1, +8, +9 of column n. */
+template <int HD>
+__device__ __forceinline__ void b_down(unsigned* b, u16 (*s)[HD + PAD], int k0, int n) {
+  int c = threadIdx.x & 3;
+  b[0] = pack(s[k0 + 2 * c][n], s[k0 + 2 * c + 1][n]);
+  b[1] = pack(s[k0 + 2 * c + 8][n], s[k0 + 2 * c + 9][n]);
+}
+/* B operand from a row-major shared tile read along row n: columns k0 + 2c, +1 and k0 + 2c + 8, +9. */
+template <int HD>
+__device__ __forceinline__ void b_along(unsigned* b, u16 (*s)[HD + PAD], int k0, int n) {
+  int c = threadIdx.x & 3;
+  b[0] = *(const unsigned*)&s[n][k0 + 2 * c];
+  b[1] = *(const unsigned*)&s[n][k0 + 2 * c + 8];
+}
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(FULL, x, 1));
+  return fmaxf(x, __shfl_xor_sync(FULL, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(FULL, x, 1);
+  return x + __shfl_xor_sync(FULL, x, 2);
+}
+
+/* Grid (query tiles, heads, batch), 128 threads. */
+template <typename D, int HD>
+__device__ void flash_fwd(const u16* q, const u16* k, const u16* v, const float* mask, u16* out, float* lse,
+                          int heads, int kv_heads, int t, float scale) {
+  __shared__ __align__(16) u16 ks[BK][HD + PAD];
+  __shared__ __align__(16) u16 vs[BK][HD + PAD];
+  __shared__ int first_slot;
+  const int h = blockIdx.y, b = blockIdx.z, kvh = h / (heads / kv_heads);
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
+  const int i0 = blockIdx.x * BQ, r0 = i0 + warp * 16 + g, rows[2] = {r0, r0 + 8};
+  const float* m = mask + (long long)b * t;
+  const int first = first_real(m, t, &first_slot);
+  const u16* qb = q + (long long)(b * heads + h) * t * HD;
+  const u16* kb = k + (long long)(b * kv_heads + kvh) * t * HD;
+  const u16* vb = v + (long long)(b * kv_heads + kvh) * t * HD;
+  unsigned qa[HD / 16][4];
+  frag_rows<HD>(qa, qb, i0 + warp * 16, t);
+  float o[HD / 8][4];
+  for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float mx[2] = {NEG_MAX, NEG_MAX}, l[2] = {0.0f, 0.0f};
+  for (int j0 = 0; j0 < t; j0 += BK) {
+    if (skip_tile(i0, j0, t, first, m)) continue;
+    __syncthreads();
+    tile_load<HD>(ks, kb, j0, BK, t);
+    tile_load<HD>(vs, vb, j0, BK, t);
+    __syncthreads();
+    float s[BK / 8][4];
+    for (int n = 0; n < BK / 8; ++n) {
+      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+      for (int kk = 0; kk < HD / 16; ++kk) { unsigned bb[2]; b_along<HD>(bb, ks, kk * 16, n * 8 + g); Mma<D>::run(s[n], qa[kk], bb[0], bb[1]); }
+    }
+    float tmax[2] = {NEG_MAX, NEG_MAX};
+    bool live[BK / 8][4];
+    for (int n = 0; n < BK / 8; ++n)
+      for (int e = 0; e < 4; ++e) {
+        int i = rows[e >> 1], j = j0 + n * 8 + 2 * c + (e & 1);
+        s[n][e] = score(s[n][e], scale, i, j, t, first, m, &live[n][e]);
+        if (live[n][e]) tmax[e >> 1] = fmaxf(tmax[e >> 1], s[n][e]);
+      }
+    float corr[2];
+    for (int r = 0; r < 2; ++r) {
+      float mnew = fmaxf(mx[r], quad_max(tmax[r]));
+      corr[r] = expf(mx[r] - mnew);
+      mx[r] = mnew;
+      l[r] *= corr[r];
+    }
+    for (int n = 0; n < BK / 8; ++n)
+      for (int e = 0; e < 4; ++e) {
+        float p = live[n][e] ? expf(s[n][e] - mx[e >> 1]) : 0.0f;
+        s[n][e] = p;
+        l[e >> 1] += p;
+      }
+    for (int n = 0; n < HD / 8; ++n) { o[n][0] *= corr[0]; o[n][1] *= corr[0]; o[n][2] *= corr[1]; o[n][3] *= corr[1]; }
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      unsigned a[4];
+      c_to_a<D>(a, s[2 * kk], s[2 * kk + 1]);
+      for (int n = 0; n < HD / 8; ++n) { unsigned bb[2]; b_down<HD>(bb, vs, kk * 16, n * 8 + g); Mma<D>::run(o[n], a, bb[0], bb[1]); }
+    }
+  }
+  for (int r = 0; r < 2; ++r) {
+    float sum = quad_sum(l[r]);
+    int i = rows[r];
+    if (i < t) {
+      u16* orow = out + ((long long)(b * heads + h) * t + i) * HD;
+      for (int n = 0; n < HD / 8; ++n) {
+        orow[n * 8 + 2 * c] = D::from(o[n][2 * r] / sum);
+        orow[n * 8 + 2 * c + 1] = D::from(o[n][2 * r + 1] / sum);
+      }
+      if (c == 0) lse[(long long)(b * heads + h) * t + i] = mx[r] + logf(sum);
+    }
+  }
+}
+
+/* dQ. Grid (query tiles, heads, batch), 128 threads; delta = rowsum(dO * O) in f32. */
+template <typename D, int HD>
+__device__ void flash_bwd_dq(const u16* q, const u16* k, const u16* v, const float* mask, const float* lse,
+                             const float* delta, const u16* dout, u16* dq, int heads, int kv_heads, int t, float scale) {
+  __shared__ __align__(16) u16 ks[BK][HD + PAD];
+  __shared__ __align__(16) u16 vs[BK][HD + PAD];
+  __shared__ int first_slot;
+  const int h = blockIdx.y, b = blockIdx.z, kvh = h / (heads / kv_heads);
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
+  const int i0 = blockIdx.x * BQ, r0 = i0 + warp * 16 + g, rows[2] = {r0, r0 + 8};
+  const float* m = mask + (long long)b * t;
+  const int first = first_real(m, t, &first_slot);
+  const long long head = (long long)(b * heads + h) * t;
+  const u16* kb = k + (long long)(b * kv_heads + kvh) * t * HD;
+  const u16* vb = v + (long long)(b * kv_heads + kvh) * t * HD;
+  unsigned qa[HD / 16][4], da[HD / 16][4];
+  frag_rows<HD>(qa, q + head * HD, i0 + warp * 16, t);
+  frag_rows<HD>(da, dout + head * HD, i0 + warp * 16, t);
+  float row_lse[2], row_delta[2];
+  for (int r = 0; r < 2; ++r) {
+    row_lse[r] = rows[r] < t ? lse[head + rows[r]] : 0.0f;
+    row_delta[r] = rows[r] < t ? delta[head + rows[r]] : 0.0f;
+  }
+  float acc[HD / 8][4];
+  for (int n = 0; n < HD / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+  for (int j0 = 0; j0 < t; j0 += BK) {
+    if (skip_tile(i0, j0, t, first, m)) continue;
+    __syncthreads();
+    tile_load<HD>(ks, kb, j0, BK, t);
+    tile_load<HD>(vs, vb, j0, BK, t);
+    __syncthreads();
+    float s[BK / 8][4], dp[BK / 8][4];
+    for (int n = 0; n < BK / 8; ++n) {
+      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+      dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
+      for (int kk = 0; kk < HD / 16; ++kk) {
+        unsigned bb[2];
+        b_along<HD>(bb, ks, kk * 16, n * 8 + g); Mma<D>::run(s[n], qa[kk], bb[0], bb[1]);
+        b_along<HD>(bb, vs, kk * 16, n * 8 + g); Mma<D>::run(dp[n], da[kk], bb[0], bb[1]);
+      }
+      for (int e = 0; e < 4; ++e) {
+        int i = rows[e >> 1], j = j0 + n * 8 + 2 * c + (e & 1);
+        bool live;
+        float sc = score(s[n][e], scale, i, j, t, first, m, &live);
+        float p = (live && i < t) ? expf(sc - row_lse[e >> 1]) : 0.0f;
+        s[n][e] = p * (dp[n][e] - row_delta[e >> 1]);
+      }
+    }
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      unsigned a[4];
+      c_to_a<D>(a, s[2 * kk], s[2 * kk + 1]);
+      for (int n = 0; n < HD / 8; ++n) { unsigned bb[2]; b_down<HD>(bb, ks, kk * 16, n * 8 + g); Mma<D>::run(acc[n], a, bb[0], bb[1]); }
+    }
+  }
+  for (int r = 0; r < 2; ++r) {
+    if (rows[r] >= t) continue;
+    u16* row = dq + (head + rows[r]) * HD;
+    for (int n = 0; n < HD / 8; ++n) {
+      row[n * 8 + 2 * c] = D::from(acc[n][2 * r] * scale);
+      row[n * 8 + 2 * c + 1] = D::from(acc[n][2 * r + 1] * scale);
+    }
+  }
+}
+
+/* dK and dV. Grid (key tiles, KV heads, batch), 128 threads: each warp owns 16 keys and walks every
+   query head of its group and every query tile, QC rows at a time. */
+template <typename D, int HD>
+__device__ void flash_bwd_dkdv(const u16* q, const u16* k, const u16* v, const float* mask, const float* lse,
+                               const float* delta, const u16* dout, u16* dk, u16* dv, int heads, int kv_heads, int t,
+                               float scale) {
+  __shared__ __align__(16) u16 qs[QC][HD + PAD];
+  __shared__ __align__(16) u16 ds[QC][HD + PAD];
+  __shared__ float lse_s[QC], delta_s[QC];
+  __shared__ int first_slot;
+  const int kvh = blockIdx.y, b = blockIdx.z, group = heads / kv_heads;
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
+  const int j0 = blockIdx.x * BK, c0 = j0 + warp * 16 + g, keys[2] = {c0, c0 + 8};
+  const float* m = mask + (long long)b * t;
+  const int first = first_real(m, t, &first_slot);
+  const long long kvrow = (long long)(b * kv_heads + kvh) * t;
+  unsigned ka[HD / 16][4], va[HD / 16][4];
+  frag_rows<HD>(ka, k + kvrow * HD, j0 + warp * 16, t);
+  frag_rows<HD>(va, v + kvrow * HD, j0 + warp * 16, t);
+  float gk[HD / 8][4], gv[HD / 8][4];
+  for (int n = 0; n < HD / 8; ++n)
+    for (int e = 0; e < 4; ++e) gk[n][e] = gv[n][e] = 0.0f;
+  for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
+    const long long head = (long long)(b * heads + h) * t;
+    for (int i0 = 0; i0 < t; i0 += BQ) {
+      if (skip_tile(i0, j0, t, first, m)) continue;
+      for (int ic = i0; ic < min(i0 + BQ, t); ic += QC) {
+        __syncthreads();
+        tile_load<HD>(qs, q + head * HD, ic, QC, t);
+        tile_load<HD>(ds, dout + head * HD, ic, QC, t);
+        if (threadIdx.x < QC) {
+          int i = ic + threadIdx.x;
+          lse_s[threadIdx.x] = i < t ? lse[head + i] : 0.0f;
+          delta_s[threadIdx.x] = i < t ? delta[head + i] : 0.0f;
+        }
+        __syncthreads();
+        /* Transposed scores and dP: rows are this warp's keys, columns the chunk's queries. */
+        float st[QC / 8][4], dpt[QC / 8][4];
+        for (int n = 0; n < QC / 8; ++n) {
+          for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.0f;
+          for (int kk = 0; kk < HD / 16; ++kk) {
+            unsigned bb[2];
+            b_along<HD>(bb, qs, kk * 16, n * 8 + g); Mma<D>::run(st[n], ka[kk], bb[0], bb[1]);
+            b_along<HD>(bb, ds, kk * 16, n * 8 + g); Mma<D>::run(dpt[n], va[kk], bb[0], bb[1]);
+          }
+          for (int e = 0; e < 4; ++e) {
+            int jj = keys[e >> 1], col = n * 8 + 2 * c + (e & 1), i = ic + col;
+            bool live;
+            float sc = score(st[n][e], scale, i, jj, t, first, m, &live);
+            float p = (live && i < t) ? expf(sc - lse_s[col]) : 0.0f;
+            st[n][e] = p;
+            dpt[n][e] = p * (dpt[n][e] - delta_s[col]);
+          }
+        }
+        for (int kk = 0; kk < QC / 16; ++kk) {
+          unsigned ap[4], as[4];
+          c_to_a<D>(ap, st[2 * kk], st[2 * kk + 1]);
+          c_to_a<D>(as, dpt[2 * kk], dpt[2 * kk + 1]);
+          for (int n = 0; n < HD / 8; ++n) {
+            unsigned bb[2];
+            b_down<HD>(bb, ds, kk * 16, n * 8 + g); Mma<D>::run(gv[n], ap, bb[0], bb[1]);
+            b_down<HD>(bb, qs, kk * 16, n * 8 + g); Mma<D>::run(gk[n], as, bb[0], bb[1]);
+          }
+        }
+      }
+    }
+  }
+  for (int r = 0; r < 2; ++r) {
+    if (keys[r] >= t) continue;
+    u16* krow = dk + (kvrow + keys[r]) * HD;
+    u16* vrow = dv + (kvrow + keys[r]) * HD;
+    for (int n = 0; n < HD / 8; ++n)
+      for (int e = 0; e < 2; ++e) {
+        krow[n * 8 + 2 * c + e] = D::from(gk[n][2 * r + e] * scale);
+        vrow[n * 8 + 2 * c + e] = D::from(gv[n][2 * r + e]);
+      }
+  }
+}
+
+#define FLASH(NAME, D, HD) \
+extern "C" __global__ void __launch_bounds__(128) pipe_flash_fwd_##NAME##_d##HD(const u16* q, const u16* k, \
+    const u16* v, const float* mask, u16* out, float* lse, int heads, int kv_heads, int t, float scale) \
+  { flash_fwd<D, HD>(q, k, v, mask, out, lse, heads, kv_heads, t, scale); } \
+extern "C" __global__ void __launch_bounds__(128) pipe_flash_bwd_dq_##NAME##_d##HD(const u16* q, const u16* k, \
+    const u16* v, const float* mask, const float* lse, const float* delta, const u16* dout, u16* dq, int heads, \
+    int kv_heads, int t, float scale) \
+  { flash_bwd_dq<D, HD>(q, k, v, mask, lse, delta, dout, dq, heads, kv_heads, t, scale); } \
+extern "C" __global__ void __launch_bounds__(128) pipe_flash_bwd_dkdv_##NAME##_d##HD(const u16* q, const u16* k, \
+    const u16* v, const float* mask, const float* lse, const float* delta, const u16* dout, u16* dk, u16* dv, \
+    int heads, int kv_heads, int t, float scale) \
+  { flash_bwd_dkdv<D, HD>(q, k, v, mask, lse, delta, dout, dk, dv, heads, kv_heads, t, scale); }
+FLASH(bf16, BF16, 64)
+FLASH(bf16, BF16, 128)
+FLASH(f16, F16, 64)
+FLASH(f16, F16, 128)
+"#;
+
+    /// The instantiated dtypes and head dims.
+    const DTYPES: [&str; 2] = ["bf16", "f16"];
+    const HEAD_DIMS: [usize; 2] = [64, 128];
+    const BASES: [&str; 3] = ["pipe_flash_fwd", "pipe_flash_bwd_dq", "pipe_flash_bwd_dkdv"];
+
+    pub static MODULE: Module = Module::new_for_arch(
+        "flash",
+        "FlashAttention kernels",
+        &[FLOAT_TYPES, SOURCE],
+        || {
+            Ok(BASES
+                .iter()
+                .flat_map(|b| DTYPES.iter().flat_map(move |t| HEAD_DIMS.iter().map(move |d| format!("{b}_{t}_d{d}"))))
+                .collect())
+        },
+        "compute_80",
+    );
+
+    /// Whether the kernels take these inputs: bf16 or f16, head_dim 64 or 128.
+    pub fn supports(dtype: DType, head_dim: usize) -> bool {
+        matches!(dtype, DType::BF16 | DType::F16) && HEAD_DIMS.contains(&head_dim)
+    }
+
+    fn kernel_name(base: &str, dtype: DType, d: usize) -> String {
+        format!("{base}_{}_d{d}", if dtype == DType::BF16 { "bf16" } else { "f16" })
+    }
+
+    /// A contiguous tensor's storage, start offset and length; the 16-byte loads need a start at a
+    /// multiple of 8 elements.
+    fn view<'a>(x: &'a Tensor, what: &str) -> Result<(StorageRef<'a>, usize)> {
+        let (storage, layout) = x.storage_and_layout();
+        let start = crate::kernels::contiguous_start(layout, "flash attention", what)?;
+        if start % 8 != 0 {
+            candle_core::bail!("flash attention: {what} starts at element {start}, not a multiple of 8");
+        }
+        Ok((storage, start))
+    }
+
+    fn cuda(s: &Storage) -> Result<&CudaStorage> {
+        match s {
+            Storage::Cuda(s) => Ok(s),
+            _ => candle_core::bail!("flash attention: every input must be on the same CUDA device"),
+        }
+    }
+
+    fn wrap(s: CudaStorage, shape: &[usize]) -> Tensor {
+        Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
+    }
+
+    fn config(blocks: (usize, usize, usize)) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (blocks.0 as u32, blocks.1 as u32, blocks.2 as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    pub(super) fn forward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        dims: Dims,
+        scale: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        let Dims { b, heads, kv_heads, t, d } = dims;
+        if !supports(q.dtype(), d) || k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+            candle_core::bail!(
+                "flash attention: {:?} with head_dim {d} is not supported (bf16 or f16; 64 or 128)",
+                q.dtype()
+            );
+        }
+        let mask = mask.to_dtype(DType::F32)?.contiguous()?;
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let ((sq, oq), (sk, ok), (sv, ov), (sm, om)) =
+            (view(&q, "q")?, view(&k, "k")?, view(&v, "v")?, view(&mask, "mask")?);
+        let (sq, sk, sv, sm) = (cuda(&sq)?, cuda(&sk)?, cuda(&sv)?, cuda(&sm)?);
+        let dev = &sq.device;
+        let func = MODULE.kernel(dev, &kernel_name("pipe_flash_fwd", q.dtype(), d))?;
+        let (nq, nk) = (b * heads * t * d, b * kv_heads * t * d);
+        let cfg = config((t.div_ceil(BLOCK_Q), heads, b));
+        let (h32, kv32, t32) = (heads as i32, kv_heads as i32, t as i32);
+        let ms = sm.as_cuda_slice::<f32>()?.slice(om..om + b * t);
+        // SAFETY: every row < t of every (sequence, head) is written by its block.
+        let lse = unsafe { dev.alloc::<f32>(b * heads * t)? };
+        macro_rules! run {
+            ($ty:ty) => {{
+                let qs = sq.as_cuda_slice::<$ty>()?.slice(oq..oq + nq);
+                let kss = sk.as_cuda_slice::<$ty>()?.slice(ok..ok + nk);
+                let vs = sv.as_cuda_slice::<$ty>()?.slice(ov..ov + nk);
+                // SAFETY: as above.
+                let out = unsafe { dev.alloc::<$ty>(nq)? };
+                // SAFETY: arguments in the kernel's order and types; blocks index rows < t only.
+                unsafe { launch!(func, cfg, [&qs, &kss, &vs, &ms, &out, &lse, &h32, &kv32, &t32, &scale]) }?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = for_float_dtype!(q.dtype(), run);
+        let lse = CudaStorage::wrap_cuda_slice(lse, dev.clone());
+        Ok((wrap(out, &[b, heads, t, d]), wrap(lse, &[b, heads, t])))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        lse: &Tensor,
+        delta: &Tensor,
+        dout: &Tensor,
+        dims: Dims,
+        scale: f32,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let Dims { b, heads, kv_heads, t, d } = dims;
+        if !supports(q.dtype(), d) || [k.dtype(), v.dtype(), dout.dtype()].iter().any(|&x| x != q.dtype()) {
+            candle_core::bail!(
+                "flash attention backward: {:?} with head_dim {d} is not supported (bf16 or f16; 64 or 128)",
+                q.dtype()
+            );
+        }
+        let mask = mask.to_dtype(DType::F32)?.contiguous()?;
+        let (lse, delta) = (lse.to_dtype(DType::F32)?.contiguous()?, delta.to_dtype(DType::F32)?.contiguous()?);
+        let (q, k, v, dout) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, dout.contiguous()?);
+        let ((sq, oq), (sk, ok), (sv, ov), (sg, og)) =
+            (view(&q, "q")?, view(&k, "k")?, view(&v, "v")?, view(&dout, "dout")?);
+        let ((sm, om), (sl, ol), (sd, od)) = (view(&mask, "mask")?, view(&lse, "lse")?, view(&delta, "delta")?);
+        let (sq, sk, sv, sg) = (cuda(&sq)?, cuda(&sk)?, cuda(&sv)?, cuda(&sg)?);
+        let (sm, sl, sd) = (cuda(&sm)?, cuda(&sl)?, cuda(&sd)?);
+        let dev = &sq.device;
+        let dq_fn = MODULE.kernel(dev, &kernel_name("pipe_flash_bwd_dq", q.dtype(), d))?;
+        let kv_fn = MODULE.kernel(dev, &kernel_name("pipe_flash_bwd_dkdv", q.dtype(), d))?;
+        let (nq, nk, rows) = (b * heads * t * d, b * kv_heads * t * d, b * heads * t);
+        let (h32, kv32, t32) = (heads as i32, kv_heads as i32, t as i32);
+        let ms = sm.as_cuda_slice::<f32>()?.slice(om..om + b * t);
+        let ls = sl.as_cuda_slice::<f32>()?.slice(ol..ol + rows);
+        let dls = sd.as_cuda_slice::<f32>()?.slice(od..od + rows);
+        macro_rules! run {
+            ($ty:ty) => {{
+                let qs = sq.as_cuda_slice::<$ty>()?.slice(oq..oq + nq);
+                let kss = sk.as_cuda_slice::<$ty>()?.slice(ok..ok + nk);
+                let vs = sv.as_cuda_slice::<$ty>()?.slice(ov..ov + nk);
+                let gs = sg.as_cuda_slice::<$ty>()?.slice(og..og + nq);
+                // SAFETY: every row < t of each output is written by exactly one block.
+                let (dq, dk, dv) = unsafe { (dev.alloc::<$ty>(nq)?, dev.alloc::<$ty>(nk)?, dev.alloc::<$ty>(nk)?) };
+                // SAFETY: arguments in the kernels' order and types; blocks index rows < t only.
+                unsafe {
+                    launch!(
+                        dq_fn,
+                        config((t.div_ceil(BLOCK_Q), heads, b)),
+                        [&qs, &kss, &vs, &ms, &ls, &dls, &gs, &dq, &h32, &kv32, &t32, &scale]
+                    )?;
+                    launch!(
+                        kv_fn,
+                        config((t.div_ceil(BLOCK_K), kv_heads, b)),
+                        [&qs, &kss, &vs, &ms, &ls, &dls, &gs, &dk, &dv, &h32, &kv32, &t32, &scale]
+                    )?;
+                }
+                (
+                    CudaStorage::wrap_cuda_slice(dq, dev.clone()),
+                    CudaStorage::wrap_cuda_slice(dk, dev.clone()),
+                    CudaStorage::wrap_cuda_slice(dv, dev.clone()),
+                )
+            }};
+        }
+        let (dq, dk, dv) = for_float_dtype!(q.dtype(), run);
+        Ok((wrap(dq, &[b, heads, t, d]), wrap(dk, &[b, kv_heads, t, d]), wrap(dv, &[b, kv_heads, t, d])))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,5 +990,29 @@ mod tests {
             .filter(|&(qt, kt)| skip_tile(qt * 64, kt * 64, 256, 0, &full))
             .count();
         assert_eq!(skipped, 6);
+    }
+
+    #[test]
+    fn the_tensor_api_keeps_the_dtype_and_names_a_bad_shape() {
+        let dev = Device::Cpu;
+        let (b, heads, kv, t, d) = (2, 4, 2, 9, 64);
+        let q = Tensor::from_vec(pattern(b * heads * t * d, 1), (b, heads, t, d), &dev).unwrap();
+        let k = Tensor::from_vec(pattern(b * kv * t * d, 2), (b, kv, t, d), &dev).unwrap();
+        let v = Tensor::from_vec(pattern(b * kv * t * d, 3), (b, kv, t, d), &dev).unwrap();
+        let mask = Tensor::new(&[[1u32; 9], [0, 0, 1, 1, 1, 1, 1, 1, 1]], &dev).unwrap();
+        let bf = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
+        let (out, lse) = attention_forward(&bf(&q), &bf(&k), &bf(&v), &mask, 0.125).unwrap();
+        assert_eq!((out.dims(), out.dtype()), (&[b, heads, t, d][..], DType::BF16));
+        assert_eq!((lse.dims(), lse.dtype()), (&[b, heads, t][..], DType::F32));
+        let (dq, dk, dv) = attention_backward(&bf(&q), &bf(&k), &bf(&v), &mask, &out, &lse, &bf(&q), 0.125).unwrap();
+        assert_eq!((dq.dtype(), dk.dims(), dv.dims()), (DType::BF16, &[b, kv, t, d][..], &[b, kv, t, d][..]));
+        // Three query heads cannot share two KV heads; a mask of the wrong length is named.
+        let q3 = q.narrow(1, 0, 3).unwrap().contiguous().unwrap();
+        assert!(attention_forward(&q3, &k, &v, &mask, 0.125)
+            .unwrap_err()
+            .to_string()
+            .contains("multiple of 2 KV heads"));
+        let short = mask.narrow(1, 0, 8).unwrap();
+        assert!(attention_forward(&q, &k, &v, &short, 0.125).unwrap_err().to_string().contains("mask [2, 8]"));
     }
 }

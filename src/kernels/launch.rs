@@ -139,6 +139,9 @@ pub struct Module {
     pub what: &'static str,
     parts: &'static [&'static str],
     kernels: fn() -> Result<Vec<String>>,
+    /// The virtual architecture to compile for, when the source needs more than NVRTC's default
+    /// (tensor-core `mma.sync` with bf16 needs `compute_80`).
+    arch: Option<&'static str>,
     ptx: OnceLock<std::result::Result<String, String>>,
 }
 
@@ -149,13 +152,25 @@ impl Module {
         parts: &'static [&'static str],
         kernels: fn() -> Result<Vec<String>>,
     ) -> Self {
-        Self { name, what, parts, kernels, ptx: OnceLock::new() }
+        Self { name, what, parts, kernels, arch: None, ptx: OnceLock::new() }
+    }
+
+    /// [`Self::new`] for a source that needs the virtual architecture `arch`, e.g. `compute_80`.
+    pub const fn new_for_arch(
+        name: &'static str,
+        what: &'static str,
+        parts: &'static [&'static str],
+        kernels: fn() -> Result<Vec<String>>,
+        arch: &'static str,
+    ) -> Self {
+        Self { name, what, parts, kernels, arch: Some(arch), ptx: OnceLock::new() }
     }
 
     /// The PTX, compiled on the first call with [`ieee_options`].
     pub fn ptx(&self) -> Result<&str> {
         let ptx = self.ptx.get_or_init(|| {
-            compile_ptx_with_opts(self.parts.concat(), ieee_options()).map(|p| p.to_src()).map_err(|e| e.to_string())
+            let options = CompileOptions { arch: self.arch, ..ieee_options() };
+            compile_ptx_with_opts(self.parts.concat(), options).map(|p| p.to_src()).map_err(|e| e.to_string())
         });
         match ptx {
             Ok(ptx) => Ok(ptx),

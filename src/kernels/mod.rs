@@ -36,8 +36,9 @@ pub mod swiglu;
 
 /// Every NVRTC module, for `pipe bench kernels` to compile and to look each kernel name up in.
 #[cfg(feature = "cuda")]
-pub static MODULES: [&launch::Module; 6] = [
+pub static MODULES: [&launch::Module; 7] = [
     &norm::cuda::MODULE,
+    &flash::cuda::MODULE,
     &softmax::cuda::MODULE,
     &swiglu::cuda::MODULE,
     &norm_rope::cuda::MODULE,
