@@ -12,7 +12,8 @@
 #   (c) the same step with PyTorch + transformers, two recipes (torch_step.py): `tuned` (torch.compile,
 #       Liger RMSNorm/RoPE/SwiGLU, fused AdamW, bf16 autocast, expandable segments) — every headline
 #       ratio is against it — and `plain` (SDPA, bf16 autocast, fused AdamW) beside it;
-#   (d) long documents: (b) and tuned (c) at 4 × 2048;
+#   (d) long documents: (b) and tuned (c) at 4 × 2048; (b) and (d) again with the tiled attention
+#       (`--flash-attention`, src/kernels/flash.rs), which training keeps off until this check passes;
 #   (e) memory for speed: pipe's `--recompute` against tuned PyTorch with gradient checkpointing;
 #   (f) a short end-to-end `pipe run` of pipelines/gpu_smoke.toml.
 #   Optional: GPU_CHECK_AUTOGRAD=1 times (b) with the layers differentiated by candle's autograd;
@@ -76,11 +77,18 @@ torch_step() {  # NAME, then torch_step.py's arguments
   peak_of "$name" timeout 200 python3 benches/gpu/torch_step.py --arch qwen3-0.6b --dtype bf16 --steps 6 \
     --device cuda "$@" > "$work/$name.json" 2> "$work/$name.err"
 }
+# The same step with the tiled attention (src/kernels/flash.rs; off by default until this check passes).
+step pipe_step_flash
+peak_of pipe_step_flash timeout 150 ./pipe-gpu bench train-step --arch qwen3-0.6b --batch 16 --seq 512 --dtype bf16 \
+  --steps 6 --device cuda --flash-attention > "$work/pipe_step_flash.json" 2> "$work/pipe_step_flash.err"
 torch_step torch_step_tuned --recipe tuned --batch 16 --seq 512
 torch_step torch_step_plain --recipe plain --batch 16 --seq 512
 step pipe_step_long
 peak_of pipe_step_long timeout 150 ./pipe-gpu bench train-step --arch qwen3-0.6b --batch 4 --seq 2048 --dtype bf16 \
   --steps 6 --device cuda > "$work/pipe_step_long.json" 2> "$work/pipe_step_long.err"
+step pipe_step_flash_long
+peak_of pipe_step_flash_long timeout 150 ./pipe-gpu bench train-step --arch qwen3-0.6b --batch 4 --seq 2048 --dtype bf16 \
+  --steps 6 --device cuda --flash-attention > "$work/pipe_step_flash_long.json" 2> "$work/pipe_step_flash_long.err"
 torch_step torch_step_tuned_long --recipe tuned --batch 4 --seq 2048
 step e2e
 start=$(date +%s.%N)
@@ -128,7 +136,8 @@ def peak(name):
 def busy(name):
     s = [u for _, u in samples(name)]
     return round(sum(s) / len(s), 1) if s else None
-steps = ("pipe_step", "torch_step_tuned", "torch_step_plain", "pipe_step_long", "torch_step_tuned_long",
+steps = ("pipe_step", "pipe_step_flash", "torch_step_tuned", "torch_step_plain", "pipe_step_long",
+         "pipe_step_flash_long", "torch_step_tuned_long",
          "pipe_step_recompute", "torch_step_tuned_ckpt", "pipe_step_autograd", "pipe_step_4b")
 res = {"gpu": gpu, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
        "commit": commit, "driver": driver, "parity": load("parity.json"), "layer": load("layer.json")}
@@ -148,6 +157,8 @@ def ratio(p, t):
 r = {}
 for suffix, (p, t) in {"tuned": ("pipe_step", "torch_step_tuned"), "plain": ("pipe_step", "torch_step_plain"),
                        "tuned_long": ("pipe_step_long", "torch_step_tuned_long"),
+                       "flash_over_torch_tuned": ("pipe_step_flash", "torch_step_tuned"),
+                       "flash_long_over_torch_tuned_long": ("pipe_step_flash_long", "torch_step_tuned_long"),
                        "recompute_over_tuned_ckpt": ("pipe_step_recompute", "torch_step_tuned_ckpt")}.items():
     sp, mem = ratio(p, t)
     r[f"samples_per_sec_pipe_over_torch_{suffix}"] = sp

@@ -151,6 +151,22 @@ impl DecoderLayer {
 pub struct LayerInputs {
     pub(super) rope: RopeTables,
     pub(super) bias: Tensor,
+    /// The `[B, T]` mask (1 = real token), f32: what the tiled attention reads instead of `bias`.
+    pub(super) key_mask: Tensor,
+    /// Whether the hand-written backward's layers use the tiled attention
+    /// ([`crate::kernels::flash`]), which keeps one log-sum-exp per row instead of the `T × T`
+    /// probabilities. Off by default until it is measured on a GPU; see [`Self::with_flash`].
+    pub(super) flash: bool,
+}
+
+impl LayerInputs {
+    /// Switches the tiled attention on for [`Qwen3::layer_taped`] where it applies (a CUDA
+    /// device with bf16 or f16 and head_dim 64 or 128, or the CPU); elsewhere the layers keep
+    /// the materialising attention.
+    pub fn with_flash(mut self, on: bool) -> Self {
+        self.flash = on;
+        self
+    }
 }
 
 /// A Qwen3 decoder (`Qwen3ForCausalLM` without the full-vocabulary head).
@@ -383,8 +399,10 @@ impl Qwen3 {
     /// What every layer of one forward pass over `seq_len` positions shares, for [`Self::layer`].
     pub fn layer_inputs(&self, seq_len: usize, attention_mask: &Tensor) -> Result<LayerInputs, ModelError> {
         let rope = RopeTables::new(seq_len, self.cfg.head_dim, self.cfg.rope_theta, self.dtype(), self.device())?;
-        let bias = attention_bias(&attention_mask.to_device(self.device())?)?;
-        Ok(LayerInputs { rope, bias })
+        let mask = attention_mask.to_device(self.device())?;
+        let bias = attention_bias(&mask)?;
+        let key_mask = mask.to_dtype(DType::F32)?;
+        Ok(LayerInputs { rope, bias, key_mask, flash: false })
     }
 
     /// Decoder layer `index` alone: `[B, T, hidden]` → `[B, T, hidden]`. Chaining every layer over

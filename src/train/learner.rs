@@ -71,6 +71,7 @@ pub struct Learner {
     /// Differentiate the decoder layers with autograd even where the hand-written backward
     /// applies (the reference the tests and `pipe bench` compare it with).
     autograd_layers: bool,
+    flash_attention: bool,
 }
 
 /// What the forward pass keeps of one layer for the hand-written backward.
@@ -158,6 +159,7 @@ impl Learner {
             device,
             matching: None,
             autograd_layers: false,
+            flash_attention: false,
         })
     }
 
@@ -166,6 +168,12 @@ impl Learner {
     /// gradients up to rounding; for comparisons.
     pub fn set_autograd_layers(&mut self, on: bool) {
         self.autograd_layers = on;
+    }
+
+    /// Runs the hand-written backward's attention tiled ([`crate::kernels::flash`]): no `T × T`
+    /// probabilities kept. Off by default until measured on a GPU; `pipe bench` switches it on.
+    pub fn set_flash_attention(&mut self, on: bool) {
+        self.flash_attention = on;
     }
 
     /// Switches on the auxiliary token-matching loss, weighted by the config's `match_loss`.
@@ -315,7 +323,7 @@ impl Learner {
             // Full fine-tuning: each layer's backward by hand (crate::model::backward); autograd
             // only from the top hidden states to the loss. With recomputation the forward keeps
             // each layer's input and the backward re-runs the layer to get its tape.
-            let shared = self.model.layer_inputs(t, &padded.mask)?;
+            let shared = self.model.layer_inputs(t, &padded.mask)?.with_flash(self.flash_attention);
             let n = self.model.num_layers();
             let mut saved = Vec::with_capacity(n);
             let mut h = embeds.detach();
