@@ -488,6 +488,34 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(FULL, x, 2);
 }
 
+/* Where a query-tile block (forward, dQ) stands: grid (query tiles, heads, batch), 4 warps of 16 rows. */
+struct QueryTile {
+  int h, b, kvh, g, c, i0, rows[2], first;
+  const float* m;
+  long long head;           /* first row of (b, h) in q, out, dout, lse, delta */
+  long long kv;             /* first row of (b, kvh) in k and v */
+};
+__device__ QueryTile query_tile(const float* mask, int heads, int kv_heads, int t, int* first_slot) {
+  QueryTile q;
+  q.h = blockIdx.y; q.b = blockIdx.z; q.kvh = q.h / (heads / kv_heads);
+  q.g = (threadIdx.x & 31) >> 2; q.c = threadIdx.x & 3;
+  q.i0 = blockIdx.x * BQ;
+  q.rows[0] = q.i0 + (threadIdx.x >> 5) * 16 + q.g; q.rows[1] = q.rows[0] + 8;
+  q.m = mask + (long long)q.b * t;
+  q.first = first_real(q.m, t, first_slot);
+  q.head = (long long)(q.b * heads + q.h) * t;
+  q.kv = (long long)(q.b * kv_heads + q.kvh) * t;
+  return q;
+}
+/* S = Q Kᵀ for this warp's 16 rows and a tile of BK keys in shared memory. */
+template <typename D, int HD>
+__device__ __forceinline__ void scores(float (*s)[4], unsigned (*qa)[4], u16 (*ks)[HD + PAD], int g) {
+  for (int n = 0; n < BK / 8; ++n) {
+    s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    for (int kk = 0; kk < HD / 16; ++kk) { unsigned bb[2]; b_along<HD>(bb, ks, kk * 16, n * 8 + g); Mma<D>::run(s[n], qa[kk], bb[0], bb[1]); }
+  }
+}
+
 /* Grid (query tiles, heads, batch), 128 threads. */
 template <typename D, int HD>
 __device__ void flash_fwd(const u16* q, const u16* k, const u16* v, const float* mask, u16* out, float* lse,
@@ -495,16 +523,14 @@ __device__ void flash_fwd(const u16* q, const u16* k, const u16* v, const float*
   __shared__ __align__(16) u16 ks[BK][HD + PAD];
   __shared__ __align__(16) u16 vs[BK][HD + PAD];
   __shared__ int first_slot;
-  const int h = blockIdx.y, b = blockIdx.z, kvh = h / (heads / kv_heads);
-  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
-  const int i0 = blockIdx.x * BQ, r0 = i0 + warp * 16 + g, rows[2] = {r0, r0 + 8};
-  const float* m = mask + (long long)b * t;
-  const int first = first_real(m, t, &first_slot);
-  const u16* qb = q + (long long)(b * heads + h) * t * HD;
-  const u16* kb = k + (long long)(b * kv_heads + kvh) * t * HD;
-  const u16* vb = v + (long long)(b * kv_heads + kvh) * t * HD;
+  const QueryTile qt = query_tile(mask, heads, kv_heads, t, &first_slot);
+  const int g = qt.g, c = qt.c, i0 = qt.i0, first = qt.first;
+  const int* rows = qt.rows;
+  const float* m = qt.m;
+  const u16* kb = k + qt.kv * HD;
+  const u16* vb = v + qt.kv * HD;
   unsigned qa[HD / 16][4];
-  frag_rows<HD>(qa, qb, i0 + warp * 16, t);
+  frag_rows<HD>(qa, q + qt.head * HD, rows[0] - g, t);
   float o[HD / 8][4];
   for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
   float mx[2] = {NEG_MAX, NEG_MAX}, l[2] = {0.0f, 0.0f};
@@ -515,10 +541,7 @@ __device__ void flash_fwd(const u16* q, const u16* k, const u16* v, const float*
     tile_load<HD>(vs, vb, j0, BK, t);
     __syncthreads();
     float s[BK / 8][4];
-    for (int n = 0; n < BK / 8; ++n) {
-      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-      for (int kk = 0; kk < HD / 16; ++kk) { unsigned bb[2]; b_along<HD>(bb, ks, kk * 16, n * 8 + g); Mma<D>::run(s[n], qa[kk], bb[0], bb[1]); }
-    }
+    scores<D, HD>(s, qa, ks, g);
     float tmax[2] = {NEG_MAX, NEG_MAX};
     bool live[BK / 8][4];
     for (int n = 0; n < BK / 8; ++n)
@@ -551,12 +574,12 @@ __device__ void flash_fwd(const u16* q, const u16* k, const u16* v, const float*
     float sum = quad_sum(l[r]);
     int i = rows[r];
     if (i < t) {
-      u16* orow = out + ((long long)(b * heads + h) * t + i) * HD;
+      u16* orow = out + (qt.head + i) * HD;
       for (int n = 0; n < HD / 8; ++n) {
         orow[n * 8 + 2 * c] = D::from(o[n][2 * r] / sum);
         orow[n * 8 + 2 * c + 1] = D::from(o[n][2 * r + 1] / sum);
       }
-      if (c == 0) lse[(long long)(b * heads + h) * t + i] = mx[r] + logf(sum);
+      if (c == 0) lse[qt.head + i] = mx[r] + logf(sum);
     }
   }
 }
@@ -568,17 +591,16 @@ __device__ void flash_bwd_dq(const u16* q, const u16* k, const u16* v, const flo
   __shared__ __align__(16) u16 ks[BK][HD + PAD];
   __shared__ __align__(16) u16 vs[BK][HD + PAD];
   __shared__ int first_slot;
-  const int h = blockIdx.y, b = blockIdx.z, kvh = h / (heads / kv_heads);
-  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
-  const int i0 = blockIdx.x * BQ, r0 = i0 + warp * 16 + g, rows[2] = {r0, r0 + 8};
-  const float* m = mask + (long long)b * t;
-  const int first = first_real(m, t, &first_slot);
-  const long long head = (long long)(b * heads + h) * t;
-  const u16* kb = k + (long long)(b * kv_heads + kvh) * t * HD;
-  const u16* vb = v + (long long)(b * kv_heads + kvh) * t * HD;
+  const QueryTile qt = query_tile(mask, heads, kv_heads, t, &first_slot);
+  const int g = qt.g, c = qt.c, i0 = qt.i0, first = qt.first;
+  const int* rows = qt.rows;
+  const float* m = qt.m;
+  const long long head = qt.head;
+  const u16* kb = k + qt.kv * HD;
+  const u16* vb = v + qt.kv * HD;
   unsigned qa[HD / 16][4], da[HD / 16][4];
-  frag_rows<HD>(qa, q + head * HD, i0 + warp * 16, t);
-  frag_rows<HD>(da, dout + head * HD, i0 + warp * 16, t);
+  frag_rows<HD>(qa, q + head * HD, rows[0] - g, t);
+  frag_rows<HD>(da, dout + head * HD, rows[0] - g, t);
   float row_lse[2], row_delta[2];
   for (int r = 0; r < 2; ++r) {
     row_lse[r] = rows[r] < t ? lse[head + rows[r]] : 0.0f;
@@ -592,15 +614,11 @@ __device__ void flash_bwd_dq(const u16* q, const u16* k, const u16* v, const flo
     tile_load<HD>(ks, kb, j0, BK, t);
     tile_load<HD>(vs, vb, j0, BK, t);
     __syncthreads();
+    /* S = Q Kᵀ and dP = dO Vᵀ: the same product with other operands. */
     float s[BK / 8][4], dp[BK / 8][4];
+    scores<D, HD>(s, qa, ks, g);
+    scores<D, HD>(dp, da, vs, g);
     for (int n = 0; n < BK / 8; ++n) {
-      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-      dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
-      for (int kk = 0; kk < HD / 16; ++kk) {
-        unsigned bb[2];
-        b_along<HD>(bb, ks, kk * 16, n * 8 + g); Mma<D>::run(s[n], qa[kk], bb[0], bb[1]);
-        b_along<HD>(bb, vs, kk * 16, n * 8 + g); Mma<D>::run(dp[n], da[kk], bb[0], bb[1]);
-      }
       for (int e = 0; e < 4; ++e) {
         int i = rows[e >> 1], j = j0 + n * 8 + 2 * c + (e & 1);
         bool live;
