@@ -449,6 +449,7 @@ __device__ void tile_load(u16 (*dst)[HD + PAD], const u16* src, int r0, int rows
 template <int HD>
 __device__ void frag_rows(unsigned (*a)[4], const u16* base, int r0, int t) {
   int g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
+  #pragma unroll
   for (int kk = 0; kk < HD / 16; ++kk) {
     int col = kk * 16 + c * 2;
     a[kk][0] = load2(base, r0 + g, col, t, HD);
@@ -510,8 +511,10 @@ __device__ QueryTile query_tile(const float* mask, int heads, int kv_heads, int 
 /* S = Q Kᵀ for this warp's 16 rows and a tile of BK keys in shared memory. */
 template <typename D, int HD>
 __device__ __forceinline__ void scores(float (*s)[4], unsigned (*qa)[4], u16 (*ks)[HD + PAD], int g) {
+  #pragma unroll
   for (int n = 0; n < BK / 8; ++n) {
     s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) { unsigned bb[2]; b_along<HD>(bb, ks, kk * 16, n * 8 + g); Mma<D>::run(s[n], qa[kk], bb[0], bb[1]); }
   }
 }
@@ -532,6 +535,7 @@ __device__ void flash_fwd(const u16* q, const u16* k, const u16* v, const float*
   unsigned qa[HD / 16][4];
   frag_rows<HD>(qa, q + qt.head * HD, rows[0] - g, t);
   float o[HD / 8][4];
+  #pragma unroll
   for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
   float mx[2] = {NEG_MAX, NEG_MAX}, l[2] = {0.0f, 0.0f};
   for (int j0 = 0; j0 < t; j0 += BK) {
@@ -544,37 +548,47 @@ __device__ void flash_fwd(const u16* q, const u16* k, const u16* v, const float*
     scores<D, HD>(s, qa, ks, g);
     float tmax[2] = {NEG_MAX, NEG_MAX};
     bool live[BK / 8][4];
+    #pragma unroll
     for (int n = 0; n < BK / 8; ++n)
+      #pragma unroll
       for (int e = 0; e < 4; ++e) {
         int i = rows[e >> 1], j = j0 + n * 8 + 2 * c + (e & 1);
         s[n][e] = score(s[n][e], scale, i, j, t, first, m, &live[n][e]);
         if (live[n][e]) tmax[e >> 1] = fmaxf(tmax[e >> 1], s[n][e]);
       }
     float corr[2];
+    #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mnew = fmaxf(mx[r], quad_max(tmax[r]));
       corr[r] = expf(mx[r] - mnew);
       mx[r] = mnew;
       l[r] *= corr[r];
     }
+    #pragma unroll
     for (int n = 0; n < BK / 8; ++n)
+      #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float p = live[n][e] ? expf(s[n][e] - mx[e >> 1]) : 0.0f;
         s[n][e] = p;
         l[e >> 1] += p;
       }
+    #pragma unroll
     for (int n = 0; n < HD / 8; ++n) { o[n][0] *= corr[0]; o[n][1] *= corr[0]; o[n][2] *= corr[1]; o[n][3] *= corr[1]; }
+    #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
       unsigned a[4];
       c_to_a<D>(a, s[2 * kk], s[2 * kk + 1]);
+      #pragma unroll
       for (int n = 0; n < HD / 8; ++n) { unsigned bb[2]; b_down<HD>(bb, vs, kk * 16, n * 8 + g); Mma<D>::run(o[n], a, bb[0], bb[1]); }
     }
   }
+  #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float sum = quad_sum(l[r]);
     int i = rows[r];
     if (i < t) {
       u16* orow = out + (qt.head + i) * HD;
+      #pragma unroll
       for (int n = 0; n < HD / 8; ++n) {
         orow[n * 8 + 2 * c] = D::from(o[n][2 * r] / sum);
         orow[n * 8 + 2 * c + 1] = D::from(o[n][2 * r + 1] / sum);
@@ -602,11 +616,13 @@ __device__ void flash_bwd_dq(const u16* q, const u16* k, const u16* v, const flo
   frag_rows<HD>(qa, q + head * HD, rows[0] - g, t);
   frag_rows<HD>(da, dout + head * HD, rows[0] - g, t);
   float row_lse[2], row_delta[2];
+  #pragma unroll
   for (int r = 0; r < 2; ++r) {
     row_lse[r] = rows[r] < t ? lse[head + rows[r]] : 0.0f;
     row_delta[r] = rows[r] < t ? delta[head + rows[r]] : 0.0f;
   }
   float acc[HD / 8][4];
+  #pragma unroll
   for (int n = 0; n < HD / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
   for (int j0 = 0; j0 < t; j0 += BK) {
     if (skip_tile(i0, j0, t, first, m)) continue;
@@ -618,7 +634,9 @@ __device__ void flash_bwd_dq(const u16* q, const u16* k, const u16* v, const flo
     float s[BK / 8][4], dp[BK / 8][4];
     scores<D, HD>(s, qa, ks, g);
     scores<D, HD>(dp, da, vs, g);
+    #pragma unroll
     for (int n = 0; n < BK / 8; ++n) {
+      #pragma unroll
       for (int e = 0; e < 4; ++e) {
         int i = rows[e >> 1], j = j0 + n * 8 + 2 * c + (e & 1);
         bool live;
@@ -627,15 +645,19 @@ __device__ void flash_bwd_dq(const u16* q, const u16* k, const u16* v, const flo
         s[n][e] = p * (dp[n][e] - row_delta[e >> 1]);
       }
     }
+    #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
       unsigned a[4];
       c_to_a<D>(a, s[2 * kk], s[2 * kk + 1]);
+      #pragma unroll
       for (int n = 0; n < HD / 8; ++n) { unsigned bb[2]; b_down<HD>(bb, ks, kk * 16, n * 8 + g); Mma<D>::run(acc[n], a, bb[0], bb[1]); }
     }
   }
+  #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (rows[r] >= t) continue;
     u16* row = dq + (head + rows[r]) * HD;
+    #pragma unroll
     for (int n = 0; n < HD / 8; ++n) {
       row[n * 8 + 2 * c] = D::from(acc[n][2 * r] * scale);
       row[n * 8 + 2 * c + 1] = D::from(acc[n][2 * r + 1] * scale);
@@ -663,7 +685,9 @@ __device__ void flash_bwd_dkdv(const u16* q, const u16* k, const u16* v, const f
   frag_rows<HD>(ka, k + kvrow * HD, j0 + warp * 16, t);
   frag_rows<HD>(va, v + kvrow * HD, j0 + warp * 16, t);
   float gk[HD / 8][4], gv[HD / 8][4];
+  #pragma unroll
   for (int n = 0; n < HD / 8; ++n)
+    #pragma unroll
     for (int e = 0; e < 4; ++e) gk[n][e] = gv[n][e] = 0.0f;
   for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
     const long long head = (long long)(b * heads + h) * t;
@@ -681,13 +705,17 @@ __device__ void flash_bwd_dkdv(const u16* q, const u16* k, const u16* v, const f
         __syncthreads();
         /* Transposed scores and dP: rows are this warp's keys, columns the chunk's queries. */
         float st[QC / 8][4], dpt[QC / 8][4];
+        #pragma unroll
         for (int n = 0; n < QC / 8; ++n) {
+          #pragma unroll
           for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.0f;
+          #pragma unroll
           for (int kk = 0; kk < HD / 16; ++kk) {
             unsigned bb[2];
             b_along<HD>(bb, qs, kk * 16, n * 8 + g); Mma<D>::run(st[n], ka[kk], bb[0], bb[1]);
             b_along<HD>(bb, ds, kk * 16, n * 8 + g); Mma<D>::run(dpt[n], va[kk], bb[0], bb[1]);
           }
+          #pragma unroll
           for (int e = 0; e < 4; ++e) {
             int jj = keys[e >> 1], col = n * 8 + 2 * c + (e & 1), i = ic + col;
             bool live;
@@ -697,10 +725,12 @@ __device__ void flash_bwd_dkdv(const u16* q, const u16* k, const u16* v, const f
             dpt[n][e] = p * (dpt[n][e] - delta_s[col]);
           }
         }
+        #pragma unroll
         for (int kk = 0; kk < QC / 16; ++kk) {
           unsigned ap[4], as[4];
           c_to_a<D>(ap, st[2 * kk], st[2 * kk + 1]);
           c_to_a<D>(as, dpt[2 * kk], dpt[2 * kk + 1]);
+          #pragma unroll
           for (int n = 0; n < HD / 8; ++n) {
             unsigned bb[2];
             b_down<HD>(bb, ds, kk * 16, n * 8 + g); Mma<D>::run(gv[n], ap, bb[0], bb[1]);
@@ -710,11 +740,14 @@ __device__ void flash_bwd_dkdv(const u16* q, const u16* k, const u16* v, const f
       }
     }
   }
+  #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (keys[r] >= t) continue;
     u16* krow = dk + (kvrow + keys[r]) * HD;
     u16* vrow = dv + (kvrow + keys[r]) * HD;
+    #pragma unroll
     for (int n = 0; n < HD / 8; ++n)
+      #pragma unroll
       for (int e = 0; e < 2; ++e) {
         krow[n * 8 + 2 * c + e] = D::from(gk[n][2 * r + e] * scale);
         vrow[n * 8 + 2 * c + e] = D::from(gv[n][2 * r + e]);
