@@ -480,6 +480,34 @@ __device__ __forceinline__ void b_along(unsigned* b, u16 (*s)[HD + PAD], int k0,
   b[0] = *(const unsigned*)&s[n][k0 + 2 * c];
   b[1] = *(const unsigned*)&s[n][k0 + 2 * c + 8];
 }
+/* acc[HD/8] += C · S: C the accumulator tiles of this warp's 16 rows over K columns (rounded to D
+   as the A operand), S a row-major shared tile of K rows read down its rows. */
+template <typename D, int HD, int K>
+__device__ __forceinline__ void accumulate(float (*acc)[4], float (*c)[4], u16 (*s)[HD + PAD]) {
+  int g = (threadIdx.x & 31) >> 2;
+  #pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    unsigned a[4];
+    c_to_a<D>(a, c[2 * kk], c[2 * kk + 1]);
+    #pragma unroll
+    for (int n = 0; n < HD / 8; ++n) { unsigned bb[2]; b_down<HD>(bb, s, kk * 16, n * 8 + g); Mma<D>::run(acc[n], a, bb[0], bb[1]); }
+  }
+}
+/* Rows g and g + 8 of this warp's accumulator tiles, times `mul` (per row), to `base` rows `rows` (< t). */
+template <typename D, int HD>
+__device__ __forceinline__ void store_rows(u16* base, float (*acc)[4], const int* rows, const float* mul, int t) {
+  int c = threadIdx.x & 3;
+  #pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (rows[r] >= t) continue;
+    u16* row = base + (long long)rows[r] * HD;
+    #pragma unroll
+    for (int n = 0; n < HD / 8; ++n) {
+      row[n * 8 + 2 * c] = D::from(acc[n][2 * r] * mul[r]);
+      row[n * 8 + 2 * c + 1] = D::from(acc[n][2 * r + 1] * mul[r]);
+    }
+  }
+}
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(FULL, x, 1));
   return fmaxf(x, __shfl_xor_sync(FULL, x, 2));
@@ -574,13 +602,7 @@ __device__ void flash_fwd(const u16* q, const u16* k, const u16* v, const float*
       }
     #pragma unroll
     for (int n = 0; n < HD / 8; ++n) { o[n][0] *= corr[0]; o[n][1] *= corr[0]; o[n][2] *= corr[1]; o[n][3] *= corr[1]; }
-    #pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-      unsigned a[4];
-      c_to_a<D>(a, s[2 * kk], s[2 * kk + 1]);
-      #pragma unroll
-      for (int n = 0; n < HD / 8; ++n) { unsigned bb[2]; b_down<HD>(bb, vs, kk * 16, n * 8 + g); Mma<D>::run(o[n], a, bb[0], bb[1]); }
-    }
+    accumulate<D, HD, BK>(o, s, vs);
   }
   #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -645,24 +667,10 @@ __device__ void flash_bwd_dq(const u16* q, const u16* k, const u16* v, const flo
         s[n][e] = p * (dp[n][e] - row_delta[e >> 1]);
       }
     }
-    #pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-      unsigned a[4];
-      c_to_a<D>(a, s[2 * kk], s[2 * kk + 1]);
-      #pragma unroll
-      for (int n = 0; n < HD / 8; ++n) { unsigned bb[2]; b_down<HD>(bb, ks, kk * 16, n * 8 + g); Mma<D>::run(acc[n], a, bb[0], bb[1]); }
-    }
+    accumulate<D, HD, BK>(acc, s, ks);
   }
-  #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (rows[r] >= t) continue;
-    u16* row = dq + (head + rows[r]) * HD;
-    #pragma unroll
-    for (int n = 0; n < HD / 8; ++n) {
-      row[n * 8 + 2 * c] = D::from(acc[n][2 * r] * scale);
-      row[n * 8 + 2 * c + 1] = D::from(acc[n][2 * r + 1] * scale);
-    }
-  }
+  const float mul[2] = {scale, scale};
+  store_rows<D, HD>(dq + head * HD, acc, rows, mul, t);
 }
 
 /* dK and dV. Grid (key tiles, KV heads, batch), 128 threads: each warp owns 16 keys and walks every
@@ -725,34 +733,14 @@ __device__ void flash_bwd_dkdv(const u16* q, const u16* k, const u16* v, const f
             dpt[n][e] = p * (dpt[n][e] - delta_s[col]);
           }
         }
-        #pragma unroll
-        for (int kk = 0; kk < QC / 16; ++kk) {
-          unsigned ap[4], as[4];
-          c_to_a<D>(ap, st[2 * kk], st[2 * kk + 1]);
-          c_to_a<D>(as, dpt[2 * kk], dpt[2 * kk + 1]);
-          #pragma unroll
-          for (int n = 0; n < HD / 8; ++n) {
-            unsigned bb[2];
-            b_down<HD>(bb, ds, kk * 16, n * 8 + g); Mma<D>::run(gv[n], ap, bb[0], bb[1]);
-            b_down<HD>(bb, qs, kk * 16, n * 8 + g); Mma<D>::run(gk[n], as, bb[0], bb[1]);
-          }
-        }
+        accumulate<D, HD, QC>(gv, st, ds);  /* dV += Pᵀ dO */
+        accumulate<D, HD, QC>(gk, dpt, qs); /* dK += dSᵀ Q (scaled at the end) */
       }
     }
   }
-  #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (keys[r] >= t) continue;
-    u16* krow = dk + (kvrow + keys[r]) * HD;
-    u16* vrow = dv + (kvrow + keys[r]) * HD;
-    #pragma unroll
-    for (int n = 0; n < HD / 8; ++n)
-      #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        krow[n * 8 + 2 * c + e] = D::from(gk[n][2 * r + e] * scale);
-        vrow[n * 8 + 2 * c + e] = D::from(gv[n][2 * r + e]);
-      }
-  }
+  const float by_scale[2] = {scale, scale}, by_one[2] = {1.0f, 1.0f};
+  store_rows<D, HD>(dk + kvrow * HD, gk, keys, by_scale, t);
+  store_rows<D, HD>(dv + kvrow * HD, gv, keys, by_one, t);
 }
 
 #define FLASH(NAME, D, HD) \
