@@ -374,9 +374,7 @@ fn attention_rel_diff(dtype: DType, dev: &Device) -> anyhow::Result<f64> {
         let run = |dv: &Device| -> anyhow::Result<Vec<Vec<f32>>> {
             let sample = |shape: (usize, usize, usize, usize), salt: usize| -> anyhow::Result<Tensor> {
                 let n = shape.0 * shape.1 * shape.2 * shape.3;
-                let v: Vec<f32> =
-                    (0..n).map(|i| (((i * 7919 + salt * 104_729) % 2003) as f32 - 1001.0) / 1001.0).collect();
-                Ok(Tensor::from_vec(v, shape, dv)?.to_dtype(dtype)?)
+                Ok(Tensor::from_vec(pattern(n, salt, 1.0), shape, dv)?.to_dtype(dtype)?)
             };
             let (q, k, v) = (sample((b, nh, t, d), 1)?, sample((b, nkv, t, d), 2)?, sample((b, nkv, t, d), 3)?);
             let g = sample((b, nh, t, d), 4)?;

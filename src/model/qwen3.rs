@@ -151,7 +151,7 @@ impl DecoderLayer {
 pub struct LayerInputs {
     pub(super) rope: RopeTables,
     pub(super) bias: Tensor,
-    /// The `[B, T]` mask (1 = real token), f32: what the tiled attention reads instead of `bias`.
+    /// The `[B, T]` mask (1 = real token) as given: what the tiled attention reads instead of `bias`.
     pub(super) key_mask: Tensor,
     /// Whether the hand-written backward's layers use the tiled attention
     /// ([`crate::kernels::flash`]), which keeps one log-sum-exp per row instead of the `T × T`
@@ -399,9 +399,8 @@ impl Qwen3 {
     /// What every layer of one forward pass over `seq_len` positions shares, for [`Self::layer`].
     pub fn layer_inputs(&self, seq_len: usize, attention_mask: &Tensor) -> Result<LayerInputs, ModelError> {
         let rope = RopeTables::new(seq_len, self.cfg.head_dim, self.cfg.rope_theta, self.dtype(), self.device())?;
-        let mask = attention_mask.to_device(self.device())?;
-        let bias = attention_bias(&mask)?;
-        let key_mask = mask.to_dtype(DType::F32)?;
+        let key_mask = attention_mask.to_device(self.device())?;
+        let bias = attention_bias(&key_mask)?;
         Ok(LayerInputs { rope, bias, key_mask, flash: false })
     }
 
